@@ -1,0 +1,106 @@
+"""Training-step throughput: our SDPA GPT-Neo vs stock HF GPT-Neo (eager), and the cost of an SGTM forget step.
+
+Everything runs in one process, interleaved round by round, from the same weights and batches, so machine noise
+hits every contender alike; medians over rounds are compared. Shapes: the paper's 8M TinyStories model (6 layers,
+d=128, 32 heads, context 512, GPT-2 vocabulary) and a smaller CPU shape.
+
+Contenders per round (one full optimizer step each: forward, backward, masking, AdamW):
+- hf:     transformers.GPTNeoForCausalLM (eager attention) + torch.optim.AdamW
+- clean:  our model, strategy none, + torch.optim.AdamW  (the fastest unmasked step we have)
+- sgtm:   our model, strategy sgtm, forget mode: gradient surgery + mask-aware AdamW freezing the retain slices
+- retain: our model, strategy sgtm, retain mode (forward on the retain slices only)
+
+Last line: `speedup_vs_hf=<hf/clean at 8M> sgtm_overhead=<sgtm/clean - 1 at 8M>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, OptimizerKind, OptimSpec, Strategy
+from sgtm_engine.model.gpt_neo import GPTNeoLM
+from sgtm_engine.model.hf import to_hf_model
+from sgtm_engine.model.masking import apply_gradient_masks
+from sgtm_engine.model.optim import build_optimizer, step_optimizer
+
+OPTIM = OptimSpec(lr=5e-4, weight_decay=0.1)
+
+
+def make_step(model, optimizer, mode=None, hf=False):
+    def step(ids, labels):
+        optimizer.zero_grad(set_to_none=True)
+        if hf:
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            model.set_mode(mode)
+            loss = model(ids, labels, return_logits=False)[1]
+        loss.backward()
+        if hf:
+            optimizer.step()
+        else:
+            apply_gradient_masks(model, model.partition, mode)
+            step_optimizer(optimizer, model.partition.frozen(mode))
+        return float(loss.detach())
+    return step
+
+
+def bench_shape(name: str, spec: ModelSpec, batch: int, rounds: int, warmup: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    base = GPTNeoLM(spec, MaskingSpec(strategy=Strategy.NONE))
+    hf = to_hf_model(base).train()
+    clean = GPTNeoLM(spec, MaskingSpec(strategy=Strategy.NONE))
+    sgtm = GPTNeoLM(spec, MaskingSpec(strategy=Strategy.SGTM))
+    for m in (clean, sgtm):
+        m.load_state_dict(base.state_dict())
+    torch_adamw = {"lr": OPTIM.lr, "betas": OPTIM.betas, "weight_decay": OPTIM.weight_decay}
+    steps = {
+        "hf": make_step(hf, torch.optim.AdamW(hf.parameters(), **torch_adamw), hf=True),
+        "clean": make_step(clean, torch.optim.AdamW(clean.parameters(), **torch_adamw), MaskMode.DEFAULT),
+        "sgtm": make_step(sgtm, build_optimizer(sgtm, sgtm.partition, OPTIM, OptimizerKind.MASK_AWARE),
+                          MaskMode.FORGET),
+    }
+    sgtm_retain = GPTNeoLM(spec, MaskingSpec(strategy=Strategy.SGTM))
+    sgtm_retain.load_state_dict(base.state_dict())
+    steps["retain"] = make_step(sgtm_retain, build_optimizer(sgtm_retain, sgtm_retain.partition, OPTIM,
+                                                             OptimizerKind.MASK_AWARE), MaskMode.RETAIN)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, spec.vocab_size, (batch, spec.context), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + rounds):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step(ids, labels)
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = batch * spec.context
+    print(f"[{name}] params={base.num_parameters():,} batch={batch}x{spec.context} rounds={rounds}")
+    for k, v in med.items():
+        print(f"  {k:7s} {v * 1000:9.1f} ms/step  {tokens / v:10.0f} tokens/s")
+    res = {"speedup": med["hf"] / med["clean"], "overhead": med["sgtm"] / med["clean"] - 1,
+           "retain_ratio": med["retain"] / med["clean"]}
+    print(f"  speedup_vs_hf={res['speedup']:.2f} sgtm_forget_overhead={res['overhead'] * 100:+.2f}% "
+          f"retain_step_ratio={res['retain_ratio']:.3f}")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}")
+    bench_shape("small (2L, d=64, ctx 256, V=8192)",
+                ModelSpec(n_layer=2, d_model=64, context=256, vocab_size=8192), args.batch, args.rounds, args.warmup)
+    main_res = bench_shape("ts-8m (paper)", ModelSpec.preset("ts-8m"), args.batch, args.rounds, args.warmup)
+    print(f"speedup_vs_hf={main_res['speedup']:.2f} sgtm_overhead={main_res['overhead'] * 100:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Mask-aware AdamW (our default) and the paper's legacy single AdamW (method.md A2, method-reference.md §4).
+
+With a plain AdamW a zeroed gradient does not freeze a parameter: decoupled weight decay and the stale momentum
+m/sqrt(v) still move it, and the step count (bias correction) advances. Mask-aware AdamW skips masked coordinates
+entirely, so "masked" means bit-identical: weight, both moments and the step count of that region are untouched.
+
+Choices:
+- The partition splits a parameter along at most one dim into a retain head and a forget tail, and a step freezes
+  all of it, one region, or nothing. So the state keeps one step count per region (`step_retain`, `step_forget`;
+  unsplit parameters keep `step`), and each step updates one or two contiguous views: no per-element masks.
+- Unmasked coordinates follow `torch.optim.AdamW`'s single-tensor arithmetic operation for operation, so a run with
+  nothing masked matches it (checked with `assert_close`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sgtm_engine.config import OptimizerKind, OptimSpec
+from sgtm_engine.model.partition import Partition, Region
+
+
+class MaskAwareAdamW(torch.optim.Optimizer):
+    """AdamW whose `step(frozen=...)` leaves the frozen region of each named parameter bit-identical."""
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], partition: Partition, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.partition = partition
+        super().__init__([p for _, p in named], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self._name_of = {id(p): n for n, p in named}
+
+    @torch.no_grad()
+    def step(self, closure=None, frozen: dict[str, Region] | None = None):  # type: ignore[override]
+        """One AdamW step; `frozen` maps parameter names to the region that must not change (see Partition.frozen)."""
+        frozen = frozen or {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                name = self._name_of[id(p)]
+                region = frozen.get(name)
+                if region is Region.ALL:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    sl = self.partition.slice_of(name)
+                    if sl is not None and sl.dim is not None:
+                        state["step_retain"], state["step_forget"] = 0, 0
+                    else:
+                        state["step"] = 0
+                if "step" in state:
+                    state["step"] += 1
+                    _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+                    continue
+                self._step_split(p, name, state, region, group)
+        return None
+
+    def _step_split(self, p: torch.Tensor, name: str, state: dict, region: Region | None, group: dict) -> None:
+        active = [r for r in (Region.RETAIN, Region.FORGET) if r is not region]
+        for r in active:
+            state[f"step_{r.value}"] += 1
+        if len(active) == 2 and state["step_retain"] == state["step_forget"]:
+            _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step_retain"], group)
+            return
+        sl = self.partition.slice_of(name)
+        assert sl is not None and sl.dim is not None
+        for r in active:
+            lo, hi = sl.bounds(r)
+            if hi == lo:
+                continue
+            views = [t.narrow(sl.dim, lo, hi - lo) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+            _adamw_update(*views, state[f"step_{r.value}"], group)
+
+
+def _adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                  group: dict) -> None:
+    """torch.optim.AdamW's single-tensor update, in the same operation order (views update in place)."""
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    p.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def build_optimizer(model: nn.Module, partition: Partition, spec: OptimSpec, kind: OptimizerKind
+                    ) -> torch.optim.Optimizer:
+    """Mask-aware AdamW, or the paper's legacy single AdamW (weight decay on every parameter, no groups)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if kind == OptimizerKind.LEGACY:
+        return torch.optim.AdamW([p for _, p in named], lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
+                                 weight_decay=spec.weight_decay, foreach=False)
+    return MaskAwareAdamW(named, partition, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
+                          weight_decay=spec.weight_decay)
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, frozen: dict[str, Region]) -> None:
+    """Step either optimizer kind; the legacy one ignores `frozen` (the paper's behaviour)."""
+    if isinstance(optimizer, MaskAwareAdamW):
+        optimizer.step(frozen=frozen)
+    else:
+        optimizer.step()
+
+
+def lr_at(step: int, spec: OptimSpec, total_steps: int) -> float:
+    """Linear warmup from warmup_start*lr to lr, then cosine (or constant) to min_lr_ratio*lr at total_steps."""
+    if spec.warmup_steps > 0 and step < spec.warmup_steps:
+        frac = step / spec.warmup_steps
+        return spec.lr * (spec.warmup_start + (1 - spec.warmup_start) * frac)
+    if spec.schedule == "constant":
+        return spec.lr
+    span = max(1, total_steps - spec.warmup_steps)
+    progress = min(1.0, (step - spec.warmup_steps) / span)
+    floor = spec.min_lr_ratio
+    return spec.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

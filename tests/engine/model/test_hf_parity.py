@@ -1,0 +1,129 @@
+"""Our GPTNeoLM against stock transformers.GPTNeoForCausalLM: same weights -> same logits, loss and gradients."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sgtm_engine.config import MaskingSpec, ModelSpec, Strategy
+from sgtm_engine.model.gpt_neo import GPTNeoLM
+from sgtm_engine.model.hf import from_hf_model, load_hf, save_hf, to_hf_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# context 40 > window 8: the local layers must really slide; 3 layers = global, local, global
+SPEC = ModelSpec(n_layer=3, d_model=64, n_head=8, context=40, window_size=8, vocab_size=101, output_bias=False)
+
+
+def _pair(seed: int = 0):
+    torch.manual_seed(seed)
+    ours = GPTNeoLM(SPEC)
+    with torch.no_grad():  # make biases and LayerNorms non-trivial so their gradients and effects are tested
+        for name, p in ours.named_parameters():
+            if "bias" in name or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return ours, to_hf_model(ours).eval()
+
+
+def _labels(ids: torch.Tensor) -> torch.Tensor:
+    """Our labels are aligned to positions; HF shifts internally. Same targets, last position ignored."""
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
+def test_logits_loss_and_every_gradient_match_stock_gpt_neo():
+    ours, hf = _pair()
+    ids = torch.randint(0, SPEC.vocab_size, (3, SPEC.context))
+    logits, loss = ours(ids, _labels(ids))
+    out = hf(input_ids=ids, labels=ids)
+    torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    out.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    checked = 0
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+        checked += 1
+    assert checked == len(hf_params)
+
+
+def test_local_layers_differ_from_global_beyond_the_window():
+    """Guards the parity test: if the window were ignored, a local layer would equal a global one."""
+    ours, _ = _pair()
+    ids = torch.randint(0, SPEC.vocab_size, (1, SPEC.context))
+    all_global = GPTNeoLM(ModelSpec(**{**SPEC.__dict__, "attention_layers": ("global",) * 3}))
+    all_global.load_state_dict(ours.state_dict())
+    short, long_ = ids[:, : SPEC.window_size], ids
+    torch.testing.assert_close(ours(short)[0], all_global(short)[0])  # within the window they agree
+    assert not torch.allclose(ours(long_)[0], all_global(long_)[0], atol=1e-4)
+
+
+def test_checkpoint_round_trips_through_stock_transformers(tmp_path):
+    ours, _ = _pair(1)
+    save_hf(ours, tmp_path / "ours")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context))
+    torch.testing.assert_close(stock(input_ids=ids).logits, ours(ids)[0], rtol=1e-5, atol=1e-5)
+
+    stock.save_pretrained(tmp_path / "stock")
+    back = load_hf(tmp_path / "stock")
+    torch.testing.assert_close(back(ids)[0], ours(ids)[0], rtol=1e-5, atol=1e-5)
+    for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), back.state_dict().items(), strict=True):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+
+
+def test_output_bias_and_masking_spec_survive_our_round_trip(tmp_path):
+    spec = ModelSpec(**{**SPEC.__dict__, "output_bias": True})
+    masking = MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=16, forget_attn_heads=2)
+    model = GPTNeoLM(spec, masking)
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    save_hf(model, tmp_path)
+    back = load_hf(tmp_path)
+    assert back.masking == masking and back.spec.output_bias
+    ids = torch.randint(0, spec.vocab_size, (1, 12))
+    torch.testing.assert_close(back(ids)[0], model(ids)[0], rtol=0, atol=0)
+    # stock transformers drops the bias it cannot hold: logits differ by exactly that per-vocabulary constant
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(stock(input_ids=ids).logits + model.lm_head.bias, model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_from_hf_model_matches():
+    ours, hf = _pair(2)
+    again = from_hf_model(hf)
+    ids = torch.randint(0, SPEC.vocab_size, (2, 20))
+    torch.testing.assert_close(again(ids)[0], hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["ts-8m", "wiki-254m"])
+def test_presets_have_the_papers_parameter_counts(preset):
+    expected = {"ts-8m": 7_736_000, "wiki-254m": 254_054_000}[preset]
+    assert abs(ModelSpec.preset(preset).n_params() - expected) < 1_000
+
+
+@pytest.mark.parametrize("output_bias", [False, True])
+def test_fused_cross_entropy_matches_the_stock_loss_and_gradients(output_bias):
+    spec = ModelSpec(**{**SPEC.__dict__, "output_bias": output_bias})
+    torch.manual_seed(3)
+    a = GPTNeoLM(spec)
+    b = GPTNeoLM(spec)
+    b.load_state_dict(a.state_dict())
+    if output_bias:
+        with torch.no_grad():
+            a.lm_head.bias.normal_()
+            b.lm_head.bias.copy_(a.lm_head.bias)
+    ids = torch.randint(0, spec.vocab_size, (3, 30))
+    labels = _labels(ids)
+    labels[0, :5] = -100
+    fused = a(ids, labels, return_logits=False)
+    stock = b(ids, labels)
+    assert fused[0] is None
+    torch.testing.assert_close(fused[1], stock[1], rtol=1e-6, atol=1e-6)
+    fused[1].backward()
+    stock[1].backward()
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)

@@ -1,0 +1,184 @@
+"""Mask-aware AdamW (bit-identical masked coordinates, torch parity elsewhere), legacy behaviour, and ablation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sgtm_engine.config import (
+    AblateSpec,
+    AblationKind,
+    MaskingSpec,
+    MaskMode,
+    ModelSpec,
+    OptimizerKind,
+    OptimSpec,
+    Strategy,
+)
+from sgtm_engine.model.ablation import ablate
+from sgtm_engine.model.gpt_neo import GPTNeoLM
+from sgtm_engine.model.masking import apply_gradient_masks, region_view
+from sgtm_engine.model.optim import build_optimizer, lr_at, step_optimizer
+
+SPEC = ModelSpec(n_layer=2, d_model=64, n_head=8, context=16, window_size=8, vocab_size=97)
+OPTIM = OptimSpec(lr=1e-2, weight_decay=0.1, warmup_steps=0)
+
+
+def model_for(strategy=Strategy.SGTM, **kw) -> GPTNeoLM:
+    torch.manual_seed(0)
+    return GPTNeoLM(SPEC, MaskingSpec(strategy=strategy, forget_mlp_dim=16, forget_attn_heads=2, **kw))
+
+
+def train_step(model, opt, mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context), generator=g)
+    model.set_mode(mode)
+    opt.zero_grad()
+    _, loss = model(ids, torch.roll(ids, -1, 1))
+    loss.backward()
+    apply_gradient_masks(model, model.partition, mode)
+    step_optimizer(opt, model.partition.frozen(mode))
+    model.set_mode(MaskMode.DEFAULT)
+
+
+def frozen_views(model, mode):
+    params = dict(model.named_parameters())
+    return {n: region_view(params[n], model.partition, n, r).detach().clone()
+            for n, r in model.partition.frozen(mode).items()}
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SGTM, Strategy.GRADIENT_ROUTING, Strategy.ACTIVATION_MASKING])
+def test_masked_coordinates_stay_bit_identical_with_weight_decay(strategy):
+    model = model_for(strategy, mask_embeddings=True)
+    opt = build_optimizer(model, model.partition, OPTIM, OptimizerKind.MASK_AWARE)
+    # warm the moments on default steps first, so stale momentum would move a masked coordinate
+    for s in range(3):
+        train_step(model, opt, MaskMode.DEFAULT, s)
+    for mode in (MaskMode.FORGET, MaskMode.RETAIN):
+        before = frozen_views(model, mode)
+        state_before = {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+                        for n, p in model.named_parameters() if n in before}
+        for s in range(4):
+            train_step(model, opt, mode, 10 + s)
+        after = frozen_views(model, mode)
+        for n in before:
+            assert torch.equal(before[n], after[n]), f"{mode}: {n} moved"
+        params = dict(model.named_parameters())
+        for n, st in state_before.items():
+            region = model.partition.frozen(mode)[n]
+            for key in ("exp_avg", "exp_avg_sq"):
+                old = region_view(st[key], model.partition, n, region)
+                new = region_view(opt.state[params[n]][key], model.partition, n, region)
+                assert torch.equal(old, new), f"{mode}: {key} of {n} moved"
+            steps = {k: v for k, v in opt.state[params[n]].items() if k.startswith("step")}
+            frozen_key = "step" if "step" in steps else f"step_{region.value}"
+            assert steps[frozen_key] == st[frozen_key], f"{mode}: step count of {n} advanced"
+
+
+def test_legacy_adamw_moves_masked_coordinates():
+    """The paper's single AdamW: zero gradients still move weights through momentum and weight decay."""
+    model = model_for()
+    opt = build_optimizer(model, model.partition, OPTIM, OptimizerKind.LEGACY)
+    train_step(model, opt, MaskMode.DEFAULT, 0)
+    before = frozen_views(model, MaskMode.FORGET)
+    train_step(model, opt, MaskMode.FORGET, 1)
+    after = frozen_views(model, MaskMode.FORGET)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_unmasked_training_matches_torch_adamw():
+    ours, ref = model_for(Strategy.NONE), model_for(Strategy.NONE)
+    opt = build_optimizer(ours, ours.partition, OPTIM, OptimizerKind.MASK_AWARE)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps,
+                                weight_decay=OPTIM.weight_decay, foreach=False)
+    for s in range(5):
+        train_step(ours, opt, MaskMode.DEFAULT, s)
+        train_step(ref, ref_opt, MaskMode.DEFAULT, s)
+    for (n, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_split_step_counts_drive_bias_correction_per_region():
+    """After forget-only steps the forget region has its own step count; a default step updates both correctly."""
+    model = model_for()
+    opt = build_optimizer(model, model.partition, OPTIM, OptimizerKind.MASK_AWARE)
+    train_step(model, opt, MaskMode.FORGET, 0)
+    train_step(model, opt, MaskMode.DEFAULT, 1)
+    p = model.transformer.h[0].mlp.c_fc.weight
+    assert opt.state[p]["step_forget"] == 2 and opt.state[p]["step_retain"] == 1
+
+
+def test_optimizer_state_round_trips():
+    model = model_for()
+    opt = build_optimizer(model, model.partition, OPTIM, OptimizerKind.MASK_AWARE)
+    train_step(model, opt, MaskMode.FORGET, 0)
+    clone = model_for()
+    clone.load_state_dict(model.state_dict())
+    opt2 = build_optimizer(clone, clone.partition, OPTIM, OptimizerKind.MASK_AWARE)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as a checkpoint file would: no shared tensors
+    train_step(model, opt, MaskMode.RETAIN, 1)
+    train_step(clone, opt2, MaskMode.RETAIN, 1)
+    for (n, a), (_, b) in zip(model.named_parameters(), clone.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_lr_schedule_warmup_then_cosine():
+    spec = OptimSpec(lr=1.0, warmup_steps=10, warmup_start=0.1)
+    assert lr_at(0, spec, 110) == pytest.approx(0.1)
+    assert lr_at(10, spec, 110) == pytest.approx(1.0)
+    assert lr_at(60, spec, 110) == pytest.approx(0.5)
+    assert lr_at(110, spec, 110) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- ablation ---------------------------------------------------------------------------------------------------------
+
+def test_zero_ablation_zeroes_forget_slice_and_unit_gets_zero_gradient():
+    model = model_for()
+    ablate(model, AblateSpec(kind=AblationKind.ZERO))
+    blk = model.transformer.h[0]
+    r = SPEC.mlp_dim - 16
+    assert torch.count_nonzero(blk.mlp.c_fc.weight[r:]) == 0 and torch.count_nonzero(blk.mlp.c_fc.bias[r:]) == 0
+    assert torch.count_nonzero(blk.mlp.c_proj.weight[:, r:]) == 0
+    assert torch.count_nonzero(blk.mlp.c_fc.weight[:r]) > 0
+    # a zero-ablated unit is a stationary point: plain training gives it exactly zero gradient
+    model.zero_grad()
+    ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context))
+    model(ids, torch.roll(ids, -1, 1))[1].backward()
+    for i in range(SPEC.n_layer):
+        b = model.transformer.h[i]
+        assert torch.count_nonzero(b.mlp.c_fc.weight.grad[r:]) == 0
+        assert torch.count_nonzero(b.mlp.c_fc.bias.grad[r:]) == 0
+        assert torch.count_nonzero(b.mlp.c_proj.weight.grad[:, r:]) == 0
+        c = (SPEC.n_head - 2) * SPEC.head_dim
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            assert torch.count_nonzero(getattr(b.attn.attention, proj).weight.grad[c:]) == 0
+        assert torch.count_nonzero(b.attn.attention.out_proj.weight.grad[:, c:]) == 0
+
+
+def test_ablation_matches_retain_mode_forward():
+    """Zero-ablating θ_forget is what retain mode computes on the fly."""
+    model = model_for()
+    ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context))
+    model.set_mode(MaskMode.RETAIN)
+    retain_out = model(ids)[0]
+    model.set_mode(MaskMode.DEFAULT)
+    ablate(model, AblateSpec())
+    torch.testing.assert_close(model(ids)[0], retain_out, rtol=1e-5, atol=1e-5)
+
+
+def test_reinit_ablation_is_seeded_and_has_the_retain_slice_std():
+    a, b, c = model_for(), model_for(), model_for()
+    with torch.no_grad():  # give the retain slice a distinctive scale
+        for m in (a, b, c):
+            m.transformer.h[0].mlp.c_fc.weight.mul_(3.0)
+    used = ablate(a, AblateSpec(kind=AblationKind.REINIT, seed=7))
+    ablate(b, AblateSpec(kind=AblationKind.REINIT, seed=7))
+    ablate(c, AblateSpec(kind=AblationKind.REINIT, seed=8))
+    r = SPEC.mlp_dim - 16
+    wa, wb, wc = (m.transformer.h[0].mlp.c_fc.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa[r:], wc[r:])
+    retain_std = float(wa[:r].std())
+    assert used["transformer.h.0.mlp.c_fc.weight"] == pytest.approx(retain_std)
+    assert float(wa[r:].std()) == pytest.approx(retain_std, rel=0.1)

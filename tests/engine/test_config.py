@@ -1,0 +1,75 @@
+"""The config schema: validation reports every problem at once, dict round trips, overrides, no torch import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sgtm_engine.config import (
+    MODEL_PRESETS,
+    MaskingSpec,
+    ModelSpec,
+    Strategy,
+    TrainSpec,
+    from_dict,
+    spec_hash,
+    to_dict,
+    with_overrides,
+)
+from sgtm_engine.errors import ConfigError
+
+
+def test_every_problem_is_reported_at_once_with_field_paths():
+    with pytest.raises(ConfigError) as e:
+        from_dict(TrainSpec, {"steps": 0, "model": {"d_model": 100, "bogus": 1},
+                              "masking": {"strategy": "sgtmm", "forget_mlp_dim": -1}})
+    text = "\n".join(e.value.problems)
+    for fragment in ("steps=0", "model.d_model=100", "model.bogus: unknown field", "masking.strategy='sgtmm'",
+                     "masking.forget_mlp_dim=-1"):
+        assert fragment in text
+    assert len(e.value.problems) == 5
+
+
+def test_forget_sizes_are_exclusive_and_checked_against_the_model():
+    with pytest.raises(ConfigError, match="not both"):
+        MaskingSpec(forget_param_perc=3, forget_mlp_dim=64)
+    with pytest.raises(ConfigError, match="masking.forget_attn_heads=32"):
+        from_dict(TrainSpec, {"masking": {"forget_attn_heads": 32}})
+    with pytest.raises(ConfigError, match="masked_layers"):
+        from_dict(TrainSpec, {"masking": {"masked_layers": [7]}})
+
+
+def test_round_trip_and_hash_are_stable():
+    spec = from_dict(TrainSpec, {"model": {"n_layer": 2}, "masking": {"strategy": "gradient_routing",
+                                                                      "masked_layers": [0, 1]}})
+    again = from_dict(TrainSpec, to_dict(spec))
+    assert again == spec and spec_hash(again) == spec_hash(spec)
+    assert spec.masking.strategy is Strategy.GRADIENT_ROUTING and spec.masking.masked_layers == (0, 1)
+
+
+def test_overrides_use_dotted_paths_and_validate():
+    spec = with_overrides(TrainSpec, {}, {"optim.lr": 3e-4, "masking.strategy": "none", "steps": 7})
+    assert spec.optim.lr == 3e-4 and spec.steps == 7
+    with pytest.raises(ConfigError, match="optim.lr"):
+        with_overrides(TrainSpec, {}, {"optim.lr": -1.0})
+
+
+def test_filters_are_for_clean_models_only():
+    with pytest.raises(ConfigError, match="filter.kind=weak"):
+        from_dict(TrainSpec, {"filter": {"kind": "weak"}})
+    from_dict(TrainSpec, {"filter": {"kind": "weak"}, "masking": {"strategy": "none"}})
+
+
+def test_presets_cover_the_papers_eight_shapes():
+    paper = {n for n in MODEL_PRESETS if n.startswith(("ts-", "wiki-"))}
+    assert len(paper) == 8
+    assert ModelSpec.preset("ts-64m", context=128).context == 128
+    with pytest.raises(ConfigError, match="known|choose"):
+        ModelSpec.preset("gpt-5")
+
+
+def test_config_imports_without_torch():
+    code = "import sys, sgtm_engine.config, sgtm_engine.errors; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
