@@ -552,6 +552,15 @@ class TrainSpec:
     checkpoint_every: int | None = None
     """Checkpoint every N steps (and at the end); None = only at the end."""
     log_every: int = 10
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    eval_ablated: bool = False
+    """Also evaluate an ablated copy at every evaluation (trade-off curves); the model itself is untouched."""
+    eval_calibrated: bool = False
+    """Also evaluate a calibrated copy of the ablated model at every evaluation (costs calibrate.steps steps)."""
+    ablate: AblateSpec = field(default_factory=AblateSpec)
+    calibrate: CalibrateSpec = field(default_factory=CalibrateSpec)
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
     seed: int = 0
     """Seeds the initialization and the data order."""
 
@@ -565,6 +574,10 @@ class TrainSpec:
             v = getattr(self, name)
             _check(p, v is None or v >= 1, f"{name}={v}: must be >= 1 or null")
         _check(p, self.log_every >= 1, f"log_every={self.log_every}: must be >= 1")
+        _check(p, self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size >= 1:
+            _check(p, self.batch_size % self.micro_batch_size == 0,
+                   f"micro_batch_size={self.micro_batch_size}: must divide batch_size={self.batch_size}")
         if self.filter.kind != FilterKind.NONE and self.masking.strategy != Strategy.NONE:
             p.append(f"filter.kind={self.filter.kind.value}: filters are baselines for clean models; "
                      f"set masking.strategy='none' or filter.kind='none'")

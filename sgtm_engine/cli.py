@@ -1,0 +1,168 @@
+"""`sgtm`: run recipes and stages in-process, the demo, and export. Service commands plug in as entry points.
+
+Engine commands live here; `serve`, `worker`, `submit`, `jobs`, `cancel`, `watch` come from the service package
+through the `sgtm.commands` entry-point group, so the engine never imports the service (architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sgtm_engine.errors import EXIT_UNEXPECTED, ConfigError, SgtmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+log = logging.getLogger("sgtm")
+
+DEFAULT_CACHE = Path.home() / ".cache" / "sgtm"
+
+
+def _fail(exc: BaseException) -> None:
+    if isinstance(exc, ConfigError):
+        typer.echo("invalid configuration:", err=True)
+        for p in exc.problems:
+            typer.echo(f"  - {p}", err=True)
+    else:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+    raise typer.Exit(exc.exit_code if isinstance(exc, SgtmError) else EXIT_UNEXPECTED)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run-stage: the engine child the service supervises
+
+
+@app.command("run-stage")
+def run_stage_cmd(
+    kind: Annotated[str, typer.Option(help="train, ablate, evaluate, attack or rmu")],
+    spec: Annotated[Path, typer.Option(help="the stage spec as JSON", exists=True, dir_okay=False)],
+    workdir: Annotated[Path, typer.Option(help="the stage's folder (resumes from its checkpoint)")],
+    input: Annotated[list[str] | None, typer.Option(help="NAME=PARENT_WORKDIR, repeatable")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    mlflow_run_id: Annotated[str | None, typer.Option(help="log into this (supervisor-owned) run")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+) -> None:
+    """Run one stage; exit code per sgtm_engine.errors. Used by the service's supervisor."""
+    from sgtm_engine.pipeline import error_record, run_stage, write_json
+    from sgtm_engine.runtime import StopFlag, setup_logging
+    from sgtm_engine.tracking import MlflowTracker, NullTracker
+
+    setup_logging()
+    workdir.mkdir(parents=True, exist_ok=True)
+    stop = StopFlag().install()
+    try:
+        inputs = {}
+        for pair in input or []:
+            if "=" not in pair:
+                raise ConfigError(f"--input {pair!r}: expected NAME=DIR")
+            name, path = pair.split("=", 1)
+            inputs[name] = Path(path)
+        tracker = MlflowTracker(mlflow_uri, run_id=mlflow_run_id) if mlflow_uri and mlflow_run_id else NullTracker()
+        try:
+            run_stage(kind, json.loads(spec.read_text()), workdir, inputs, tracker=tracker, stop=stop,
+                      cache_dir=cache_dir)
+        finally:
+            tracker.flush()
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded for the supervisor, then re-mapped
+        if isinstance(exc, typer.Exit):
+            raise
+        write_json(workdir / "error.json", error_record(exc))
+        if not isinstance(exc, SgtmError):
+            log.exception("stage failed")
+        _fail(exc)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run: a recipe in-process
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="a recipe file or the name of one in recipes/")],
+    workdir: Annotated[Path, typer.Option(help="where stages write (one folder per stage)")] = Path("runs/latest"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value, repeatable")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
+    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+) -> None:
+    """Run every stage of a recipe in this process and write WORKDIR/result.json."""
+    from sgtm_engine.recipe import load_recipe, parse_overrides
+    from sgtm_engine.runner import run_recipe
+    from sgtm_engine.runtime import setup_logging
+
+    setup_logging()
+    try:
+        parsed = load_recipe(recipe, parse_overrides(set_ or []))
+        results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
+                             cache_dir=cache_dir)
+    except SgtmError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {workdir / 'result.json'} ({len(results['stages'])} stages)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# demo and export
+
+
+@app.command("demo")
+def demo_cmd(
+    quick: Annotated[bool, typer.Option("--quick", help="a 2-minute version")] = False,
+    workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+) -> None:
+    """Filter vs gradient routing vs SGTM on wiki-bilingual with 2% of the Spanish unlabelled."""
+    from sgtm_engine.demo import run_demo
+    from sgtm_engine.runtime import setup_logging
+
+    setup_logging(level=logging.WARNING)
+    try:
+        run_demo(workdir, quick=quick, cache_dir=cache_dir)
+    except SgtmError as exc:
+        _fail(exc)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a stage workdir (with result.json) or a checkpoint folder")],
+    out: Annotated[Path, typer.Option(help="output folder: a stock-transformers model + tokenizer")],
+    ablate: Annotated[str | None, typer.Option(help="zero or reinit: ablate the forget slice first")] = None,
+    seed: Annotated[int, typer.Option(help="re-init ablation seed")] = 0,
+    drop_output_bias: Annotated[bool, typer.Option(help="zero lm_head.bias (stock GPT-Neo cannot hold it)")] = False,
+) -> None:
+    """Write a model loadable with `AutoModelForCausalLM.from_pretrained` (and its tokenizer)."""
+    from sgtm_engine.export import export_model
+
+    try:
+        path = export_model(checkpoint, out, ablate=ablate, seed=seed, drop_output_bias=drop_output_bias)
+    except SgtmError as exc:
+        _fail(exc)
+    typer.echo(f"exported to {path}")
+
+
+def _load_plugins() -> None:
+    """Commands other packages register under the `sgtm.commands` entry-point group (the service's)."""
+    for ep in entry_points(group="sgtm.commands"):
+        try:
+            plugin = ep.load()
+        except (ImportError, AttributeError) as exc:  # service extra absent: no service commands
+            log.debug("skipping sgtm command plugin %s: %s", ep.name, exc)
+            continue
+        for command in getattr(plugin, "registered_commands", []):
+            app.registered_commands.append(command)
+
+
+def main() -> None:
+    _load_plugins()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

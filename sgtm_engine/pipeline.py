@@ -1,0 +1,223 @@
+"""`run_stage`: the one in-process entry to every stage, shared by `sgtm run`, the service's engine child and tests.
+
+A stage runs in its own workdir and leaves there:
+- `events.jsonl`: progress events, one JSON object a line (`started`, `progress`, `eval`, `checkpoint`, `finished`);
+- `result.json`: what it produced: metrics, summary, artifacts (model folders), checkpoint path + sha256, the
+  resolved spec, seed, code version and data manifest hash (the reproducibility record);
+- on failure, `error.json` (type and message) for the supervisor.
+Downstream stages receive their parents' workdirs as `inputs` and read the parents' `result.json`: the model to
+start from (`artifacts.model`) and the data it was trained on (`data_spec`, re-prepared from the content cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sgtm_engine.config import (
+    STAGE_SPECS,
+    AblateStageSpec,
+    DataSpec,
+    EvaluateSpec,
+    FilterSpec,
+    NoiseSpec,
+    RuntimeSpec,
+    StageKind,
+    TrainSpec,
+    from_dict,
+    spec_hash,
+    to_dict,
+)
+from sgtm_engine.errors import ConfigError, SgtmError
+from sgtm_engine.runtime import Runtime, StopFlag, code_version, resolve_runtime
+from sgtm_engine.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+EVENTS = "events.jsonl"
+
+
+class EventLog:
+    """Appends events to `events.jsonl` (flushed per line, so a supervisor can tail it) and forwards them."""
+
+    def __init__(self, workdir: Path, forward: Callable[[dict[str, Any]], None] | None = None):
+        self.path = workdir / EVENTS
+        self.forward = forward
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        event = {"t": time.time(), **event}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+        if self.forward:
+            self.forward(event)
+
+
+def read_result(workdir: Path) -> dict[str, Any]:
+    path = Path(workdir) / RESULT
+    if not path.exists():
+        raise ConfigError(f"input {workdir}: no {RESULT}; did its stage finish?")
+    return json.loads(path.read_text())
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=True))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _prepare(data_spec: DataSpec, context: int, cache_dir: Path, noise: NoiseSpec, filter: FilterSpec):
+    from sgtm_engine.data.prepare import prepare_data
+
+    return prepare_data(data_spec, context, cache_dir, noise, filter)
+
+
+def run_train(spec: TrainSpec, workdir: Path, inputs: dict[str, Path], runtime: Runtime, cache_dir: Path,
+              tracker: Tracker, emit, stop: StopFlag) -> dict[str, Any]:
+    from sgtm_engine.train import train
+
+    data = _prepare(spec.data, spec.model.context, cache_dir, spec.noise, spec.filter)
+    if runtime.is_main:
+        data.tokenizer.save_pretrained(workdir / "tokenizer")
+    result = train(spec, workdir, data, runtime, tracker, emit, stop)
+    st = result.state
+    resolved = dataclasses.replace(spec, model=dataclasses.replace(spec.model, vocab_size=data.vocab_size))
+    return {
+        "metrics": result.final_metrics,
+        "summary": {"steps": st.step, "skipped_steps": st.skipped, "tokens": st.tokens,
+                    "flops": 6.0 * result.model.num_parameters() * st.tokens, "params": result.model.num_parameters(),
+                    "mode_steps": st.mode_steps, "wall_seconds": round(st.wall_seconds, 2),
+                    "tokens_per_s": round(st.tokens / max(st.wall_seconds, 1e-9), 1),
+                    "plan": result.plan_counts, "partition": result.model.partition.describe()},
+        "history": st.history,
+        "artifacts": {"model": str(result.checkpoint), "tokenizer": str(workdir / "tokenizer")},
+        "resolved_spec": to_dict(resolved),
+        "data_spec": to_dict(spec.data), "noise_spec": to_dict(spec.noise), "filter_spec": to_dict(spec.filter),
+        "context": spec.model.context,
+        "manifest_hash": data.manifest_hash, "data": data.summary(), "seed": spec.seed,
+        "method": method_name(spec),
+    }
+
+
+def _lineage(inputs: dict[str, Path]) -> dict[str, Any]:
+    if "model" not in inputs:
+        raise ConfigError("inputs: this stage needs a parent model (--input model=<parent workdir>)")
+    return read_result(inputs["model"])
+
+
+def run_ablate(spec: AblateStageSpec, workdir: Path, inputs: dict[str, Path], runtime: Runtime, cache_dir: Path,
+               tracker: Tracker, emit, stop: StopFlag) -> dict[str, Any]:
+    from sgtm_engine.model.ablation import ablate
+    from sgtm_engine.model.hf import load_hf, save_hf
+
+    parent = _lineage(inputs)
+    model = load_hf(parent["artifacts"]["model"])
+    used = ablate(model, spec.ablate)
+    out = save_hf(model, workdir / "model")
+    emit({"type": "progress", "step": 1, "total": 1, "metrics": {}})
+    return {**_inherit(parent), "metrics": {}, "summary": {"ablated_tensors": len(used), "kind": spec.ablate.kind},
+            "artifacts": {"model": str(out), "tokenizer": parent["artifacts"].get("tokenizer")},
+            "resolved_spec": to_dict(spec), "ablated": True}
+
+
+def run_evaluate(spec: EvaluateSpec, workdir: Path, inputs: dict[str, Path], runtime: Runtime, cache_dir: Path,
+                 tracker: Tracker, emit, stop: StopFlag) -> dict[str, Any]:
+    from sgtm_engine.evaluate import evaluate_views, flat_metrics
+    from sgtm_engine.model.hf import load_hf
+
+    parent = _lineage(inputs)
+    model = load_hf(parent["artifacts"]["model"], device=runtime.device)
+    data = _prepare(from_dict(DataSpec, parent["data_spec"]), parent["context"], cache_dir,
+                    from_dict(NoiseSpec, parent["noise_spec"]), from_dict(FilterSpec, parent["filter_spec"]))
+    views = evaluate_views(model, data, spec.eval, spec.ablate, spec.calibrate, runtime)
+    metrics = flat_metrics(views)
+    if runtime.is_main:
+        tracker.log_metrics(metrics, 0)
+    emit({"type": "eval", "step": 1, "total": 1, "metrics": metrics})
+    return {**_inherit(parent), "metrics": metrics, "summary": {"views": sorted(views)},
+            "artifacts": parent["artifacts"], "resolved_spec": to_dict(spec)}
+
+
+def _inherit(parent: dict[str, Any]) -> dict[str, Any]:
+    """What a downstream stage needs to know about the data lineage."""
+    keys = ("data_spec", "noise_spec", "filter_spec", "context", "manifest_hash", "seed", "method")
+    return {k: parent[k] for k in keys if k in parent}
+
+
+STAGE_RUNNERS = {StageKind.TRAIN: run_train, StageKind.ABLATE: run_ablate, StageKind.EVALUATE: run_evaluate}
+
+
+def method_name(spec: TrainSpec) -> str:
+    """A short method label for tables and MLflow tags (e.g. sgtm, gradient_routing, weak_filter, no_filter)."""
+    from sgtm_engine.config import FilterKind, Strategy
+
+    if spec.masking.strategy != Strategy.NONE:
+        return spec.masking.strategy.value
+    return "no_filter" if spec.filter.kind == FilterKind.NONE else f"{spec.filter.kind.value}_filter"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The entry
+
+
+def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dict[str, Path] | None = None,
+              tracker: Tracker | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
+              stop: StopFlag | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one stage in `workdir` and return (and write) its result record.
+
+    Args:
+        kind: train, ablate, evaluate (attack and rmu register when available).
+        spec: the stage's spec object, or plain data validated into it.
+        workdir: the stage's folder (created); re-running in the same folder resumes from its checkpoint.
+        inputs: parent stage workdirs by role (`model`).
+        tracker: metrics destination (default NullTracker).
+        emit: extra progress callback (events always go to events.jsonl too).
+        stop: stop flag (SIGTERM handler installed by the CLI).
+        cache_dir: content-addressed data/tokenizer cache (default: <workdir>/../.cache).
+    """
+    kind = StageKind(kind)
+    if kind not in STAGE_RUNNERS:
+        raise ConfigError(f"kind={kind.value!r}: no runner for this stage kind yet; known: "
+                          f"{sorted(k.value for k in STAGE_RUNNERS)}")
+    spec_cls = STAGE_SPECS[kind]
+    if not isinstance(spec, spec_cls):
+        spec = from_dict(spec_cls, spec)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else workdir.parent / ".cache"
+    tracker = tracker or NullTracker()
+    events = EventLog(workdir, emit)
+    runtime_spec = getattr(spec, "runtime", None)
+    runtime = resolve_runtime(runtime_spec if runtime_spec is not None else RuntimeSpec())
+    started = time.time()
+    events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
+    record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
+                                 stop or StopFlag())
+    checkpoint = record.get("artifacts", {}).get("model")
+    record = {
+        "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": code_version(),
+        "started_at": started, "finished_at": time.time(), **record,
+    }
+    if checkpoint and kind == StageKind.TRAIN:
+        from sgtm_engine.checkpoint import checkpoint_digest
+
+        record["checkpoint"] = {"path": checkpoint, "sha256": checkpoint_digest(Path(checkpoint))}
+    if runtime.is_main:
+        write_json(workdir / RESULT, record)
+        tracker.flush()
+    events({"type": "finished", "kind": kind.value})
+    return record
+
+
+def error_record(exc: BaseException) -> dict[str, Any]:
+    return {"type": type(exc).__name__, "message": str(exc),
+            "problems": getattr(exc, "problems", None) if isinstance(exc, SgtmError) else None}

@@ -1,0 +1,122 @@
+"""Where a stage runs: device, precision, torchrun DDP, the stop flag, rank-0 logging and the code version.
+
+The only module of the engine that reads environment variables, and only torchrun's RANK, LOCAL_RANK and
+WORLD_SIZE. Randomness is never global: callers build `torch.Generator`/`random.Random` objects from config seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sgtm_engine.config import Device, Precision, RuntimeSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: Precision  # resolved: fp32 or bf16
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA when asked (fp32 master weights, the loss is computed in fp32), else nothing."""
+        if self.precision == Precision.BF16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def resolve_runtime(spec: RuntimeSpec) -> Runtime:
+    """Pick the device and precision, and join the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = spec.device == Device.CUDA or (spec.device == Device.AUTO and torch.cuda.is_available())
+    if spec.device == Device.CUDA and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device='cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if spec.threads is not None and device.type == "cpu":
+        torch.set_num_threads(spec.threads)
+    precision = spec.precision
+    if precision == Precision.AUTO:
+        precision = Precision.BF16 if device.type == "cuda" else Precision.FP32
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, precision, rank, world, local)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (or by hand); checked at step boundaries, agreed across ranks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        log.warning("signal %s: stopping at the next step boundary", signum)
+        self.requested = True
+
+    def should_stop(self, runtime: Runtime | None = None) -> bool:
+        if runtime is None or not runtime.distributed:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+
+def code_version() -> str:
+    """git commit (+ '-dirty-<hash of the diff>') of the checkout, or the package version outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5,
+                             check=True).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "sgtm_engine"], cwd=root, capture_output=True,
+                              timeout=5, check=True).stdout
+        return sha + (f"-dirty-{hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"sgtm-{version('sgtm')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def setup_logging(runtime: Runtime | None = None, level: int = logging.INFO) -> None:
+    """Rank 0 logs at `level`; other ranks only warnings, so multi-process output stays readable."""
+    if runtime is not None and not runtime.is_main:
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
