@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +56,15 @@ class NullTracker:
         pass
 
 
+_INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def metric_key(name: str) -> str:
+    """MLflow accepts only ASCII alphanumerics and `_-. /:`; category names may be Spanish ('Geografía, …')."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return _INVALID.sub("_", ascii_name)
+
+
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> dotted MLflow params (values as short strings)."""
     out: dict[str, str] = {}
@@ -90,7 +101,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+        items = [Param(metric_key(k), v[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i: i + 100])
 
@@ -98,7 +109,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self._buffer += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v is not None]
         if len(self._buffer) >= self.flush_every:
             self.flush()
 

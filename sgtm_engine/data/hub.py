@@ -47,11 +47,14 @@ _SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
 def resolve(source: str | Path, *, patterns: Sequence[str] | None = None, revision: str | None = None) -> Path:
-    """A local path as is; otherwise a hub data set id, downloaded (only `patterns`) into the hub's cache."""
+    """A local path as is; otherwise a hub data set id, downloaded (only `patterns`) into the hub's cache.
+
+    A `Path` is always local; a string is local when it exists, else it must look like a hub id ('owner/name').
+    """
     path = Path(source)
     if path.exists():
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+    if isinstance(source, Path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise DataError(f"{source}: no such file or directory, and not a hub data set id ('owner/name')")
     try:
         from huggingface_hub import snapshot_download
@@ -70,9 +73,10 @@ def split_files(root: Path, split: str) -> list[Path]:
         return [root] if split == "train" else []
     found = []
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.suffix not in _SUFFIXES or any(part.startswith(".") for part in p.parts):
+        relative = p.relative_to(root)
+        if not p.is_file() or p.suffix not in _SUFFIXES or any(part.startswith(".") for part in relative.parts):
             continue
-        named = re.search(r"(^|[/_.-])(train|validation|valid|test)([-_.]|$)", p.relative_to(root).as_posix())
+        named = re.search(r"(^|[/_.-])(train|validation|valid|test)([-_.]|$)", relative.as_posix())
         file_split = named.group(2) if named else "train"
         if file_split == "valid":
             file_split = "validation"

@@ -136,16 +136,13 @@ class PreparedData:
                           filter=self.filter, seed=seed)
 
     def summary(self) -> dict[str, Any]:
-        """Plain data for logging: counts, hashes, provenance."""
+        """Plain data for logging: counts, hashes, provenance, and the label confusion matrix in documents."""
+        split_of = {d: p.split for p in self.pools.values() for d in p.doc_ids}
+        docs_confusion = noise_lib.confusion((split_of[d], m) for d, m in self.doc_labels.items())
         return {"corpus": self.corpus_name, "corpus_fingerprint": self.corpus_fingerprint,
                 "tokenizer_hash": self.tokenizer_hash, "manifest_hash": self.manifest_hash,
                 "vocab_size": self.vocab_size, "context": self.context, **self.stats,
-                "label_confusion_docs": noise_lib.confusion(
-                    (self._split_of[d], m) for d, m in self.doc_labels.items()) if self.doc_labels else None}
-
-    @property
-    def _split_of(self) -> dict[str, Split]:
-        return {d: p.split for p in self.pools.values() for d in p.doc_ids}
+                "label_confusion_docs": docs_confusion if self.doc_labels else None}
 
 
 def make_labels(rows: torch.Tensor, pad_id: int, eot_id: int, learn_eot: bool) -> tuple[torch.Tensor, torch.Tensor]:
