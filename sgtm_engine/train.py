@@ -78,11 +78,17 @@ def build_model(spec: TrainSpec, vocab_size: int, device: torch.device) -> GPTNe
 
 
 def _train_step(net: torch.nn.Module, model: GPTNeoLM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                labels: torch.Tensor, mode: MaskMode, spec: TrainSpec, runtime: Runtime) -> tuple[float, float]:
-    """Forward/backward over micro-batches, mask once, clip, step. Returns (mean loss, grad norm)."""
+                labels: torch.Tensor, mode: MaskMode, spec: TrainSpec, runtime: Runtime) -> tuple[float, float, int]:
+    """Forward/backward over micro-batches, mask once, clip, step. Returns (mean loss, grad norm, tokens)."""
     per_rank = inputs.shape[0]
     micro = min(spec.micro_batch_size or per_rank, per_rank)
     n_micro = math.ceil(per_rank / micro)
+    # Normalize by the target tokens of the whole global batch, so accumulation and DDP (which averages gradients
+    # over ranks) give exactly the token-weighted mean of one big batch.
+    n_tokens = (labels != IGNORE_INDEX).sum().to(torch.float32)
+    if runtime.distributed:
+        dist.all_reduce(n_tokens)
+    denom = n_tokens.clamp(min=1.0)
     model.set_mode(mode)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=runtime.device)
@@ -93,11 +99,14 @@ def _train_step(net: torch.nn.Module, model: GPTNeoLM, optimizer: torch.optim.Op
             sync = net.no_sync()
         with sync, runtime.autocast():
             _, loss = net(inputs[sl], labels[sl], return_logits=False)
-        (loss / n_micro).backward()
-        loss_sum += loss.detach()
-    mean_loss = loss_sum / n_micro
+        count = (labels[sl] != IGNORE_INDEX).sum()
+        loss = torch.where(count > 0, loss, torch.zeros_like(loss))  # an all-padding micro-batch's mean is NaN
+        weight = count / denom  # this micro-batch's share of the global tokens
+        (loss * weight * runtime.world_size).backward()
+        loss_sum += loss.detach() * weight
+    mean_loss = loss_sum
     if runtime.distributed:
-        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        dist.all_reduce(mean_loss)
     if not torch.isfinite(mean_loss):
         raise TrainingDiverged(f"loss became {float(mean_loss)} (mode {mode.value}); lower optim.lr or set "
                                f"optim.grad_clip")
@@ -106,7 +115,7 @@ def _train_step(net: torch.nn.Module, model: GPTNeoLM, optimizer: torch.optim.Op
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     step_optimizer(optimizer, model.partition.frozen(mode))
     model.set_mode(MaskMode.DEFAULT)
-    return float(mean_loss), float(grad_norm)
+    return float(mean_loss), float(grad_norm), int(n_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,8 +171,7 @@ def train(spec: TrainSpec, workdir: Path, data: PreparedData, runtime: Runtime, 
             mode = entry.mode if spec.masking.strategy != Strategy.NONE else MaskMode.DEFAULT
             rows = sampler.next_batch(entry.pool, spec.batch_size, runtime.rank, runtime.world_size)
             inputs, labels = data.inputs_and_labels(rows.to(runtime.device))
-            loss, grad_norm = _train_step(net, model, optimizer, inputs, labels, mode, spec, runtime)
-            n_tokens = int((labels != IGNORE_INDEX).sum()) * runtime.world_size
+            loss, grad_norm, n_tokens = _train_step(net, model, optimizer, inputs, labels, mode, spec, runtime)
             state.tokens += n_tokens
             window_tokens += n_tokens
             state.mode_steps[mode.value] += 1

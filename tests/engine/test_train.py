@@ -1,0 +1,205 @@
+"""The training loop end to end on the embedded corpus: exact resume, DDP parity, calibration, stages, recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sgtm_engine.config import CalibrateSpec, MaskMode, TrainSpec, from_dict
+from sgtm_engine.data.prepare import prepare_data
+from sgtm_engine.errors import Cancelled
+from sgtm_engine.evaluate import calibrate
+from sgtm_engine.pipeline import run_stage
+from sgtm_engine.recipe import load_recipe
+from sgtm_engine.runner import run_recipe
+from sgtm_engine.runtime import Runtime
+from sgtm_engine.tracking import MlflowTracker
+from sgtm_engine.train import build_model, train
+
+TINY = {
+    "model": {"n_layer": 2, "d_model": 64, "context": 32},
+    "masking": {"forget_mlp_dim": 32, "forget_attn_heads": 4},
+    "data": {"corpus": "wiki-bilingual", "vocab_size": 512, "max_docs_per_split": 60, "test_docs_per_category": 2},
+    "noise": {"recall": 0.9, "retain_retain_frac": 0.25},
+    "optim": {"lr": 3e-3, "warmup_steps": 3},
+    "steps": 12, "batch_size": 4, "micro_batch_size": 2, "log_every": 2,
+    "eval": {"max_batches": 1, "capability": False},
+}
+CPU = Runtime(torch.device("cpu"), "fp32")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(cache):
+    spec = from_dict(TrainSpec, TINY)
+    return spec, prepare_data(spec.data, spec.model.context, cache, spec.noise, spec.filter)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path):
+    spec, data = tiny_data
+    spec = from_dict(TrainSpec, {**TINY, "checkpoint_every": 4})
+    straight = train(spec, tmp_path / "a", data, CPU)
+    with pytest.raises(Cancelled):
+        train(spec, tmp_path / "b", data, CPU, stop_after=6)  # stop between checkpoints: resume from step 6
+    resumed = train(spec, tmp_path / "b", data, CPU)
+    assert resumed.state.step == straight.state.step == spec.steps
+    a, b = weights(straight.checkpoint), weights(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.state.mode_steps == straight.state.mode_steps
+    assert resumed.state.tokens == straight.state.tokens
+
+
+def test_plan_modes_reach_the_model_and_clean_models_train_as_default(tiny_data, tmp_path):
+    spec, data = tiny_data
+    result = train(spec, tmp_path / "sgtm", data, CPU)
+    modes = result.state.mode_steps
+    assert modes["forget"] > 0 and modes["default"] > 0
+    assert sum(modes.values()) == spec.steps
+    clean = from_dict(TrainSpec, {**TINY, "masking": {"strategy": "none"}})
+    result = train(clean, tmp_path / "clean", data, CPU)
+    assert result.state.mode_steps == {"default": spec.steps, "retain": 0, "forget": 0}
+
+
+def test_calibration_changes_only_the_output_bias(tiny_data):
+    spec, data = tiny_data
+    model = build_model(spec, data.vocab_size, CPU.device)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrated = calibrate(model, data, CalibrateSpec(steps=5, batch_size=2), CPU)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"calibration touched the input model: {k}"
+    for k, v in calibrated.state_dict().items():
+        if k == "lm_head.bias":
+            assert not torch.equal(v, before[k])
+        else:
+            assert torch.equal(v, before[k]), f"calibration changed {k}"
+
+
+def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
+    """torchrun with 2 CPU ranks (gloo) at the same effective batch ends where one process ends."""
+    spec_data = {**TINY, "steps": 6, "micro_batch_size": None, "masking": {"strategy": "sgtm", "forget_mlp_dim": 32,
+                                                                           "forget_attn_heads": 4}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec_data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["run-stage", "--kind", "train", "--spec", str(tmp_path / "spec.json"), "--cache-dir", str(cache)]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sgtm_engine", *common,
+                    "--workdir", str(tmp_path / "ddp")], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "sgtm_engine", *common, "--workdir", str(tmp_path / "one")], check=True,
+                   env=env, timeout=600)
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert ddp["summary"]["mode_steps"] == one["summary"]["mode_steps"]
+    assert ddp["summary"]["tokens"] == one["summary"]["tokens"]
+    a, b = weights(Path(ddp["artifacts"]["model"])), weights(Path(one["artifacts"]["model"]))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_stage_chain_and_result_records(tmp_path, cache):
+    train_res = run_stage("train", {**TINY, "steps": 4}, tmp_path / "train", cache_dir=cache)
+    for key in ("resolved_spec", "seed", "code_version", "manifest_hash", "spec_hash", "checkpoint"):
+        assert train_res[key] is not None, key
+    assert train_res["resolved_spec"]["model"]["vocab_size"] == 512 + 0 or train_res["resolved_spec"]["model"][
+        "vocab_size"] > 0
+    ablated = run_stage("ablate", {"ablate": {"kind": "zero"}}, tmp_path / "ablate",
+                        inputs={"model": tmp_path / "train"}, cache_dir=cache)
+    ev = run_stage("evaluate", {"calibrate": {"steps": 3, "batch_size": 2}, "eval": {"max_batches": 1,
+                                                                                     "n_samples": 4}},
+                   tmp_path / "eval", inputs={"model": tmp_path / "ablate"}, cache_dir=cache)
+    assert ablated["manifest_hash"] == train_res["manifest_hash"] == ev["manifest_hash"]
+    assert {"eval/retain/loss", "eval_ablated/forget/loss", "eval_calibrated/forget/loss"} <= set(ev["metrics"])
+    events = [json.loads(line) for line in (tmp_path / "train" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["type"] == "started" and events[-1]["type"] == "finished"
+    assert any(e["type"] == "progress" for e in events)
+
+
+def test_recipe_runs_with_nested_mlflow_runs(tmp_path, cache):
+    recipe = load_recipe({"name": "t", "stages": [
+        {"name": "train", "kind": "train", "spec": {**TINY, "steps": 4}},
+        {"name": "eval", "kind": "evaluate", "inputs": {"model": "train"},
+         "spec": {"calibrate": {"steps": 2, "batch_size": 2}, "eval": {"max_batches": 1, "capability": False}}}]},
+        overrides={"train.steps": 3})
+    out = run_recipe(recipe, tmp_path / "run", cache_dir=cache)
+    assert out["stages"]["train"]["summary"]["steps"] == 3
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(out["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    train_run = next(r for r in children if r.data.tags["sgtm.stage"] == "train")
+    history = client.get_metric_history(train_run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 3]
+
+
+def test_mlflow_tracker_batches_and_sanitizes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    t = MlflowTracker(uri, experiment="x", flush_every=1000)
+    t.log_metrics({"eval/forget/Geografía, historia/loss": 1.5}, step=3)
+    t.close()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(t.run_id)
+    assert run.data.metrics == {"eval/forget/Geografia_ historia/loss": 1.5}
+    assert run.info.status == "FINISHED"
+
+
+def test_export_loads_in_stock_transformers(tmp_path, cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sgtm_engine.export import export_model
+
+    run_stage("train", {**TINY, "steps": 2}, tmp_path / "train", cache_dir=cache)
+    out = export_model(tmp_path / "train", tmp_path / "export", ablate="zero")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("Hola mundo", return_tensors="pt").input_ids
+    assert model(input_ids=ids).logits.shape[-1] == len(tok)
+
+
+def test_cli_reports_config_errors_with_exit_code(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"steps": 0, "masking": {"strategy": "nope"}}))
+    proc = subprocess.run([sys.executable, "-m", "sgtm_engine", "run-stage", "--kind", "train", "--spec",
+                           str(tmp_path / "bad.json"), "--workdir", str(tmp_path / "w")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "steps=0" in proc.stderr and "masking.strategy='nope'" in proc.stderr
+    err = json.loads((tmp_path / "w" / "error.json").read_text())
+    assert err["type"] == "ConfigError" and len(err["problems"]) == 2
+    shutil.rmtree(tmp_path / "w")
+
+
+def test_retain_mode_steps_train_the_retain_slice_only(tiny_data):
+    """A sanity check on the loop's pieces: a retain step leaves the forget slice bit-identical."""
+    spec, data = tiny_data
+    model = build_model(spec, data.vocab_size, CPU.device)
+    from sgtm_engine.model.optim import build_optimizer
+    from sgtm_engine.train import _train_step
+
+    opt = build_optimizer(model, model.partition, spec.optim, spec.masking.optimizer)
+    rows = next(iter(data.pools.values())).examples[:4]
+    inputs, labels = data.inputs_and_labels(rows)
+    r = spec.model.mlp_dim - 32
+    before = model.transformer.h[0].mlp.c_fc.weight[r:].clone()
+    _train_step(model, model, opt, inputs, labels, MaskMode.RETAIN, spec, CPU)
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight[r:], before)
