@@ -316,6 +316,10 @@ class MaskingSpec:
 # Data, label noise, filters
 
 
+#: Registered tokenizers (name -> Hugging Face hub id). The API takes these names, never a path or URL.
+TOKENIZERS: dict[str, str] = {"gpt2": "openai-community/gpt2"}
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Which corpus, how it is tokenized, split and held out."""
@@ -331,6 +335,9 @@ class DataSpec:
     """Held-out documents per (split, category), drawn with `seed`."""
     max_docs_per_split: int | None = None
     """Cap on training documents per split (for quick runs); None = all."""
+    tokenizer: str | None = None
+    """A registered tokenizer name instead of a BPE trained on the corpus: 'gpt2' (the paper's GPT-2 BPE, fetched
+    from the Hugging Face hub on first use, so it needs the internet once). None trains a byte-level BPE."""
     learn_eot: bool = True
     """Train on end-of-text (a separate pad id). False = the reference's pad == EOT, every EOT label ignored."""
     upsample_retain: float = 1.0
@@ -342,6 +349,8 @@ class DataSpec:
         p: list[str] = []
         _check(p, bool(self.corpus), "corpus='': name a registered corpus, e.g. 'wiki-bilingual'")
         _check(p, 256 < self.vocab_size <= 1 << 20, f"vocab_size={self.vocab_size}: must be in (256, 1048576]")
+        _check(p, self.tokenizer in (None, *TOKENIZERS),
+               f"tokenizer={self.tokenizer!r}: use null (train a BPE) or one of {sorted(TOKENIZERS)}")
         _check(p, self.test_docs_per_category >= 1,
                f"test_docs_per_category={self.test_docs_per_category}: must be >= 1")
         _check(p, self.max_docs_per_split is None or self.max_docs_per_split >= 1,

@@ -46,7 +46,7 @@ from sgtm_engine.config import DataSpec, FilterSpec, MaskMode, NoiseGranularity,
 from sgtm_engine.data import noise as noise_lib
 from sgtm_engine.data.corpora import Corpus, Document, load_corpus
 from sgtm_engine.data.schedule import PoolInfo, TrainingPlan, build_plan, pool_removed
-from sgtm_engine.data.tokenizer import encode_documents, load_tokenizer, tokenizer_hash, train_tokenizer
+from sgtm_engine.data.tokenizer import encode_documents, hub_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
 from sgtm_engine.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,8 @@ def prepare_data(spec: DataSpec, context: int, cache_dir: Path, noise: NoiseSpec
     tok_path = tokenizer_path or corpus.tokenizer_path
     if tok_path is not None:
         tokenizer = load_tokenizer(Path(tok_path))
+    elif spec.tokenizer is not None:
+        tokenizer = hub_tokenizer(spec.tokenizer, cache_dir)
     else:
         tokenizer = train_tokenizer([d.text for d in train_docs], spec.vocab_size, cache_dir)
     tok_hash = tokenizer_hash(tokenizer)

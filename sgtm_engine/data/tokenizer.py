@@ -116,6 +116,20 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> P
     return load_tokenizer(target)
 
 
+def hub_tokenizer(name: str, cache_dir: Path) -> PreTrainedTokenizerFast:
+    """A registered hub tokenizer (config.TOKENIZERS), downloaded once into `cache_dir` and loaded offline after."""
+    from sgtm_engine.config import TOKENIZERS
+
+    local = Path(cache_dir) / "tokenizers" / f"hub-{name}"
+    if not (local / "tokenizer.json").exists():
+        try:
+            AutoTokenizer.from_pretrained(TOKENIZERS[name]).save_pretrained(str(local))
+        except OSError as e:
+            raise DataError(f"data.tokenizer={name!r}: cannot fetch {TOKENIZERS[name]} from the hub ({e}); this "
+                            "needs the internet once, or use data.tokenizer=null to train a BPE") from e
+    return load_tokenizer(local)
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """A saved tokenizer (ours or e.g. GPT-2's), offline; `<|pad|>` is added when it has no pad token."""
     try:

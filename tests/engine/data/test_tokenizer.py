@@ -85,3 +85,27 @@ def test_pretrained_without_pad_gets_one(tmp_path: Path) -> None:
 def test_bad_tokenizer_path_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError):
         tk.load_tokenizer(tmp_path / "missing")
+
+
+def test_hub_tokenizer_is_fetched_once_and_then_loaded_offline(tmp_path, monkeypatch):
+    """A registered hub tokenizer is saved under the cache and read from there (no network in tests: fake hub)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from sgtm_engine.data import tokenizer as tok_mod
+
+    fake = tok_mod.train_tokenizer(["hello world"] * 50 + ["hola mundo"] * 50, 300, tmp_path / "c0")
+    calls = []
+
+    class FakeAuto:
+        @staticmethod
+        def from_pretrained(name, **kw):
+            if kw.get("local_files_only"):
+                return PreTrainedTokenizerFast.from_pretrained(name, **kw)
+            calls.append(name)
+            return fake
+
+    monkeypatch.setattr(tok_mod, "AutoTokenizer", FakeAuto)
+    a = tok_mod.hub_tokenizer("gpt2", tmp_path / "c1")
+    b = tok_mod.hub_tokenizer("gpt2", tmp_path / "c1")
+    assert calls == ["openai-community/gpt2"]
+    assert a.encode("hola") == b.encode("hola") and a.pad_token_id is not None
