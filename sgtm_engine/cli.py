@@ -126,6 +126,57 @@ def demo_cmd(
         _fail(exc)
 
 
+@app.command("attack-matrix")
+def attack_matrix_cmd(
+    workdir: Annotated[Path, typer.Option(help="one folder per stage, plus the table and plot")] = Path(
+        "runs/attack_matrix"),
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
+    corpus: Annotated[str, typer.Option(help="wiki-bilingual or wiki-bio (which adds the strict filter)")] = (
+        "wiki-bilingual"),
+    rows: Annotated[str | None, typer.Option(help="comma-separated rows (default: all)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="train.|attack.|rmu.FIELD=value, repeatable")] = None,
+    jobs: Annotated[int, typer.Option(help="seeds run in parallel processes")] = 1,
+    report_only: Annotated[bool, typer.Option("--report-only", help="only redraw the table and plot")] = False,
+    dump_recipe: Annotated[Path | None, typer.Option(help="write the matrix as a recipe YAML and exit")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+) -> None:
+    """Attack every method with the same fine-tuning attack over several seeds; one table and one plot."""
+    import time
+
+    from sgtm_engine.matrix import (
+        MatrixSpec,
+        matrix_recipe,
+        recipe_as_data,
+        recipe_yaml,
+        run_matrix,
+        with_overrides,
+        write_report,
+    )
+    from sgtm_engine.recipe import parse_overrides
+    from sgtm_engine.runtime import setup_logging
+
+    setup_logging()
+    started = time.perf_counter()
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        row_list = tuple(r.strip() for r in rows.split(",")) if rows else None
+        spec = with_overrides(MatrixSpec(seeds=seed_list, corpus=corpus, rows=row_list),
+                              parse_overrides(set_ or []))
+        if dump_recipe is not None:
+            dump_recipe.write_text(recipe_yaml(recipe_as_data(matrix_recipe(spec))))
+            typer.echo(f"wrote {dump_recipe}")
+            return
+        if report_only:
+            report = write_report(spec, workdir)
+        else:
+            report = run_matrix(spec, workdir, cache_dir=cache_dir, jobs=jobs, emit=typer.echo)
+    except (SgtmError, ValueError) as exc:
+        _fail(exc)
+    typer.echo("\n" + report["table"])
+    typer.echo(f"\nplot: {report['plot']}; all numbers: {workdir / 'attack_matrix.json'}; "
+               f"took {time.perf_counter() - started:.0f} s")
+
+
 @app.command("export")
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="a stage workdir (with result.json) or a checkpoint folder")],

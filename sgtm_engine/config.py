@@ -69,6 +69,13 @@ class AblationKind(enum.StrEnum):
     REINIT = "reinit"  # re-drawn from N(0, std of the matching retain slice): a stronger attacker's start
 
 
+class AttackData(enum.StrEnum):
+    """What the fine-tuning attacker trains on (method-reference.md §9.1)."""
+
+    MIXTURE = "mixture"  # every train split, forget upsampled, one split per step (the paper)
+    FORGET_ONLY = "forget_only"  # forget train documents only
+
+
 class NoiseModel(enum.StrEnum):
     PRECISION_RECALL = "precision_recall"
     TPR_FPR = "tpr_fpr"
@@ -344,6 +351,10 @@ class DataSpec:
     upsample_forget: float = 1.0
     upsample_adjacent: float = 1.0
     seed: int = 0
+    conditional: bool = False
+    """Conditional training (Korbak et al. 2023): every training document is prefixed with a control token,
+    `<|forget|>` when labelled forget, else `<|safe|>`; held-out documents are evaluated behind `<|safe|>`. Needs
+    document-granular labels (data/conditional.py)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -587,6 +598,9 @@ class TrainSpec:
         if self.micro_batch_size is not None and self.micro_batch_size >= 1:
             _check(p, self.batch_size % self.micro_batch_size == 0,
                    f"micro_batch_size={self.micro_batch_size}: must divide batch_size={self.batch_size}")
+        if self.data.conditional and self.noise.granularity != NoiseGranularity.DOCUMENT:
+            p.append(f"data.conditional=true: control tokens follow each document's label; set "
+                     f"noise.granularity='document' (got {self.noise.granularity.value!r})")
         if self.filter.kind != FilterKind.NONE and self.masking.strategy != Strategy.NONE:
             p.append(f"filter.kind={self.filter.kind.value}: filters are baselines for clean models; "
                      f"set masking.strategy='none' or filter.kind='none'")
@@ -616,14 +630,124 @@ class AblateStageSpec:
     ablate: AblateSpec = field(default_factory=AblateSpec)
 
 
+def _attack_optim() -> OptimSpec:
+    # method-reference.md §9.1: lr 2e-4, 200 warmup steps from 2e-5, cosine to 0, AdamW wd 0.1, betas (0.9, 0.95)
+    return OptimSpec(lr=2e-4, warmup_steps=200, warmup_start=0.1, min_lr_ratio=0.0, weight_decay=0.1)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Adversarial fine-tuning of a parent model on its own training data (method-reference.md §9.1).
+
+    The parent (a train, ablate or rmu stage) is ablated if it has a forget slice and is not ablated yet, then
+    fine-tuned as a clean model: every parameter, stock forward, no masking. Defaults are the paper's.
+    """
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    data: AttackData = AttackData.MIXTURE
+    upsample_forget: float = 27.0
+    """Forget factor of the mixture (retain and adjacent x1). The paper's x27 puts ~51% of steps on 3.7% biology;
+    on wiki-bilingual (Spanish = 37% of rows) x1.7 gives 50/50. Ignored for forget_only."""
+    ablate: AblateSpec | None = field(default_factory=AblateSpec)
+    """Ablation of a parent that has a forget slice and is not ablated yet; null attacks it unablated."""
+    optim: OptimSpec = field(default_factory=_attack_optim)
+    steps: int = 1000
+    batch_size: int = 8
+    micro_batch_size: int | None = None
+    eval_every: int = 25
+    """Evaluate at step 0, every N steps and at the end (the paper: 25)."""
+    eval: EvalSpec = field(default_factory=lambda: EvalSpec(capability=False))
+    """Held-out evaluation along the curve; capability (if on) is measured at the last evaluation only."""
+    reference_forget_loss: float | None = None
+    """The no-filter baseline's final uncalibrated forget loss; null reads it from the `baseline` input's result."""
+    forget_category: str | None = None
+    """Compare this forget category's loss instead of the split mean (the paper: STEM.Biology)."""
+    log_every: int = 10
+    save_model: bool = True
+    """Write the attacked model (`artifacts.model`)."""
+    seed: int = 0
+    """Seeds the attack's data order."""
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.upsample_forget > 0 and math.isfinite(self.upsample_forget),
+               f"upsample_forget={self.upsample_forget}: must be > 0")
+        _check(p, self.steps >= 1, f"steps={self.steps}: must be >= 1")
+        _check(p, self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        if self.micro_batch_size is not None:
+            _check(p, self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
+                   f"micro_batch_size={self.micro_batch_size}: must be >= 1 and divide batch_size={self.batch_size}")
+        _check(p, self.eval_every >= 1, f"eval_every={self.eval_every}: must be >= 1")
+        _check(p, self.log_every >= 1, f"log_every={self.log_every}: must be >= 1")
+        if self.reference_forget_loss is not None:
+            _check(p, math.isfinite(self.reference_forget_loss) and self.reference_forget_loss > 0,
+                   f"reference_forget_loss={self.reference_forget_loss}: must be a positive loss or null")
+        _check(p, self.forget_category is None or bool(self.forget_category),
+               "forget_category='': name a forget category or use null (the split mean)")
+        _raise_if(p)
+
+
+@dataclass(frozen=True)
+class RmuSpec:
+    """RMU unlearning (method-reference.md §9.2); defaults are the paper's (SGTM repo: WMDP's alpha and c)."""
+
+    __pydantic_config__ = _FORBID_EXTRA
+
+    layer_id: int | None = None
+    """Block whose output hidden state is steered (0-based); null = n_layer // 2 - 1 (the paper: 7 of 16)."""
+    param_patterns: tuple[str, ...] | None = None
+    """Parameters to update, by name: a pattern selects a parameter equal to it, below it as a module prefix
+    (`transformer.h.5.mlp`), or matching it as a glob (`transformer.h.*.mlp.c_proj.weight`). Null = the MLPs of
+    blocks layer_id-2 .. layer_id (the paper: 5, 6, 7)."""
+    steering_coef: float = 20.0
+    """c: the forget activations are pushed to c * u / |u|, u ~ Uniform[0, 1)^d."""
+    alpha: float = 100.0
+    """Weight of the retain term (mean squared distance to the frozen model's activations)."""
+    steps: int = 250
+    """The paper's table says 250; its script runs 240."""
+    batch_size: int = 4
+    """Rows per forget batch and per retain batch (the paper: 4 x 1,024 tokens)."""
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    """torch's AdamW defaults, as the reference."""
+    log_every: int = 10
+    eval: EvalSpec = field(default_factory=lambda: EvalSpec(capability=False))
+    """Final evaluation of the unlearned model (uncalibrated, as the paper's)."""
+    seed: int = 42
+    """Seeds the control vector and the data order."""
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.layer_id is None or self.layer_id >= 0, f"layer_id={self.layer_id}: must be >= 0 or null")
+        if self.param_patterns is not None:
+            _check(p, len(self.param_patterns) > 0 and all(self.param_patterns),
+                   f"param_patterns={list(self.param_patterns)}: give at least one non-empty pattern, or null")
+        _check(p, self.steering_coef > 0, f"steering_coef={self.steering_coef}: must be > 0")
+        _check(p, self.alpha >= 0, f"alpha={self.alpha}: must be >= 0")
+        _check(p, self.steps >= 1, f"steps={self.steps}: must be >= 1")
+        _check(p, self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        _check(p, self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr}: must be > 0")
+        _check(p, self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be >= 0")
+        _check(p, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"betas={list(self.betas)}: need two values in [0, 1)")
+        _check(p, self.log_every >= 1, f"log_every={self.log_every}: must be >= 1")
+        _raise_if(p)
+
+
 T = TypeVar("T")
 
 STAGE_SPECS: dict[StageKind, type] = {
     StageKind.TRAIN: TrainSpec,
     StageKind.ABLATE: AblateStageSpec,
     StageKind.EVALUATE: EvaluateSpec,
+    StageKind.ATTACK: AttackSpec,
+    StageKind.RMU: RmuSpec,
 }
-"""Spec class per stage kind; the attack and RMU stages register theirs when they exist."""
+"""Spec class per stage kind."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -166,6 +166,12 @@ def run_demo(workdir: Path, quick: bool = False, cache_dir: Path | None = None) 
     (workdir / "demo_table.md").write_text(table + "\n")
     (workdir / "demo_rows.json").write_text(json.dumps(rows, indent=2))
     plot = tradeoff_plot(results, workdir / "tradeoff.png")
+    if results.get("mlflow_parent_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(results["mlflow_uri"])
+        for artifact in (plot, workdir / "demo_table.md"):
+            client.log_artifact(results["mlflow_parent_run_id"], str(artifact))
     minutes = (time.time() - started) / 60
     console.print("\nFinal models, zero-ablated and logit-calibrated (unablated in brackets):\n")
     console.print(table)

@@ -18,11 +18,13 @@ import copy
 import logging
 import random
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from sgtm_engine.config import AblateSpec, CalibrateSpec, EvalSpec, MaskMode, Split, Strategy
+from sgtm_engine.data.conditional import suppress_logits
 from sgtm_engine.data.prepare import PreparedData
 from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import IGNORE_INDEX, GPTNeoLM
@@ -144,7 +146,7 @@ def language_share(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime:
     prompts = rng.sample(prompts, min(spec.n_samples, len(prompts)))
     gen = torch.Generator(device=runtime.device).manual_seed(spec.seed)
     batch = torch.stack(prompts).to(runtime.device)
-    sampled = sample(model, batch, spec.sample_tokens, gen, runtime)[:, prompt_tokens:]
+    sampled = sample(model, batch, spec.sample_tokens, gen, runtime, banned_ids=data.control_ids)[:, prompt_tokens:]
     hits = 0
     for row in sampled.tolist():
         text = data.tokenizer.decode(row, skip_special_tokens=True)
@@ -154,8 +156,9 @@ def language_share(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime:
 
 @torch.no_grad()
 def sample(model: GPTNeoLM, prompts: torch.Tensor, n_tokens: int, generator: torch.Generator, runtime: Runtime,
-           temperature: float = 1.0) -> torch.Tensor:
-    """Ancestral sampling (no KV cache: short continuations of small models)."""
+           temperature: float = 1.0, banned_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Ancestral sampling (no KV cache: short continuations of small models); `banned_ids` are never sampled
+    (conditional training's control tokens)."""
     model.eval()
     model.set_mode(MaskMode.DEFAULT)
     ids = prompts
@@ -163,7 +166,7 @@ def sample(model: GPTNeoLM, prompts: torch.Tensor, n_tokens: int, generator: tor
         window = ids[:, -model.spec.context:]
         with runtime.autocast():
             logits, _ = model(window)
-        probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
+        probs = torch.softmax(suppress_logits(logits[:, -1].float(), banned_ids) / temperature, dim=-1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
     return ids
 
@@ -206,14 +209,20 @@ def cloze_accuracy(model: GPTNeoLM, data: PreparedData, split: Split, spec: Eval
     correct = 0
     for prompt, answer, distractors in items:
         prefix = tok.encode(prompt, add_special_tokens=False)
+        conts = [tok.encode(" " + w, add_special_tokens=False) for w in [answer, *distractors]]
+        seqs = [(prefix + c)[-model.spec.context - 1:] for c in conts]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), data.pad_id, dtype=torch.long)
+        for i, q in enumerate(seqs):  # right-pad; causal attention keeps the padding out of earlier positions
+            ids[i, :len(q)] = torch.tensor(q)
+        ids = ids.to(runtime.device)
+        with runtime.autocast():
+            logits, _ = model(ids[:, :-1])  # all five candidates in one batch
+        logp = torch.log_softmax(logits.float(), dim=-1)
         scores = []
-        for word in [answer, *distractors]:
-            cont = tok.encode(" " + word, add_special_tokens=False)
-            ids = torch.tensor([(prefix + cont)[-model.spec.context:]], device=runtime.device)
-            with runtime.autocast():
-                logits, _ = model(ids[:, :-1])
-            logp = torch.log_softmax(logits.float()[0, -len(cont):], dim=-1)
-            scores.append(float(logp.gather(1, ids[0, -len(cont):, None]).sum()))
+        for i, (q, c) in enumerate(zip(seqs, conts, strict=True)):
+            pos = torch.arange(len(q) - len(c) - 1, len(q) - 1, device=ids.device)
+            scores.append(float(logp[i, pos, ids[i, pos + 1]].sum()))
         correct += int(max(range(len(scores)), key=scores.__getitem__) == 0)
     return correct / len(items)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from sgtm_engine.config import AblateSpec, AblationKind
+from sgtm_engine.data.conditional import find_control_tokens, generation_config
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.ablation import ablate as ablate_model
 from sgtm_engine.model.hf import load_hf, save_hf
@@ -40,11 +41,15 @@ def export_model(source: Path, out: Path, ablate: str | None = None, seed: int =
     if drop_output_bias and model.lm_head.bias is not None:
         with torch.no_grad():
             model.lm_head.bias.zero_()
-    eos = pad = None
+    eos = pad = control = None
     if tok_dir is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         tokenizer.save_pretrained(out)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return save_hf(model, out, eos_token_id=eos, pad_token_id=pad)
+        control = find_control_tokens(tokenizer)
+    path = save_hf(model, out, eos_token_id=eos, pad_token_id=pad)
+    if control is not None:  # conditional training: `generate` must never sample a control token
+        (path / "generation_config.json").write_text(json.dumps(generation_config(control, eos, pad), indent=2))
+    return path

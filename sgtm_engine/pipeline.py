@@ -22,10 +22,12 @@ from typing import Any
 from sgtm_engine.config import (
     STAGE_SPECS,
     AblateStageSpec,
+    AttackSpec,
     DataSpec,
     EvaluateSpec,
     FilterSpec,
     NoiseSpec,
+    RmuSpec,
     RuntimeSpec,
     StageKind,
     TrainSpec,
@@ -153,7 +155,28 @@ def _inherit(parent: dict[str, Any]) -> dict[str, Any]:
     return {k: parent[k] for k in keys if k in parent}
 
 
-STAGE_RUNNERS = {StageKind.TRAIN: run_train, StageKind.ABLATE: run_ablate, StageKind.EVALUATE: run_evaluate}
+def run_attack(spec: AttackSpec, workdir: Path, inputs: dict[str, Path], runtime: Runtime, cache_dir: Path,
+               tracker: Tracker, emit, stop: StopFlag) -> dict[str, Any]:
+    """Fine-tuning attack on input `model`; the reference comes from the spec or input `baseline` (attack.py)."""
+    from sgtm_engine.attack import run_attack_stage
+
+    parent = _lineage(inputs)
+    baseline = read_result(inputs["baseline"]) if "baseline" in inputs else None
+    record = run_attack_stage(spec, parent, baseline, workdir, runtime, cache_dir, tracker, emit, stop)
+    return {**_inherit(parent), **record}
+
+
+def run_rmu(spec: RmuSpec, workdir: Path, inputs: dict[str, Path], runtime: Runtime, cache_dir: Path,
+            tracker: Tracker, emit, stop: StopFlag) -> dict[str, Any]:
+    """RMU unlearning of input `model` (rmu.py)."""
+    from sgtm_engine.rmu import run_rmu_stage
+
+    parent = _lineage(inputs)
+    return {**_inherit(parent), **run_rmu_stage(spec, parent, workdir, runtime, cache_dir, tracker, emit, stop)}
+
+
+STAGE_RUNNERS = {StageKind.TRAIN: run_train, StageKind.ABLATE: run_ablate, StageKind.EVALUATE: run_evaluate,
+                 StageKind.ATTACK: run_attack, StageKind.RMU: run_rmu}
 
 
 def method_name(spec: TrainSpec) -> str:
@@ -162,6 +185,8 @@ def method_name(spec: TrainSpec) -> str:
 
     if spec.masking.strategy != Strategy.NONE:
         return spec.masking.strategy.value
+    if spec.data.conditional:
+        return "conditional"
     return "no_filter" if spec.filter.kind == FilterKind.NONE else f"{spec.filter.kind.value}_filter"
 
 
@@ -175,10 +200,10 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     """Run one stage in `workdir` and return (and write) its result record.
 
     Args:
-        kind: train, ablate, evaluate (attack and rmu register when available).
+        kind: train, ablate, evaluate, attack or rmu.
         spec: the stage's spec object, or plain data validated into it.
         workdir: the stage's folder (created); re-running in the same folder resumes from its checkpoint.
-        inputs: parent stage workdirs by role (`model`).
+        inputs: parent stage workdirs by role (`model`; an attack also reads `baseline`).
         tracker: metrics destination (default NullTracker).
         emit: extra progress callback (events always go to events.jsonl too).
         stop: stop flag (SIGTERM handler installed by the CLI).
@@ -213,7 +238,15 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
         record["checkpoint"] = {"path": checkpoint, "sha256": checkpoint_digest(Path(checkpoint))}
     if runtime.is_main:
         write_json(workdir / RESULT, record)
+        write_json(workdir / "resolved_spec.json", {"kind": kind.value, "spec": record.get("resolved_spec"),
+                                                     "seed": record.get("seed"), "code_version": record["code_version"],
+                                                     "manifest_hash": record.get("manifest_hash")})
         tracker.flush()
+        try:
+            tracker.log_artifact(workdir / "resolved_spec.json")
+            tracker.log_artifact(workdir / RESULT)
+        except Exception as exc:  # noqa: BLE001 - an artifact store hiccup must not fail a finished stage
+            log.warning("could not log artifacts: %s", exc)
     events({"type": "finished", "kind": kind.value})
     return record
 

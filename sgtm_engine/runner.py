@@ -50,6 +50,6 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
         status = "FINISHED"
     finally:
         parent.close(status)
-    summary = {"recipe": recipe.name, "mlflow_uri": uri, "stages": results}
+    summary = {"recipe": recipe.name, "mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id, "stages": results}
     write_json(workdir / "result.json", summary)
     return summary

@@ -14,9 +14,7 @@ Choices (method.md A2-A4, method-reference.md §4-§5):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +29,13 @@ from sgtm_engine.checkpoint import latest_checkpoint, restore_rng_states, rng_st
 from sgtm_engine.config import MaskMode, Strategy, TrainSpec, to_dict
 from sgtm_engine.data.prepare import PreparedData
 from sgtm_engine.data.sampler import PoolSampler
-from sgtm_engine.errors import Cancelled, DataError, TrainingDiverged
+from sgtm_engine.errors import Cancelled, DataError
 from sgtm_engine.evaluate import evaluate_views, flat_metrics
-from sgtm_engine.model.gpt_neo import IGNORE_INDEX, GPTNeoLM
+from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.hf import load_state
-from sgtm_engine.model.masking import apply_gradient_masks
-from sgtm_engine.model.optim import build_optimizer, lr_at, set_lr, step_optimizer
+from sgtm_engine.model.optim import build_optimizer, lr_at, set_lr
 from sgtm_engine.runtime import Runtime, StopFlag
+from sgtm_engine.steps import optimizer_step
 from sgtm_engine.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -79,43 +77,10 @@ def build_model(spec: TrainSpec, vocab_size: int, device: torch.device) -> GPTNe
 
 def _train_step(net: torch.nn.Module, model: GPTNeoLM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                 labels: torch.Tensor, mode: MaskMode, spec: TrainSpec, runtime: Runtime) -> tuple[float, float, int]:
-    """Forward/backward over micro-batches, mask once, clip, step. Returns (mean loss, grad norm, tokens)."""
-    per_rank = inputs.shape[0]
-    micro = min(spec.micro_batch_size or per_rank, per_rank)
-    n_micro = math.ceil(per_rank / micro)
-    # Normalize by the target tokens of the whole global batch, so accumulation and DDP (which averages gradients
-    # over ranks) give exactly the token-weighted mean of one big batch.
-    n_tokens = (labels != IGNORE_INDEX).sum().to(torch.float32)
-    if runtime.distributed:
-        dist.all_reduce(n_tokens)
-    denom = n_tokens.clamp(min=1.0)
-    model.set_mode(mode)
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=runtime.device)
-    for k in range(n_micro):
-        sl = slice(k * micro, (k + 1) * micro)
-        sync = contextlib.nullcontext()
-        if isinstance(net, DistributedDataParallel) and k < n_micro - 1:
-            sync = net.no_sync()
-        with sync, runtime.autocast():
-            _, loss = net(inputs[sl], labels[sl], return_logits=False)
-        count = (labels[sl] != IGNORE_INDEX).sum()
-        loss = torch.where(count > 0, loss, torch.zeros_like(loss))  # an all-padding micro-batch's mean is NaN
-        weight = count / denom  # this micro-batch's share of the global tokens
-        (loss * weight * runtime.world_size).backward()
-        loss_sum += loss.detach() * weight
-    mean_loss = loss_sum
-    if runtime.distributed:
-        dist.all_reduce(mean_loss)
-    if not torch.isfinite(mean_loss):
-        raise TrainingDiverged(f"loss became {float(mean_loss)} (mode {mode.value}); lower optim.lr or set "
-                               f"optim.grad_clip")
-    apply_gradient_masks(model, model.partition, mode)  # after the all-reduce: identical on every rank
-    max_norm = spec.optim.grad_clip if spec.optim.grad_clip is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    step_optimizer(optimizer, model.partition.frozen(mode))
-    model.set_mode(MaskMode.DEFAULT)
-    return float(mean_loss), float(grad_norm), int(n_tokens)
+    """Forward/backward over micro-batches, mask once, clip, step (steps.optimizer_step, shared with the attack)."""
+    stats = optimizer_step(net, model, optimizer, inputs, labels, mode, runtime, spec.micro_batch_size,
+                           spec.optim.grad_clip)
+    return stats.loss, stats.grad_norm, stats.tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,6 +121,10 @@ def train(spec: TrainSpec, workdir: Path, data: PreparedData, runtime: Runtime, 
     if runtime.is_main and resumed is None:
         tracker.log_params({"spec": to_dict(spec), "data": {k: v for k, v in data.summary().items()
                                                              if not isinstance(v, dict)}})
+        # the label confusion matrix (true split x applied label) of the whole plan, in optimizer steps
+        confusion = plan.counts()["label_confusion_steps"]
+        tracker.log_metrics({f"labels/{true}/{applied}": n for true, row in confusion.items()
+                             for applied, n in row.items()}, 0)
     last_ckpt = resumed.path if resumed else None
     started = time.perf_counter() - state.wall_seconds
     window_tokens, window_start = 0, time.perf_counter()

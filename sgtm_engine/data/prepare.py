@@ -20,6 +20,8 @@ Choices made here:
   the paper's Wikipedia pipeline; each row records the documents it came from (`Pool.doc_spans`).
 - Test sets are per document: each document + EOT, truncated to `context + 1` ids, right-padded, with its length.
 - Labels: pad positions are always -100; with `learn_eot=False` (reference parity) every EOT label is -100 too.
+- Conditional training (`DataSpec.conditional`, data/conditional.py): each training document is prefixed with the
+  control token of its applied label, each held-out document with `<|safe|>`; control tokens are never targets.
 - The manifest hash is a sha256 over exactly what can be trained on: the tokenizer hash, `learn_eot`, and the ids of
   every row of every active pool (pools removed by a filter or an upsampling factor of 0 are not trained on).
 """
@@ -44,6 +46,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sgtm_engine.config import DataSpec, FilterSpec, MaskMode, NoiseGranularity, NoiseSpec, Split
 from sgtm_engine.data import noise as noise_lib
+from sgtm_engine.data.conditional import ControlTokens, add_control_tokens, ignore_control_labels
 from sgtm_engine.data.corpora import Corpus, Document, load_corpus
 from sgtm_engine.data.schedule import PoolInfo, TrainingPlan, build_plan, pool_removed
 from sgtm_engine.data.tokenizer import encode_documents, hub_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
@@ -104,6 +107,7 @@ class PreparedData:
     corpus_fingerprint: str
     corpus_metadata: Mapping[str, Any]
     stats: dict[str, Any] = field(default_factory=dict)
+    control: ControlTokens | None = None  # conditional training's control tokens (None: an ordinary run)
 
     @property
     def eot_id(self) -> int:
@@ -119,7 +123,17 @@ class PreparedData:
 
     def inputs_and_labels(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [b, T], labels [b, T]) from rows [b, T + 1] of a pool or a test set."""
-        return make_labels(rows, self.pad_id, self.eot_id, self.spec.learn_eot)
+        return make_labels(rows, self.pad_id, self.eot_id, self.spec.learn_eot, self.control_ids)
+
+    @property
+    def control_ids(self) -> tuple[int, ...]:
+        """Conditional training's control-token ids (never targets, never sampled); () for an ordinary run."""
+        return self.control.ids if self.control is not None else ()
+
+    @property
+    def eval_prefix(self) -> tuple[int, ...]:
+        """Token ids every evaluation prompt starts with: `<|safe|>` for conditional training, else none."""
+        return (self.control.safe_id,) if self.control is not None else ()
 
     def pool_infos(self) -> dict[str, PoolInfo]:
         return {name: PoolInfo(p.split, p.mode, p.examples.shape[0]) for name, p in self.pools.items()}
@@ -145,13 +159,14 @@ class PreparedData:
                 "label_confusion_docs": docs_confusion if self.doc_labels else None}
 
 
-def make_labels(rows: torch.Tensor, pad_id: int, eot_id: int, learn_eot: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def make_labels(rows: torch.Tensor, pad_id: int, eot_id: int, learn_eot: bool,
+                control_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = rows[:, :-1]
     labels = rows[:, 1:].clone()
     labels[labels == pad_id] = IGNORE
     if not learn_eot:
         labels[labels == eot_id] = IGNORE
-    return inputs, labels
+    return inputs, ignore_control_labels(inputs, labels, control_ids)
 
 
 def upsampling(spec: DataSpec) -> dict[Split, float]:
@@ -257,8 +272,9 @@ def pack(docs: Sequence[np.ndarray], width: int, eot_id: int, pad_id: int) -> tu
 
 
 def _test_set(split: Split, category: str, docs: Sequence[Document], tokens: DocumentTokens, width: int,
-              eot_id: int, pad_id: int) -> TestSet:
-    seqs = [np.append(tokens.of(d.doc_id), eot_id)[:width] for d in docs]
+              eot_id: int, pad_id: int, prefix: Sequence[int] = ()) -> TestSet:
+    seqs = [np.concatenate([np.asarray(prefix, dtype=np.int64), tokens.of(d.doc_id), [eot_id]])[:width]
+            for d in docs]
     longest = max(len(s) for s in seqs)
     out = np.full((len(seqs), longest), pad_id, dtype=np.int64)
     for i, s in enumerate(seqs):
@@ -302,6 +318,12 @@ def prepare_data(spec: DataSpec, context: int, cache_dir: Path, noise: NoiseSpec
     if spec.max_docs_per_split is not None:
         _, train_docs = split_heldout(corpus, spec.test_docs_per_category, spec.seed, spec.max_docs_per_split)
     tokens = document_tokens(corpus, tokenizer, tok_hash, cache_dir)
+    control = None
+    if spec.conditional:  # after encoding: adding special tokens leaves every document's ids unchanged
+        if noise.granularity != NoiseGranularity.DOCUMENT:
+            raise DataError("data.conditional needs document-granular labels (noise.granularity='document')")
+        control = add_control_tokens(tokenizer)
+        tok_hash = tokenizer_hash(tokenizer)
     eot, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
 
     labels: dict[str, MaskMode] = {}
@@ -313,17 +335,21 @@ def prepare_data(spec: DataSpec, context: int, cache_dir: Path, noise: NoiseSpec
         members.setdefault((d.split, labels.get(d.doc_id)), []).append(d)
     pools = {}
     for (split, mode), docs in sorted(members.items(), key=lambda kv: noise_lib.pool_name(*kv[0])):
-        rows, spans, n_tokens = pack([tokens.of(d.doc_id) for d in docs], context + 1, eot, pad)
+        ids = [tokens.of(d.doc_id) for d in docs]
+        if control is not None:
+            ids = [np.concatenate([[control.for_label(mode)], x]) for x in ids]
+        rows, spans, n_tokens = pack(ids, context + 1, eot, pad)
         if len(rows):
             name = noise_lib.pool_name(split, mode)
             pools[name] = Pool(name, split, mode, torch.from_numpy(rows), tuple(d.doc_id for d in docs),
                                torch.from_numpy(spans), n_tokens)
-    tests = {key: _test_set(*key, docs, tokens, context + 1, eot, pad) for key, docs in test_docs.items()}
+    prefix = (control.safe_id,) if control is not None else ()
+    tests = {key: _test_set(*key, docs, tokens, context + 1, eot, pad, prefix) for key, docs in test_docs.items()}
 
     data = PreparedData(spec=spec, context=context, noise=noise, filter=filter, tokenizer=tokenizer,
                         tokenizer_hash=tok_hash, pools=pools, test_sets=tests, doc_labels=labels, manifest_hash="",
                         corpus_name=corpus.name, corpus_fingerprint=corpus.fingerprint,
-                        corpus_metadata=corpus.metadata)
+                        corpus_metadata=corpus.metadata, control=control)
     data.manifest_hash = manifest_hash(data)
     data.stats = _stats(train_docs, test_docs, tokens, pools)
     log.info("prepared %s: %s", corpus.name, {n: p.examples.shape[0] for n, p in pools.items()})
