@@ -203,3 +203,29 @@ def test_retain_mode_steps_train_the_retain_slice_only(tiny_data):
     before = model.transformer.h[0].mlp.c_fc.weight[r:].clone()
     _train_step(model, model, opt, inputs, labels, MaskMode.RETAIN, spec, CPU)
     assert torch.equal(model.transformer.h[0].mlp.c_fc.weight[r:], before)
+
+
+def test_batched_cloze_scores_equal_one_by_one_scoring(cache):
+    """The cloze scores all five candidates in one padded batch; padding must not change any candidate's score."""
+    from sgtm_engine.config import EvalSpec, Split
+    from sgtm_engine.evaluate import cloze_accuracy, cloze_items
+
+    spec = from_dict(TrainSpec, {**TINY, "model": {**TINY["model"], "context": 128},
+                                 "data": {**TINY["data"], "test_docs_per_category": 4}})
+    data = prepare_data(spec.data, spec.model.context, cache, spec.noise, spec.filter)
+    model = build_model(spec, data.vocab_size, CPU.device).eval()
+    eval_spec = EvalSpec(n_samples=6)
+    items = cloze_items(data, Split.RETAIN, eval_spec.n_samples, eval_spec.seed)
+    assert len(items) >= 3
+    tok = data.tokenizer
+    correct = 0
+    for prompt, answer, distractors in items:
+        scores = []
+        for word in [answer, *distractors]:
+            prefix, cont = tok.encode(prompt), tok.encode(" " + word)
+            ids = torch.tensor([(prefix + cont)[-spec.model.context - 1:]])
+            logp = torch.log_softmax(model(ids[:, :-1])[0][0], -1)
+            n = len(cont)
+            scores.append(float(logp[-n:].gather(1, ids[0, -n:, None]).sum()))
+        correct += int(max(range(5), key=scores.__getitem__) == 0)
+    assert cloze_accuracy(model, data, Split.RETAIN, eval_spec, CPU) == pytest.approx(correct / len(items))
