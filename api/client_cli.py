@@ -1,0 +1,284 @@
+"""Service commands of `sgtm` (registered through the `sgtm.commands` entry point): `serve`, `worker`, `submit`,
+`jobs`, `cancel`, `watch`.
+
+`serve` starts the embedded stack: the API on SQLite, the local executor (`python -m workers.local`, the same
+supervisor as the Celery workers) and a local MLflow store — one command, nothing to install. `worker` execs a Celery
+worker. The client commands talk REST to either mode. The worker side is started by module name, never imported
+here (the API package does not import `workers`).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+service_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Job service: serve, submit, follow.")
+console = Console()
+err = Console(stderr=True)
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
+
+UrlOpt = Annotated[str, typer.Option(envvar="SGTM_URL", help="API base URL")]
+TokenOpt = Annotated[str | None, typer.Option(envvar="SGTM_TOKEN", help="bearer token (default: <data root>/token)")]
+DataRootOpt = Annotated[Path, typer.Option(envvar="SGTM_DATA_ROOT", help="embedded mode's data folder")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Servers
+
+
+@service_app.command()
+def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="port")] = 8000,
+          data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Embedded mode: API (SQLite ledger) + local executor + local MLflow store, in one command."""
+    from api.config import Settings
+    from api.migrate import upgrade
+
+    data_root = data_root.resolve()
+    data_root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SGTM_MODE="embedded", SGTM_DATA_ROOT=str(data_root))
+    if not env.get("SGTM_API_TOKENS"):
+        env["SGTM_API_TOKENS"] = _ensure_token(data_root)
+    os.environ.update(env)  # create_app (uvicorn factory) reads the same settings
+    settings = Settings()
+    upgrade(settings.ledger_url)
+    executor = subprocess.Popen([sys.executable, "-m", "workers.local"], env=env)
+    console.print(f"[bold]sgtm[/] embedded: API http://{host}:{port} (docs at /docs), data in {data_root}")
+    console.print(f"  token: {data_root / 'token'} (or SGTM_API_TOKENS)")
+    if settings.tracking_uri:
+        console.print(f"  MLflow: mlflow ui --backend-store-uri {settings.tracking_uri}")
+    try:
+        import uvicorn
+
+        uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info")
+    finally:
+        if executor.poll() is None:
+            executor.send_signal(signal.SIGTERM)  # the running job checkpoints and is requeued for the next start
+            try:
+                executor.wait(timeout=settings.cancel_grace_s + 20)
+            except subprocess.TimeoutExpired:
+                executor.kill()
+
+
+@service_app.command()
+def worker(queues: Annotated[str | None, typer.Option(help="comma-separated: gpu, cpu (default SGTM_WORKER_QUEUES)")]
+           = None,
+           reaper: Annotated[bool, typer.Option("--reaper", help="run beat + the reaper (control queue) instead")]
+           = False,
+           loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO") -> None:
+    """A Celery worker (deployed mode): one job at a time per process; `--reaper` for the beat/reaper process."""
+    env = dict(os.environ)
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", loglevel]
+    if reaper:
+        env["SGTM_WORKER_QUEUES"] = "control"
+        argv += ["-B", "--max-tasks-per-child", "1000"]
+    elif queues:
+        env["SGTM_WORKER_QUEUES"] = queues
+    os.execvpe(argv[0], argv, env)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Client
+
+
+@service_app.command()
+def submit(recipe: Annotated[str, typer.Argument(help="a recipe/job YAML file, or a recipe name in recipes/")],
+           watch: Annotated[bool, typer.Option("--watch", help="follow progress until it finishes")] = False,
+           set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value (YAML value)")] = None,
+           experiment: Annotated[str | None, typer.Option(help="MLflow experiment")] = None,
+           idempotency_key: Annotated[str | None, typer.Option(help="default: a fresh key (safe retries)")] = None,
+           url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Submit a recipe (`stages:` → a pipeline) or one job (`kind:`); with --watch, exit 0/1/3 on
+    succeeded/failed/cancelled."""
+    body = _load_body(recipe, set_ or [])
+    if experiment:
+        body["experiment"] = experiment
+    path = "/api/v1/pipelines" if "stages" in body else "/api/v1/jobs"
+    with _client(url, token, data_root) as client:
+        r = _request(client, "POST", path, json=body,
+                     headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+        data = r.json()
+        jobs = data["jobs"] if "jobs" in data else [data]
+        what = f"pipeline {data['id']}" if "jobs" in data else f"job {data['id']}"
+        console.print(f"submitted {what}: " + ", ".join(f"{j.get('stage_name') or j['kind']}={j['id']}"
+                                                          for j in jobs))
+        if watch:
+            raise typer.Exit(_follow(client, [j["id"] for j in jobs]))
+
+
+@service_app.command()
+def jobs(status: Annotated[list[str] | None, typer.Option(help="queued, running, succeeded, failed, cancelled")]
+         = None,
+         kind: Annotated[list[str] | None, typer.Option(help="train, ablate, evaluate, attack, rmu")] = None,
+         pipeline: Annotated[str | None, typer.Option(help="a pipeline id")] = None,
+         limit: Annotated[int, typer.Option(help="rows")] = 20,
+         url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """List jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit, "status": status or [], "kind": kind or []}
+    if pipeline:
+        params["pipeline_id"] = pipeline
+    with _client(url, token, data_root) as client:
+        items = _request(client, "GET", "/api/v1/jobs", params=params).json()["items"]
+    table = Table("id", "kind", "stage", "status", "progress", "method", "created", "error")
+    for j in items:
+        p = j.get("progress") or {}
+        progress = f"{p.get('step')}/{p.get('total')}" if p.get("total") else ""
+        error = (j.get("error") or {}).get("type", "") if j["status"] != "succeeded" else ""
+        table.add_row(j["id"], j["kind"], j.get("stage_name") or "", j["status"], progress, j["method"],
+                      j["created_at"][:19], error)
+    console.print(table)
+
+
+@service_app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="a job id (or a pipeline id with --pipeline)")],
+           pipeline: Annotated[bool, typer.Option("--pipeline", help="cancel every stage of a pipeline")] = False,
+           url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Cancel a job: queued ones at once, running ones stop at their next step (SIGTERM, then SIGKILL)."""
+    path = f"/api/v1/{'pipelines' if pipeline else 'jobs'}/{job_id}/cancel"
+    with _client(url, token, data_root) as client:
+        data = _request(client, "POST", path).json()
+    for j in data.get("jobs", [data]):
+        console.print(f"{j['id']}: {j['status']}{' (cancel requested)' if j.get('cancel_requested_at') else ''}")
+
+
+@service_app.command()
+def watch(job_ids: Annotated[list[str], typer.Argument(help="job ids, or one pipeline id with --pipeline")],
+          pipeline: Annotated[bool, typer.Option("--pipeline", help="watch every stage of a pipeline")] = False,
+          url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Follow jobs with progress bars until they finish; exit 0/1/3 on succeeded/failed/cancelled."""
+    with _client(url, token, data_root) as client:
+        if pipeline:
+            job_ids = [j["id"] for j in _request(client, "GET", f"/api/v1/pipelines/{job_ids[0]}").json()["jobs"]]
+        raise typer.Exit(_follow(client, job_ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _follow(client: httpx.Client, job_ids: list[str]) -> int:
+    """Progress bars from the job rows (polled: one request per job per second, robust to reconnects)."""
+    final: dict[str, dict[str, Any]] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        tasks = {job_id: progress.add_task(job_id[:8], total=None, info="") for job_id in job_ids}
+        while len(final) < len(job_ids):
+            for job_id in job_ids:
+                if job_id in final:
+                    continue
+                job = _request(client, "GET", f"/api/v1/jobs/{job_id}").json()
+                p = job.get("progress") or {}
+                loss = (job.get("last_metrics") or {}).get("train/loss")
+                info = job["status"] + (f" loss {loss:.3f}" if isinstance(loss, float) else "")
+                progress.update(tasks[job_id], description=f"{job.get('stage_name') or job['kind']} {job_id[:8]}",
+                                total=p.get("total"), completed=p.get("step") or 0, info=info)
+                if job["status"] in TERMINAL:
+                    final[job_id] = job
+            time.sleep(1.0)
+    for job in final.values():
+        if job["status"] != "succeeded":
+            error = job.get("error") or {}
+            err.print(f"{job['id']}: {job['status']} ({error.get('type')}): {(error.get('message') or '')[-500:]}")
+    return max(EXIT[j["status"]] for j in final.values())
+
+
+def _load_body(recipe: str, overrides: list[str]) -> dict[str, Any]:
+    path = Path(recipe)
+    if not path.exists():
+        path = next((p for p in (RECIPE_DIR / recipe, RECIPE_DIR / f"{recipe}.yaml") if p.exists()), path)
+    if not path.exists():
+        raise typer.BadParameter(f"{recipe!r}: no such file, nor a recipe in {RECIPE_DIR}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not ("stages" in data or "kind" in data):
+        raise typer.BadParameter(f"{path}: expected a recipe (a 'stages' list) or a job (a 'kind')")
+    data.pop("description", None)  # recipes may describe themselves; the API takes only what it runs
+    for pair in overrides:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set {pair!r}: expected key=value")
+        _apply_override(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """`train.steps=5` sets stage `train`'s spec.steps in a recipe; `steps=5` sets spec.steps of a single job."""
+    parts = dotted.split(".")
+    if "stages" in data:
+        stage = next((s for s in data["stages"] if s.get("name") == parts[0]), None)
+        if stage is None or len(parts) < 2:
+            raise typer.BadParameter(f"--set {dotted}: no stage named {parts[0]!r}")
+        node, parts = stage.setdefault("spec", {}) or {}, parts[1:]
+        stage["spec"] = node
+    else:
+        node = data.setdefault("spec", {})
+    for key in parts[:-1]:
+        node = node.setdefault(key, {})
+    node[parts[-1]] = value
+
+
+def _ensure_token(data_root: Path) -> str:
+    path = data_root / "token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _client(url: str, token: str | None, data_root: Path) -> httpx.Client:
+    if token is None and (data_root / "token").exists():
+        token = (data_root / "token").read_text().strip()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=30.0)
+
+
+def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """Retries connection failures (submissions carry an Idempotency-Key, so a retry never duplicates a job)."""
+    for attempt in range(4):
+        try:
+            r = client.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            if attempt == 3:
+                err.print(f"cannot reach {client.base_url}: {e}")
+                raise typer.Exit(2) from None
+            time.sleep(0.5 * 2**attempt)
+            continue
+        if r.status_code >= 400:
+            _explain(r)
+            raise typer.Exit(2)
+        return r
+    raise AssertionError("unreachable")
+
+
+def _explain(r: httpx.Response) -> None:
+    try:
+        detail = r.json().get("detail")
+    except ValueError:
+        detail = r.text
+    if isinstance(detail, list):
+        err.print(f"[red]{r.status_code}[/]: the request is invalid:")
+        for problem in detail:
+            where = ".".join(str(p) for p in problem.get("loc", []) if p != "body")
+            err.print(f"  - {where}: {problem.get('msg')}")
+    else:
+        err.print(f"[red]{r.status_code}[/]: {detail}")
+
+
+if __name__ == "__main__":
+    service_app()

@@ -1,0 +1,1 @@
+"""The job ledger: a leaf package (SQLAlchemy + stdlib only) shared by the API, the workers and the migrations."""

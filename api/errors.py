@@ -1,0 +1,121 @@
+"""Domain errors and their HTTP mapping: 401, 404, 409, 422 with field paths, 503 for an unreachable ledger.
+
+No handler ever returns a traceback. Validation problems use FastAPI's own shape
+(`{"detail": [{"loc": [...], "msg": ..., "type": ..., "input": ...}]}`) so clients parse one format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.db.jobs import IllegalTransition, JobNotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    loc: tuple[str | int, ...]
+    msg: str
+    input: Any = None
+
+
+class InvalidRequest(Exception):
+    """A body that parsed but does not describe a runnable job: a bad spec field, an unknown parent, …"""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("; ".join(p.msg for p in problems))
+        self.problems = problems
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+class Unauthorized(Exception):
+    pass
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(InvalidRequest, _invalid)
+    app.add_exception_handler(JobNotFound, _not_found)
+    app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(IllegalTransition, _conflict)
+    app.add_exception_handler(Conflict, _conflict)
+    app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(OperationalError, _unavailable)
+    app.add_exception_handler(PoolTimeout, _unavailable)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+async def _http(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:  # an unparseable body (not UTF-8, not JSON): bad input, reported like the rest
+        detail = [{"type": "json_invalid", "loc": ["body"], "input": None,
+                   "msg": f"body: {exc.detail}; send a UTF-8 JSON object (Content-Type: application/json)"}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _invalid(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidRequest)
+    detail = [{"type": "value_error", "loc": list(p.loc), "msg": p.msg, "input": _jsonable(p.input)}
+              for p in exc.problems]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _not_found(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+async def _conflict(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
+async def _unauthorized(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("ledger unavailable: %s", exc.__class__.__name__)
+    return JSONResponse({"detail": "the job ledger is unavailable; retry shortly"}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    # A connection-level failure is an outage (503); anything else reaching here is a bug we log, not a traceback.
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return await _unavailable(request, exc)
+    return await _unexpected(request, exc)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no NaN/Infinity; echoing one raw would turn a 422 into a 500
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)

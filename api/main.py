@@ -1,0 +1,58 @@
+"""The FastAPI application: `create_app()` (uvicorn --factory api.main:create_app). OpenAPI at /docs.
+
+Nothing connects at import time; the engine is created with the app and connects on first use. The API never
+imports torch, MLflow or the workers: it writes the ledger and rings the doorbell.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from alembic.script import ScriptDirectory
+from fastapi import FastAPI
+
+from api.config import Settings
+from api.db.session import make_engine, make_session_factory
+from api.errors import install_handlers
+from api.migrate import alembic_config
+from api.queue import Enqueuer, make_enqueuer
+from api.routes import health, jobs, pipelines
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if not settings.api_tokens:
+        raise RuntimeError("no API tokens: set SGTM_API_TOKENS (comma-separated); `sgtm serve` creates one for "
+                           "embedded mode in <data_root>/token")
+    engine = make_engine(settings.ledger_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="sgtm", version="1", lifespan=lifespan,
+                  description="Submit training, ablation, evaluation, attack and RMU jobs; follow them; cancel "
+                              "them. Specs are typed JSON and registry names only: never a path, URL or command.")
+    app.state.settings = settings
+    app.state.session_factory = make_session_factory(engine)
+    app.state.enqueuer = enqueuer or make_enqueuer(settings)
+    app.state.schema_head = _schema_head(settings.ledger_url)
+    install_handlers(app)
+    for router in (health.router, jobs.router, pipelines.router):
+        app.include_router(router)
+    return app
+
+
+def _schema_head(url: str) -> str | None:
+    """The migrations' head revision, for /ready; None when the migrations are not beside the package (a
+    non-editable install), in which case /ready checks the database only."""
+    try:
+        return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    except Exception:  # noqa: BLE001 - alembic raises several kinds for a missing script location
+        log.warning("migrations not found beside the package; /ready will not check the schema revision")
+        return None

@@ -1,0 +1,58 @@
+"""The doorbell: tell a worker that a job id is ready. Sent after the commit, by task name (never importing workers).
+
+A message carries only the job id; the worker re-reads the row. A lost or duplicated message is harmless: the
+reaper re-sends ready jobs that nobody claimed, and the claim (a conditional UPDATE) turns duplicates into no-ops.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from api.config import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "sgtm.run_job"
+REAP_TASK = "sgtm.reap"
+CONTROL_QUEUE = "control"
+
+
+class Enqueuer(Protocol):
+    def send(self, job_id: str, queue: str) -> None:
+        """Ring the bell for `job_id` on `queue` ('gpu' or 'cpu'); raise if the broker cannot take it."""
+
+
+class NoopEnqueuer:
+    """Embedded mode: the local executor polls the ledger for ready jobs, so there is nothing to ring."""
+
+    def send(self, job_id: str, queue: str) -> None:
+        return None
+
+
+class CeleryEnqueuer:
+    """Publishes `sgtm.run_job(job_id)` to Redis. The Celery app here is a producer only (no task code)."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._app: Any = None
+
+    def _celery(self) -> Any:
+        if self._app is None:
+            from celery import Celery  # imported on first send: the API starts (and /health answers) without it
+
+            app = Celery("sgtm-producer", broker=self._settings.broker_url)
+            # The visibility timeout must match the workers' (celery redis.rst "Caveats"): set on every client.
+            app.conf.broker_transport_options = {"visibility_timeout": self._settings.visibility_timeout_s}
+            app.conf.broker_connection_retry_on_startup = True
+            self._app = app
+        return self._app
+
+    def send(self, job_id: str, queue: str) -> None:
+        self._celery().send_task(RUN_JOB_TASK, args=[job_id], queue=self._settings.queue_name(queue),
+                                 retry=True, retry_policy={"max_retries": 2, "interval_start": 0,
+                                                           "interval_step": 0.2, "interval_max": 0.5})
+
+
+def make_enqueuer(settings: Settings) -> Enqueuer:
+    return CeleryEnqueuer(settings) if settings.mode == "deployed" else NoopEnqueuer()

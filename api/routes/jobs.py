@@ -1,0 +1,135 @@
+"""/api/v1/jobs: submit, read, list, cancel, and stream a job's events (SSE)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from api import views
+from api.db import jobs as repo
+from api.db.models import Job
+from api.db.status import TERMINAL, JobStatus
+from api.deps import AuthDep, EnqueuerDep, SessionDep, SessionFactoryDep, SettingsDep
+from api.errors import InvalidRequest, NotFound, Problem
+from api.schemas import UUID_PATTERN, IdempotencyKey, JobCreate, JobPage, JobRead
+from api.submissions import send_after_commit, submit_job
+from sgtm_engine.config import StageKind
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+ERRORS = {401: {"description": "Missing or invalid bearer token"},
+          404: {"description": "No such job"},
+          409: {"description": "The job's state does not allow this (e.g. cancelling a finished job)"},
+          422: {"description": "Invalid request; `detail[].loc` names the field"}}
+SSE_POLL_S = 0.5
+SSE_MAX_S = 3600.0  # a stream ends after an hour; clients reconnect with Last-Event-ID
+
+
+def existing_job(job_id: str, session: SessionDep) -> Job:
+    # Any id that is not a UUID is simply unknown (404); it never reaches the database.
+    job = repo.get(session, job_id=job_id) if re.match(UUID_PATTERN, job_id) else None
+    if job is None:
+        raise NotFound(f"job {job_id[:64]!r} does not exist")
+    return job
+
+
+ExistingJob = Annotated[Job, Depends(existing_job)]
+
+
+@router.post("", status_code=202, response_model=JobRead, responses={k: ERRORS[k] for k in (401, 409, 422)})
+def create_job(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
+               enqueuer: EnqueuerDep, _principal: AuthDep,
+               idempotency_key: Annotated[IdempotencyKey | None, Header()] = None) -> JobRead:
+    """Submit one stage. 202 + `Location`; with `Idempotency-Key`, a retried request returns the same job."""
+    job, created = submit_job(session, settings=settings, body=body, idempotency_key=idempotency_key)
+    if created:
+        send_after_commit(session, enqueuer=enqueuer, jobs=[job])
+    response.headers["Location"] = f"{views.API}/jobs/{job.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return views.job_read(session, settings, job)
+
+
+@router.get("", response_model=JobPage, responses={422: ERRORS[422]})
+def list_jobs(session: SessionDep, settings: SettingsDep,
+              status: Annotated[list[JobStatus], Query()] = [],  # noqa: B006 - FastAPI copies query defaults
+              kind: Annotated[list[StageKind], Query()] = [],  # noqa: B006
+              pipeline_id: Annotated[str | None, Query(pattern=UUID_PATTERN)] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_=-]+$")] = None) -> JobPage:
+    """Newest first. Filter by status, kind and pipeline; page with `next_cursor`."""
+    before = _decode_cursor(cursor) if cursor else None
+    rows = repo.list_jobs(session, status=[s.value for s in status], kind=[k.value for k in kind],
+                          pipeline_id=pipeline_id, limit=limit + 1, before=before)
+    page, more = rows[:limit], len(rows) > limit
+    return JobPage(items=views.job_reads(session, settings, page),
+                   next_cursor=_encode_cursor(page[-1]) if more and page else None)
+
+
+@router.get("/{job_id}", response_model=JobRead, responses={404: ERRORS[404]})
+def get_job(job: ExistingJob, session: SessionDep, settings: SettingsDep) -> JobRead:
+    """The ledger's row: status, progress, last metrics, summary, checkpoint, MLflow run."""
+    return views.job_read(session, settings, job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobRead,
+             responses={k: ERRORS[k] for k in (401, 404, 409)})
+def cancel_job(job: ExistingJob, session: SessionDep, settings: SettingsDep, _principal: AuthDep) -> JobRead:
+    """Queued: cancelled at once. Running: the supervisor sends SIGTERM within a heartbeat, SIGKILL after the
+    grace period. Finished: 409. The cancel is stored in the ledger, so it survives worker restarts."""
+    updated = repo.request_cancel(session, job_id=job.id)
+    session.commit()
+    return views.job_read(session, settings, updated)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={404: ERRORS[404]})
+def stream_events(job: ExistingJob, factory: SessionFactoryDep, settings: SettingsDep,
+                  after: Annotated[int, Query(ge=0, le=2**62, description="Send events after this id")] = 0,
+                  follow: Annotated[bool, Query(description="Keep streaming until the job finishes")] = True,
+                  last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,18}$")] = None,
+                  ) -> Iterator[ServerSentEvent]:
+    """Server-sent events: `status` (state changes) and the engine's `progress`/`eval`/`checkpoint`/… events,
+    each with its ledger id (resume with `Last-Event-ID` or `after`), then one `done` event carrying the job."""
+    cursor = max(after, int(last_event_id or 0))
+    deadline = time.monotonic() + SSE_MAX_S
+    while True:
+        with factory() as session:
+            events = repo.events_after(session, job_id=job.id, after=cursor)
+            current = repo.get(session, job_id=job.id)
+            done = current is None or current.status in TERMINAL
+            final = views.job_read(session, settings, current) if done and current is not None else None
+        for event in events:
+            cursor = event.id
+            yield ServerSentEvent(id=str(event.id), event=event.type, data=views.event_read(event))
+        if events and len(events) >= 500:
+            continue  # a backlog: drain it before checking for the end
+        if done or not follow or time.monotonic() > deadline:
+            if final is not None:
+                yield ServerSentEvent(event="done", data=final)
+            return
+        time.sleep(SSE_POLL_S)
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        when = dt.datetime.fromisoformat(created)
+        if when.tzinfo is None or not re.match(UUID_PATTERN, job_id):
+            raise ValueError("not a cursor")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest([Problem(("query", "cursor"), "cursor: not a cursor this API issued; pass "
+                                      "`next_cursor` from the previous page unchanged", cursor)]) from None
+    return when, job_id

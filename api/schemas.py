@@ -1,0 +1,163 @@
+"""Request and response bodies (`*Create` / `*Read`). Table models live in `api.db.models`, not here.
+
+Every string a client sends is constrained by a pattern: ids are UUIDs, names are short slugs, and the stage spec is
+checked field by field in `api.specs` — no field anywhere takes a path, a URL or a command.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from api.db.status import JobStatus
+from sgtm_engine.config import StageKind
+
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+JobId = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
+StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+"""A stage's name inside a pipeline (at most 32 characters, so it can never be mistaken for a 36-character job id)."""
+InputName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+RegistryName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+Queue = Literal["gpu", "cpu"]
+
+_SPEC_DOC = ("The stage spec as JSON: the fields of the engine's spec class for this kind (train → TrainSpec, "
+             "ablate → AblateStageSpec, evaluate → EvaluateSpec, …). Omitted fields take their defaults; unknown "
+             "fields are errors. Strings are registry names or enum values only.")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobCreate(_Body):
+    """Submit one stage."""
+
+    kind: StageKind
+    spec: dict[str, Any] = Field(default_factory=dict, description=_SPEC_DOC)
+    inputs: dict[InputName, JobId] = Field(
+        default_factory=dict, description="Parent jobs whose outputs this stage reads, by input name: "
+                                          "{'model': '<train job id>'}. Only job ids: never a path or URL.")
+    queue: Queue | None = Field(None, description="Worker pool; default: 'cpu' when spec.runtime.device is 'cpu', "
+                                                  "else the service's default queue.")
+    gpus: int = Field(1, ge=1, le=8, description="GPUs on one machine; above 1 the stage runs under torchrun (DDP).")
+    experiment: RegistryName | None = Field(None, description="MLflow experiment; default: the service's.")
+
+
+class StageCreate(_Body):
+    """One stage of a pipeline. `inputs` name earlier stages of the same pipeline, or existing job ids."""
+
+    name: StageName
+    kind: StageKind
+    spec: dict[str, Any] = Field(default_factory=dict, description=_SPEC_DOC)
+    inputs: dict[InputName, Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,35}$")]] = Field(
+        default_factory=dict, description="{'model': 'train'}: an earlier stage's name, or an existing job id.")
+    queue: Queue | None = None
+    gpus: int = Field(1, ge=1, le=8)
+
+
+class PipelineCreate(_Body):
+    """Several stages in one request: a chain (train → ablate → evaluate) or a sweep (independent stages).
+    A stage runs when all its parents have succeeded; if one fails, its descendants fail without running."""
+
+    name: StageName = "pipeline"
+    experiment: RegistryName | None = None
+    stages: list[StageCreate] = Field(min_length=1, max_length=64)
+
+
+class Progress(BaseModel):
+    step: int | None = None
+    total: int | None = None
+    fraction: float | None = None
+
+
+class CheckpointRef(BaseModel):
+    uri: str
+    sha256: str | None = None
+
+
+class MlflowRef(BaseModel):
+    experiment_id: str | None = None
+    run_id: str
+    url: str | None = None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str | None = None
+    exit_code: int | None = None
+
+
+class JobRead(BaseModel):
+    id: str
+    kind: str
+    status: JobStatus
+    pipeline_id: str | None = None
+    stage_name: str | None = None
+    spec: dict[str, Any]
+    spec_hash: str
+    method: str
+    seed: int | None = None
+    experiment: str
+    queue: str
+    gpus: int
+    inputs: dict[str, str] = Field(description="Input name → parent job id.")
+    waiting_on: list[str] = Field(description="Parents that have not succeeded yet.")
+    attempt: int = Field(description="Claims so far; each claim bumps it (the fencing token).")
+    max_attempts: int
+    lease_owner: str | None = None
+    heartbeat_at: dt.datetime | None = None
+    cancel_requested_at: dt.datetime | None = None
+    progress: Progress | None = None
+    last_metrics: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    checkpoint: CheckpointRef | None = None
+    code_version: str | None = None
+    mlflow: MlflowRef | None = None
+    error: JobError | None = None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    items: list[JobRead]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next (older) page; null at the end.")
+
+
+class PipelineRead(BaseModel):
+    id: str
+    name: str
+    experiment: str
+    status: JobStatus = Field(description="Derived from the jobs: running/queued while any is, then failed > "
+                                          "cancelled > succeeded.")
+    jobs: list[JobRead]
+    mlflow: MlflowRef | None = None
+    created_at: dt.datetime
+    links: dict[str, str]
+
+
+class EventRead(BaseModel):
+    """One server-sent event's data: a state change (`status`) or the engine's progress (`progress`, `eval`, …)."""
+
+    id: int
+    job_id: str
+    attempt: int
+    type: str
+    step: int | None = None
+    total: int | None = None
+    data: dict[str, Any] | None = None
+    created_at: dt.datetime
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]

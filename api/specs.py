@@ -1,0 +1,135 @@
+"""Turn a REST stage spec into the engine's typed spec, or into 422 problems that name the field, value and fix.
+
+Choices made here:
+- The engine's `from_dict` is the validator (one schema for CLI, YAML and REST); its dotted problem paths become
+  FastAPI-style `loc` lists under `body.spec`.
+- Before that, every string in the spec must look like a registry name or an enum value: no `/`, `\\`, `:`, spaces
+  or `..`. The API therefore never accepts a path, a URL or a command in any spec field, present or future.
+- Non-finite numbers are refused (JSON has none; PostgreSQL's json type rejects them).
+- The stored spec is the canonical one (defaults filled in), and its hash is the engine's `spec_hash`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+from api.errors import Problem
+from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash, to_dict
+from sgtm_engine.errors import ConfigError
+
+SAFE_STRING = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+MAX_SPEC_BYTES = 64 * 1024
+
+#: Inputs each stage kind reads from its parents: (required, optional). `model` is the model the stage starts from;
+#: an attack's optional `baseline` is the no-filter run whose forget loss defines "recovered" (AttackSpec).
+STAGE_INPUTS: dict[StageKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    StageKind.TRAIN: ((), ()),
+    StageKind.ABLATE: (("model",), ()),
+    StageKind.EVALUATE: (("model",), ()),
+    StageKind.ATTACK: (("model",), ("baseline",)),
+    StageKind.RMU: (("model",), ()),
+}
+#: Kinds whose output is a model (may feed a `model` input).
+MODEL_PRODUCERS = frozenset({StageKind.TRAIN, StageKind.ABLATE, StageKind.ATTACK, StageKind.RMU})
+
+_PATH = re.compile(r"^([A-Za-z_][\w.\[\]]*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidSpec:
+    spec: dict[str, Any]
+    """Canonical JSON of the spec, every default filled in."""
+    hash: str
+    method: str | None
+    """The localization method a train spec names; None for stages that inherit it from their parent."""
+    seed: int | None
+    wants_cpu: bool
+
+
+def validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) -> ValidSpec:
+    """Validate `data` as the spec of `kind`; raises `InvalidRequest`-ready problems via `SpecProblems`."""
+    problems = list(_unsafe_values(data, loc))
+    if len(json.dumps(data, default=str)) > MAX_SPEC_BYTES:
+        problems.append(Problem(loc, f"spec is larger than {MAX_SPEC_BYTES} bytes of JSON; send only the fields "
+                                     "that differ from the defaults"))
+    cls = STAGE_SPECS.get(kind)
+    if cls is None:
+        available = sorted(k.value for k in STAGE_SPECS)
+        problems.append(Problem(loc[:-1] + ("kind",), f"kind={kind.value!r}: this engine build has no "
+                                                      f"'{kind.value}' stage yet; available kinds: {available}",
+                                kind.value))
+    if problems:
+        raise SpecProblems(problems)
+    try:
+        spec = from_dict(cls, data)
+    except ConfigError as e:
+        raise SpecProblems([_problem(message, loc) for message in e.problems]) from None
+    except (ArithmeticError, TypeError, ValueError, RecursionError) as e:
+        # e.g. an integer too large for a float field; the engine's validator reports most things, not this
+        message = f"spec: a value cannot be represented ({e.__class__.__name__}: {e})"
+        raise SpecProblems([Problem(loc, message)]) from None
+    canonical = to_dict(spec)
+    return ValidSpec(spec=canonical, hash=spec_hash(spec), method=_method(kind, canonical), seed=_seed(canonical),
+                     wants_cpu=(canonical.get("runtime") or {}).get("device") == "cpu")
+
+
+class SpecProblems(Exception):
+    def __init__(self, problems: list[Problem]):
+        super().__init__("; ".join(p.msg for p in problems))
+        self.problems = problems
+
+
+def _problem(message: str, loc: tuple[str | int, ...]) -> Problem:
+    """'model.n_layer=0: must be >= 1' → loc (..., 'model', 'n_layer'); '<root>…' stays at the spec itself."""
+    match = _PATH.match(message)
+    parts: list[str | int] = []
+    if match:
+        for piece in re.split(r"\.|\[(\d+)\]", match.group(1)):
+            if piece:
+                parts.append(int(piece) if piece.isdigit() else piece)
+    return Problem(loc + tuple(parts), f"spec.{message}" if parts else f"spec: {message}")
+
+
+def _unsafe_values(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:
+    problems: list[Problem] = []
+    if isinstance(value, str):
+        if not SAFE_STRING.match(value) or ".." in value:
+            where = ".".join(str(p) for p in loc[1:])
+            problems.append(Problem(loc, f"{where}={value[:80]!r}: must be a registry name or enum value (letters, "
+                                         "digits, '_', '-', '.', '+'); paths, URLs and commands are not accepted",
+                                    value[:200]))
+    elif isinstance(value, float) and not math.isfinite(value):
+        problems.append(Problem(loc, f"{'.'.join(str(p) for p in loc[1:])}={value}: must be a finite number", value))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            problems += _unsafe_values(item, loc + (str(key),))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            problems += _unsafe_values(item, loc + (i,))
+    return problems
+
+
+def _method(kind: StageKind, spec: dict[str, Any]) -> str | None:
+    """The tag runs are compared by (anchors.md §3.3). For a train stage, the engine's label
+    (`sgtm_engine.pipeline.method_name`, mirrored here because the API may not import the pipeline; a test keeps
+    them equal); RMU is a method of its own; other stages inherit their parent's."""
+    if kind == StageKind.RMU:
+        return "rmu"
+    if kind != StageKind.TRAIN:
+        return None
+    strategy = (spec.get("masking") or {}).get("strategy", "none")
+    if strategy != "none":
+        return str(strategy)
+    if (spec.get("data") or {}).get("conditional"):
+        return "conditional"
+    filter_kind = (spec.get("filter") or {}).get("kind", "none")
+    return "no_filter" if filter_kind == "none" else f"{filter_kind}_filter"
+
+
+def _seed(spec: dict[str, Any]) -> int | None:
+    seed = spec.get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None

@@ -1,0 +1,247 @@
+"""Submitting jobs and pipelines: validate, insert queued rows, commit, then ring the doorbell.
+
+Idempotency: the key is a unique column. Concurrent requests with one key all try to insert; one wins, the others
+hit the unique constraint, roll back and return the winner's job — so 50 retries create one job. The same key with a
+different body is a 409. A key is free again `idempotency_ttl_s` after its first use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.config import Settings
+from api.db import jobs as repo
+from api.db.base import utcnow
+from api.db.models import Job, Pipeline
+from api.db.status import JobStatus
+from api.errors import Conflict, InvalidRequest, Problem
+from api.queue import Enqueuer
+from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
+from api.specs import MODEL_PRODUCERS, STAGE_INPUTS, SpecProblems, ValidSpec, validate
+from sgtm_engine.config import StageKind
+
+log = logging.getLogger(__name__)
+
+
+def submit_job(session: Session, *, settings: Settings, body: JobCreate,
+               idempotency_key: str | None) -> tuple[Job, bool]:
+    """Returns (job, created). Commits."""
+    request_hash = _hash(body.model_dump(mode="json"))
+    if idempotency_key is not None:
+        existing = _replay_job(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        if existing is not None:
+            return existing, False
+
+    valid = _validate(body.kind, body.spec, ("body", "spec"))
+    parents = _check_parents(session, kind=body.kind, inputs=body.inputs, loc=("body", "inputs"))
+    job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
+                             parents=list(parents.values()), loc=("body",))
+    ready = all(p.status == JobStatus.SUCCEEDED for p in parents.values())
+    try:
+        job = repo.create(session, inputs={name: p.id for name, p in parents.items()},
+                          experiment=body.experiment or settings.mlflow_experiment, will_send=ready,
+                          idempotency_key=idempotency_key, request_hash=request_hash, **job_fields)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _replay_job(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreate,
+                    idempotency_key: str | None) -> tuple[Pipeline, bool]:
+    request_hash = _hash(body.model_dump(mode="json"))
+    if idempotency_key is not None:
+        existing = _replay_pipeline(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        if existing is not None:
+            return existing, False
+
+    problems: list[Problem] = []
+    names: dict[str, int] = {}
+    for i, stage in enumerate(body.stages):
+        if stage.name in names:
+            problems.append(Problem(("body", "stages", i, "name"), f"stages[{i}].name={stage.name!r}: "
+                                    f"already used by stages[{names[stage.name]}]; stage names must be unique",
+                                    stage.name))
+        names.setdefault(stage.name, i)
+    if problems:
+        raise InvalidRequest(problems)
+
+    experiment = body.experiment or settings.mlflow_experiment
+    plans: list[tuple[Any, ValidSpec, dict[str, Any]]] = []  # (stage, valid spec, {input: stage index | Job})
+    for i, stage in enumerate(body.stages):
+        loc = ("body", "stages", i)
+        try:
+            valid = _validate(stage.kind, stage.spec, loc + ("spec",))
+        except InvalidRequest as e:
+            problems += e.problems
+            continue
+        resolved: dict[str, Any] = {}
+        external: dict[str, str] = {}
+        for name, ref in stage.inputs.items():
+            if ref in names and names[ref] < i:
+                resolved[name] = names[ref]
+            elif ref in names:
+                problems.append(Problem(loc + ("inputs", name), f"stages[{i}].inputs.{name}={ref!r}: names a later "
+                                        "stage (or itself); list stages in the order they run", ref))
+            else:
+                external[name] = ref
+        try:
+            resolved.update(_check_parents(session, kind=stage.kind, inputs=external, loc=loc + ("inputs",),
+                                           internal=set(resolved), stage_kinds={n: body.stages[j].kind
+                                                                                for n, j in resolved.items()}))
+        except InvalidRequest as e:
+            problems += e.problems
+        plans.append((stage, valid, resolved))
+    if problems:
+        raise InvalidRequest(problems)
+
+    try:
+        pipeline = repo.create_pipeline(session, name=body.name, experiment=experiment,
+                                        idempotency_key=idempotency_key, request_hash=request_hash)
+        created: list[Job] = []
+        for stage, valid, resolved in plans:
+            parents = [created[r] if isinstance(r, int) else r for r in resolved.values()]
+            fields = _job_fields(settings, kind=stage.kind, valid=valid, queue=stage.queue, gpus=stage.gpus,
+                                 parents=parents, loc=("body", "stages", len(created)))
+            ready = all(p.status == JobStatus.SUCCEEDED for p in parents)
+            created.append(repo.create(session, inputs={n: p.id for n, p in zip(resolved, parents, strict=True)},
+                                       experiment=experiment, pipeline_id=pipeline.id, stage_name=stage.name,
+                                       will_send=ready, **fields))
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _replay_pipeline(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    return pipeline, True
+
+
+def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Job]) -> list[str]:
+    """Ring the bell for the submitted jobs that were inserted as sent (the ready ones), after their commit.
+    A broker outage is logged, not raised: the job is safely queued, and marked unsent so the reaper sends it."""
+    failed = []
+    for job in jobs:
+        if job.enqueued_at is None:
+            continue  # waits for its parents; their supervisor sends it
+        try:
+            enqueuer.send(job.id, job.queue)
+        except Exception as e:  # noqa: BLE001 - any broker failure: the ledger already has the job
+            log.warning("could not send job %s to the broker (%s); the reaper will retry", job.id, e)
+            failed.append(job.id)
+    if failed:
+        repo.unmark_enqueued(session, job_ids=failed)
+        session.commit()
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) -> ValidSpec:
+    try:
+        return validate(kind, data, loc)
+    except SpecProblems as e:
+        raise InvalidRequest(e.problems) from None
+
+
+def _check_parents(session: Session, *, kind: StageKind, inputs: dict[str, str], loc: tuple[str | int, ...],
+                   internal: set[str] | None = None, stage_kinds: dict[str, StageKind] | None = None
+                   ) -> dict[str, Job]:
+    """Existing-job inputs must name jobs that exist, produce what the input needs, and have not failed."""
+    problems: list[Problem] = []
+    required, optional = STAGE_INPUTS[kind]
+    expected = set(required) | set(optional)
+    given = set(inputs) | (internal or set())
+    for name in sorted(set(required) - given):
+        problems.append(Problem(loc + (name,), f"inputs.{name}: a {kind.value} stage needs its '{name}' input "
+                                               "(the id of a job, or the name of an earlier stage, that produced it)"))
+    for name in sorted(given - expected):
+        problems.append(Problem(loc + (name,), f"inputs.{name}: a {kind.value} stage takes no '{name}' input; "
+                                               f"it takes {sorted(expected) or 'none'}", name))
+    for name, stage_kind in (stage_kinds or {}).items():
+        if name == "model" and stage_kind not in MODEL_PRODUCERS:
+            problems.append(Problem(loc + (name,), f"inputs.{name}: an {stage_kind.value} stage produces no model; "
+                                                   f"use a {sorted(k.value for k in MODEL_PRODUCERS)} stage"))
+    found: dict[str, Job] = {}
+    for name, job_id in inputs.items():
+        if name not in expected:
+            continue
+        job = repo.get(session, job_id=job_id) if re.match(UUID_PATTERN, job_id) else None
+        if job is None:
+            problems.append(Problem(loc + (name,), f"inputs.{name}={job_id!r}: no such job (nor an earlier stage "
+                                                   "of this pipeline)", job_id))
+        elif name == "model" and job.kind not in MODEL_PRODUCERS:
+            problems.append(Problem(loc + (name,), f"inputs.{name}={job_id!r}: that job is a {job.kind} stage and "
+                                                   "produces no model", job_id))
+        elif job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            problems.append(Problem(loc + (name,), f"inputs.{name}={job_id!r}: that job {job.status}; resubmit it "
+                                                   "first", job_id))
+        else:
+            found[name] = job
+    if problems:
+        raise InvalidRequest(problems)
+    return found
+
+
+def _job_fields(settings: Settings, *, kind: StageKind, valid: ValidSpec, queue: str | None, gpus: int,
+                parents: list[Job], loc: tuple[str | int, ...]) -> dict[str, Any]:
+    resolved_queue = queue or ("cpu" if valid.wants_cpu else settings.default_queue)
+    if resolved_queue == "cpu" and gpus > 1:
+        raise InvalidRequest([Problem(loc + ("gpus",), f"gpus={gpus}: a cpu-queue job runs as one process; "
+                                                        "use queue 'gpu' or gpus=1", gpus)])
+    inherited = parents[0] if parents else None
+    return {
+        "kind": kind.value, "spec": valid.spec, "spec_hash": valid.hash,
+        "method": valid.method or (inherited.method if inherited else kind.value),
+        "seed": valid.seed if valid.seed is not None else (inherited.seed if inherited else None),
+        "queue": resolved_queue, "gpus": gpus, "max_attempts": settings.max_attempts,
+    }
+
+
+def _replay_job(session: Session, *, settings: Settings, key: str | None, request_hash: str) -> Job | None:
+    if key is None:
+        return None
+    job = repo.get_by_idempotency_key(session, key=key)
+    if job is not None and job.created_at < _ttl_cutoff(settings):
+        repo.release_key(session, table=Job, row_id=job.id)
+        return None
+    if job is not None and job.request_hash != request_hash:
+        raise Conflict(f"Idempotency-Key {key!r} was used for a different request (job {job.id}); "
+                       "use a new key for a new submission")
+    return job
+
+
+def _replay_pipeline(session: Session, *, settings: Settings, key: str | None,
+                     request_hash: str) -> Pipeline | None:
+    if key is None:
+        return None
+    pipeline = repo.get_pipeline_by_idempotency_key(session, key=key)
+    if pipeline is not None and pipeline.created_at < _ttl_cutoff(settings):
+        repo.release_key(session, table=Pipeline, row_id=pipeline.id)
+        return None
+    if pipeline is not None and pipeline.request_hash != request_hash:
+        raise Conflict(f"Idempotency-Key {key!r} was used for a different request (pipeline {pipeline.id}); "
+                       "use a new key for a new submission")
+    return pipeline
+
+
+def _ttl_cutoff(settings: Settings) -> dt.datetime:
+    return utcnow() - dt.timedelta(seconds=settings.idempotency_ttl_s)
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()

@@ -1,0 +1,78 @@
+"""Ledger fixtures for the unit tests of `api` and `workers`: a migrated database on SQLite and on PostgreSQL
+(`ledger_url` is parametrized over both), settings pointing at it, and a recording enqueuer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.config import Settings
+from api.db.session import make_engine, make_session_factory
+from api.migrate import upgrade
+
+TOKEN = "test-token-0123456789abcdefghij"
+TABLES = ("job_events", "job_inputs", "jobs", "pipelines")
+
+
+class RecordingEnqueuer:
+    """Remembers what was sent instead of ringing a broker."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.fail = False
+        self._lock = threading.Lock()
+
+    def send(self, job_id: str, queue: str) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        with self._lock:
+            self.sent.append((job_id, queue))
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [job_id for job_id, _ in self.sent]
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres_url: str) -> str:
+    upgrade(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+        upgrade(url)
+        yield url
+        return
+    url = request.getfixturevalue("migrated_postgres")
+    yield url
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(ledger_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(ledger_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(ledger_url: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=ledger_url, data_root=tmp_path / "data", api_tokens=[TOKEN],
+                    heartbeat_interval_s=0.2, progress_interval_s=0.2, stale_after_s=2.0, cancel_grace_s=2.0,
+                    mlflow_tracking_uri=None, _env_file=None)
+
+
+@pytest.fixture
+def enqueuer() -> RecordingEnqueuer:
+    return RecordingEnqueuer()

@@ -1,0 +1,50 @@
+"""Celery settings, the engine command line, and parity with the engine's MLflow param rendering."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from api.config import Settings
+from sgtm_engine.config import TrainSpec, to_dict
+from sgtm_engine.tracking import flatten as engine_flatten
+from workers.child import build_argv
+from workers.tracking import flatten
+
+
+def test_celery_is_configured_for_long_supervised_jobs(tmp_path: Path) -> None:
+    code = ("from workers.celery_app import app; c = app.conf; import json; print(json.dumps({"
+            "'acks_late': c.task_acks_late, 'reject': c.task_reject_on_worker_lost, "
+            "'prefetch': c.worker_prefetch_multiplier, 'per_child': c.worker_max_tasks_per_child, "
+            "'vt': c.broker_transport_options['visibility_timeout'], 'queues': [q.name for q in c.task_queues], "
+            "'beat': list(c.beat_schedule), 'routes': c.task_routes}))")
+    env = {"PATH": "/usr/bin:/bin", "SGTM_QUEUE_PREFIX": "x-", "SGTM_WORKER_QUEUES": "gpu",
+           "SGTM_DATA_ROOT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    import json
+
+    conf = json.loads(out.stdout)
+    assert conf["acks_late"] and conf["reject"] and conf["prefetch"] == 1 and conf["per_child"] == 1
+    assert conf["vt"] >= 24 * 3600  # above the longest job
+    assert conf["queues"] == ["x-gpu"] and conf["beat"] == ["reap-stale-jobs"]
+    assert conf["routes"]["sgtm.reap"]["queue"] == "x-control"
+
+
+def test_engine_argv_single_process_and_torchrun(tmp_path: Path) -> None:
+    s = Settings(_env_file=None, engine_command=["py", "-m", "sgtm_engine"], engine_cache_dir=tmp_path / "c")
+    argv = build_argv(s, kind="ablate", spec_path=tmp_path / "spec.json", workdir=tmp_path, gpus=1,
+                      inputs={"model": tmp_path / "parent"}, mlflow_uri="http://m:5000", mlflow_run_id="r1")
+    assert argv == ["py", "-m", "sgtm_engine", "run-stage", "--kind", "ablate", "--spec", str(tmp_path / "spec.json"),
+                    "--workdir", str(tmp_path), "--input", f"model={tmp_path / 'parent'}", "--mlflow-uri",
+                    "http://m:5000", "--mlflow-run-id", "r1", "--cache-dir", str(tmp_path / "c")]
+    ddp = build_argv(s, kind="train", spec_path=tmp_path / "s", workdir=tmp_path, inputs={}, mlflow_uri=None,
+                     mlflow_run_id=None, gpus=4)
+    assert ddp[:5] == [*s.torchrun_command, "--standalone", "--nproc_per_node=4"][:5]
+    assert ddp[ddp.index("-m", 3):ddp.index("-m", 3) + 3] == ["-m", "sgtm_engine", "run-stage"]
+
+
+def test_params_render_exactly_as_the_engine_logs_them() -> None:
+    """The train stage logs its spec as params too; MLflow accepts the second write only if it is identical."""
+    spec = to_dict(TrainSpec())
+    assert flatten(spec, "spec.") == engine_flatten({"spec": spec})

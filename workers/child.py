@@ -1,0 +1,103 @@
+"""The engine child: its command line, and a process group the supervisor can signal as a whole.
+
+Choices made here:
+- `start_new_session=True`: the child leads its own process group, so SIGTERM/SIGKILL reach torchrun's workers and
+  any DataLoader workers too, and a Ctrl-C aimed at the worker does not hit the child directly.
+- `PR_SET_PDEATHSIG` (Linux): if the supervisor dies (kill -9, OOM), the kernel signals the child, so no orphan
+  keeps training on a job the reaper is about to requeue. SIGKILL for a plain child (it resumes from its last
+  checkpoint); SIGTERM for torchrun, which forwards it to its workers.
+- Output goes to `<workdir>/logs/attempt-<n>.log`; its tail becomes the job's error message on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from api.config import Settings
+
+PR_SET_PDEATHSIG = 1
+
+
+def build_argv(settings: Settings, *, kind: str, spec_path: Path, workdir: Path, inputs: Mapping[str, Path],
+               mlflow_uri: str | None, mlflow_run_id: str | None, gpus: int) -> list[str]:
+    """`… run-stage --kind K --spec S --workdir W [--input NAME=DIR …] [--mlflow-uri U --mlflow-run-id R]`."""
+    tail = ["run-stage", "--kind", kind, "--spec", str(spec_path), "--workdir", str(workdir)]
+    for name, path in sorted(inputs.items()):
+        tail += ["--input", f"{name}={path}"]
+    if mlflow_uri and mlflow_run_id:
+        tail += ["--mlflow-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id]
+    if settings.engine_cache_dir is not None:
+        tail += ["--cache-dir", str(settings.engine_cache_dir)]
+    if gpus > 1:
+        return [*settings.torchrun_command, "--standalone", f"--nproc_per_node={gpus}", "-m", "sgtm_engine", *tail]
+    return [*settings.engine_command, *tail]
+
+
+class Child:
+    """A started engine process (group)."""
+
+    def __init__(self, argv: Sequence[str], *, cwd: Path, log_path: Path, env: Mapping[str, str] | None = None,
+                 pass_fds: Sequence[int] = (), death_signal: int = signal.SIGKILL):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None, start_new_session=True, close_fds=True,
+                pass_fds=tuple(pass_fds), preexec_fn=_die_with_parent(death_signal))
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        """After the child exited: kill whatever is left of its group (a stray DataLoader or torchrun worker)."""
+        if self.proc.poll() is None:
+            self.signal_group(signal.SIGKILL)
+            self.proc.wait()
+        self.signal_group(signal.SIGKILL)
+
+    def log_tail(self, limit: int = 4000) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, self.log_path.stat().st_size - limit))
+                return f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+
+def _die_with_parent(sig: int) -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)  # loaded before fork, not after
+    prctl = libc.prctl
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return set_death_signal
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

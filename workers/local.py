@@ -1,0 +1,111 @@
+"""The embedded executor (`python -m workers.local`, started by `sgtm serve`): the same supervisor, no broker.
+
+It polls the ledger for ready jobs and supervises them one at a time; between jobs it runs the reaper. One executor
+per data root (a file lock): so at start-up every `running` job is an orphan of a previous run — it is requeued
+and resumes from its checkpoint. SIGTERM/SIGINT stop the current engine child cleanly (SIGTERM, checkpoint) and
+requeue its job for the next start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+
+from api.config import Settings
+from api.db import jobs as repo
+from api.db.session import session_scope
+from api.queue import NoopEnqueuer
+from workers.reaper import reap
+from workers.runtime import Runtime, build_runtime
+
+log = logging.getLogger(__name__)
+
+
+class LocalExecutor:
+    def __init__(self, settings: Settings, *, stop: threading.Event | None = None):
+        self.stop = stop or threading.Event()
+        self.runtime: Runtime = build_runtime(settings, enqueuer=NoopEnqueuer(), shutdown=self.stop)
+
+    def recover(self) -> None:
+        """Requeue what a previous executor left running (it is gone: we hold the data root's lock)."""
+        rt = self.runtime
+        report = reap(settings=rt.settings, factory=rt.factory, enqueuer=rt.enqueuer, tracker=rt.tracker,
+                      stale_after_s=-1.0)
+        if report.requeued or report.cancelled or report.failed:
+            log.info("recovered orphans: requeued %s, cancelled %s, failed %s", report.requeued, report.cancelled,
+                     report.failed)
+
+    def run_once(self) -> bool:
+        """Supervise the oldest ready job, if any. Returns whether one ran."""
+        rt = self.runtime
+        with session_scope(rt.factory) as session:
+            ready = repo.ready_jobs(session, limit=1)
+            job_id = ready[0].id if ready else None
+        if job_id is None:
+            return False
+        rt.supervisor.run(job_id)
+        return True
+
+    def run_forever(self) -> None:
+        self.recover()
+        last_reap = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # noqa: BLE001 - the job row already records it; keep serving the others
+                log.exception("job supervision failed")
+                ran = True
+            if time.monotonic() - last_reap > self.runtime.settings.reap_interval_s:
+                rt = self.runtime
+                reap(settings=rt.settings, factory=rt.factory, enqueuer=rt.enqueuer, tracker=rt.tracker)
+                last_reap = time.monotonic()
+            if not ran:
+                self.stop.wait(self.runtime.settings.local_poll_interval_s)
+
+
+def hold_data_root(settings: Settings) -> int:
+    """An exclusive lock on `<data_root>/executor.lock` for the life of the process; exits if another holds it."""
+    settings.data_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(settings.data_root / "executor.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another executor is running on {settings.data_root}") from None
+    return fd
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    lock = hold_data_root(settings)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("executor: %s received; stopping after the current job checkpoints", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    threading.Thread(target=_stop_when_orphaned, args=(stop,), daemon=True).start()
+    try:
+        LocalExecutor(settings, stop=stop).run_forever()
+    finally:
+        os.close(lock)
+
+
+def _stop_when_orphaned(stop: threading.Event) -> None:
+    """`sgtm serve` starts us; if it dies without stopping us (kill -9), stop too rather than run on unseen."""
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            log.warning("executor: the parent process is gone; stopping")
+            stop.set()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The reaper (beat runs it every `reap_interval_s`; the embedded executor when idle). It repairs what crashes leave:
+
+1. running jobs whose heartbeat is stale (a lost worker, a killed supervisor): requeued — they resume from their
+   last checkpoint — or cancelled if a cancel was pending, or failed when out of attempts;
+2. queued jobs whose parent failed or was cancelled: settled the same way;
+3. ready jobs nobody claimed (a message lost, or never sent): sent again, with a doubling wait;
+4. MLflow runs of finished jobs and pipelines still open: closed with the matching status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.config import Settings
+from api.db import jobs as repo
+from api.db.base import utcnow
+from api.db.session import session_scope
+from api.queue import Enqueuer
+from workers.runs import close_finished_pipelines, close_job_run
+from workers.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ReapReport:
+    requeued: list[str] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)
+    cancelled: list[str] = dataclasses.field(default_factory=list)
+    settled: list[str] = dataclasses.field(default_factory=list)
+    resent: list[str] = dataclasses.field(default_factory=list)
+    runs_closed: int = 0
+
+
+def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueuer, tracker: Tracker,
+         stale_after_s: float | None = None) -> ReapReport:
+    report = ReapReport()
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=settings.stale_after_s if stale_after_s is None else stale_after_s)
+
+    with session_scope(factory) as session:
+        candidates = repo.find_stale(session, older_than=stale)
+    for job_id, attempt in candidates:
+        with session_scope(factory) as session:
+            status = repo.reap_stale(session, job_id=job_id, attempt=attempt)
+        if status is None:
+            continue
+        log.warning("reaper: job %s attempt %d had a stale heartbeat → %s", job_id, attempt, status)
+        {"queued": report.requeued, "failed": report.failed, "cancelled": report.cancelled}[status].append(job_id)
+
+    with session_scope(factory) as session:
+        report.settled = repo.settle_orphans(session)
+        requeued = {j.id: j.queue for j in repo.ready_jobs(session, job_ids=report.requeued)}
+        due = [(j.id, j.queue) for j in repo.find_unsent(session, resend_after_s=settings.resend_after_s)]
+    for job_id, queue in list(requeued.items()) + [d for d in due if d[0] not in requeued]:
+        try:
+            enqueuer.send(job_id, queue)
+        except Exception as e:  # noqa: BLE001 - next round
+            log.warning("reaper: could not send job %s (%s)", job_id, e)
+            continue
+        with session_scope(factory) as session:
+            repo.mark_enqueued(session, job_ids=[job_id])
+        if job_id not in requeued:
+            report.resent.append(job_id)
+
+    if tracker.uri is not None:
+        closed_before = now - dt.timedelta(seconds=settings.reconcile_after_s)
+        with session_scope(factory) as session:
+            unclosed = [(j.id, j.mlflow_run_id, j.status, j.result)
+                        for j in repo.find_unclosed_runs(session, finished_before=closed_before)]
+        for job_id, run_id, status, result in unclosed:
+            if run_id and close_job_run(tracker=tracker, factory=factory, job_id=job_id, run_id=run_id,
+                                        status=status, result=result):
+                report.runs_closed += 1
+        report.runs_closed += close_finished_pipelines(tracker=tracker, factory=factory)
+    return report
