@@ -14,9 +14,11 @@ Procedure (method-reference.md §9.1, method.md A5):
   (the token evaluation uses). The stage also reports the zero-step attack on such a model: its forget loss when
   the prompt carries `<|forget|>` instead.
 - Evaluation: uncalibrated held-out loss at step 0, every `eval_every` steps and at the end (the paper calibrates
-  nothing here either). The reference is the no-filter baseline's final uncalibrated forget loss, given in the spec
-  or read from the `baseline` input. Recovery = the first evaluated step whose forget loss is <= the reference
-  (`steps_to_recovery`, pure); forget tokens = target tokens trained on forget batches up to that step.
+  nothing here either). The reference is the no-filter baseline's final uncalibrated forget loss: a number in the
+  spec, or the `baseline` input's final model evaluated by this stage's own evaluation, so reference and curve
+  cover the same documents (the baseline must share the corpus, held-out draw and context). Recovery = the first
+  evaluated step whose forget loss is <= the reference (`steps_to_recovery`, pure); forget tokens = target tokens
+  trained on forget batches up to that step.
 - Not resumable: an attack is short. A stop request raises `Cancelled` at a step boundary.
 """
 
@@ -26,7 +28,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +192,6 @@ class AttackResult:
     tokens: int
     forget_tokens: int
     wall_seconds: float
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def attack(model: GPTNeoLM, data: PreparedData, spec: AttackSpec, runtime: Runtime, reference: float,
@@ -209,6 +210,8 @@ def attack(model: GPTNeoLM, data: PreparedData, spec: AttackSpec, runtime: Runti
     emit = emit or (lambda event: None)
     stop = stop or StopFlag()
     key = forget_key(spec)
+    if spec.batch_size % runtime.world_size:
+        raise ConfigError(f"batch_size={spec.batch_size}: must be divisible by the {runtime.world_size} ranks")
     model.train()
     optimizer = build_optimizer(model, model.partition, spec.optim, OptimizerKind.LEGACY)  # one plain AdamW
     pools = data.active_pools()
@@ -281,41 +284,48 @@ def _documents(data: PreparedData, rows: Mapping[str, set[int]]) -> set[str]:
 # The stage
 
 
-def reference_loss(spec: AttackSpec, baseline: Mapping[str, Any] | None, parent: Mapping[str, Any]) -> float:
-    """The forget loss to recover: the spec's number, else the baseline result's final uncalibrated one."""
+def reference_loss(spec: AttackSpec, baseline: Mapping[str, Any] | None, parent: Mapping[str, Any],
+                   runtime: Runtime, cache_dir: Path) -> tuple[float, str]:
+    """(the forget loss to recover, where it came from).
+
+    The spec's number if given; else the baseline's final model, evaluated uncalibrated with this attack's own
+    evaluation (the same held-out documents and batches as the curve, whatever the baseline stage measured); else,
+    for a baseline result without a model, the final uncalibrated forget loss it recorded.
+    """
     if spec.reference_forget_loss is not None:
-        return spec.reference_forget_loss
+        return spec.reference_forget_loss, "spec"
     if baseline is None:
         raise ConfigError("attack: no reference forget loss; set reference_forget_loss or pass the no-filter "
                           "baseline's workdir as input 'baseline' (--input baseline=<dir>)")
     problems = []
     a, b = parent.get("data_spec") or {}, baseline.get("data_spec") or {}
-    for name in ("corpus", "vocab_size", "test_docs_per_category", "seed", "learn_eot"):
+    for name in ("corpus", "tokenizer", "vocab_size", "test_docs_per_category", "seed", "learn_eot"):
         if a.get(name) != b.get(name):
             problems.append(f"inputs.baseline: data_spec.{name}={b.get(name)!r} differs from the attacked model's "
                             f"{a.get(name)!r}; its forget loss is measured on other documents")
     if parent.get("context") != baseline.get("context"):
         problems.append(f"inputs.baseline: context={baseline.get('context')} differs from the attacked model's "
                         f"{parent.get('context')}")
+    model_dir = (baseline.get("artifacts") or {}).get("model")
     metric = f"eval/{forget_key(spec)}"
-    value = (baseline.get("metrics") or {}).get(metric)
-    if value is None:
-        problems.append(f"inputs.baseline: its result has no metric {metric!r} (a train or evaluate stage of the "
-                        f"no-filter model has it)")
+    recorded = (baseline.get("metrics") or {}).get(metric)
+    if model_dir is None and recorded is None:
+        problems.append(f"inputs.baseline: its result has neither a model nor a metric {metric!r}")
     if problems:
         raise ConfigError(problems)
-    max_batches = ((baseline.get("resolved_spec") or {}).get("eval") or {}).get("max_batches")
-    if max_batches != spec.eval.max_batches:
-        log.warning("baseline evaluated with eval.max_batches=%s, the attack with %s: the reference and the curve "
-                    "cover different test documents", max_batches, spec.eval.max_batches)
-    return float(value)
+    if model_dir is None:
+        return float(recorded), "baseline result"
+    # the baseline's own data (a conditional parent's test sets carry a control token the baseline lacks)
+    data = prepare_data(from_dict(DataSpec, b), baseline["context"], cache_dir, NoiseSpec(), FilterSpec())
+    model = load_hf(model_dir, device=runtime.device)
+    return loss_table(model, data, spec.eval, runtime)[forget_key(spec)], "baseline model, this attack's evaluation"
 
 
 def run_attack_stage(spec: AttackSpec, parent: Mapping[str, Any], baseline: Mapping[str, Any] | None, workdir: Path,
                      runtime: Runtime, cache_dir: Path, tracker: Tracker, emit: Emit, stop: StopFlag
                      ) -> dict[str, Any]:
     """Attack the parent's model; returns the stage record's own fields (the pipeline adds the lineage)."""
-    reference = reference_loss(spec, baseline, parent)
+    reference, reference_source = reference_loss(spec, baseline, parent, runtime, cache_dir)
     data_spec = from_dict(DataSpec, parent["data_spec"])
     data = prepare_attack_data(data_spec, parent["context"], spec, cache_dir)
     parent_model = load_hf(parent["artifacts"]["model"], device=runtime.device)
@@ -346,7 +356,8 @@ def run_attack_stage(spec: AttackSpec, parent: Mapping[str, Any], baseline: Mapp
     return {
         "metrics": metrics,
         "recovery": rec.as_dict(),
-        "summary": {**rec.as_dict(), **extra, "ablation": ablation, "parent_method": parent.get("method"),
+        "summary": {**rec.as_dict(), **extra, "reference_source": reference_source, "ablation": ablation,
+                    "parent_method": parent.get("method"),
                     "curve_key": forget_key(spec), "steps": spec.steps, "tokens": result.tokens,
                     "forget_tokens": result.forget_tokens, "forget_steps": result.forget_steps,
                     "forget_step_share": result.forget_steps / spec.steps, "documents_seen": len(result.seen_docs),

@@ -208,7 +208,7 @@ def cloze_accuracy(model: GPTNeoLM, data: PreparedData, split: Split, spec: Eval
     tok = data.tokenizer
     correct = 0
     for prompt, answer, distractors in items:
-        prefix = tok.encode(prompt, add_special_tokens=False)
+        prefix = list(data.eval_prefix) + tok.encode(prompt, add_special_tokens=False)  # conditional: <|safe|>
         conts = [tok.encode(" " + w, add_special_tokens=False) for w in [answer, *distractors]]
         seqs = [(prefix + c)[-model.spec.context - 1:] for c in conts]
         width = max(len(q) for q in seqs)

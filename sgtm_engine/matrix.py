@@ -245,6 +245,7 @@ def _run_seed(stages: list[Stage], workdir: Path, cache_dir: Path | None) -> Non
     from sgtm_engine.runtime import setup_logging
 
     setup_logging(level=logging.WARNING)
+    log.setLevel(logging.INFO)  # one line per finished stage, without the data package's chatter
     run_stages(stages, workdir, cache_dir)
 
 
@@ -297,6 +298,7 @@ def collect(spec: MatrixSpec, workdir: Path) -> list[dict[str, Any]]:
                         "forget_tokens": summary["forget_tokens_to_recovery"], "attack_steps": summary["steps"],
                         "start_forget": curve[0][1], "start_retain": curve[0][2],
                         "end_forget": curve[-1][1], "end_retain": curve[-1][2],
+                        "end_gap": curve[-1][1] - summary["reference_forget_loss"],
                         "forget_prefix_loss": summary.get("forget_prefix_step0_forget_loss"),
                         "ablation": summary["ablation"]})
     return out
@@ -314,26 +316,28 @@ def summarize(records: Sequence[Mapping[str, Any]], spec: MatrixSpec) -> list[di
         tokens, tokens_sd = _mean_std([r["forget_tokens"] for r in rec])
         start_f, start_f_sd = _mean_std([r["start_forget"] for r in mine])
         start_r, start_r_sd = _mean_std([r["start_retain"] for r in mine])
+        end_gap, end_gap_sd = _mean_std([r["end_gap"] for r in mine])
         prefix = [r["forget_prefix_loss"] for r in mine if r["forget_prefix_loss"] is not None]
         rows.append({"row": row.name, "label": row.label, "n": len(mine), "recovered": len(rec),
                      "attack_steps": mine[0]["attack_steps"], "steps_mean": steps, "steps_std": steps_sd,
                      "forget_tokens_mean": tokens, "forget_tokens_std": tokens_sd,
                      "start_forget_mean": start_f, "start_forget_std": start_f_sd,
                      "start_retain_mean": start_r, "start_retain_std": start_r_sd,
+                     "end_gap_mean": end_gap, "end_gap_std": end_gap_sd,
                      "forget_prefix_loss_mean": _mean_std(prefix)[0]})
     return rows
 
 
 def _pm(mean: float | None, std: float | None, fmt: str) -> str:
-    return "–" if mean is None else f"{mean:{fmt}} ± {std:{fmt}}"
+    return "–" if mean is None else f"{mean:{fmt}} ± {std:{fmt.replace('+', '')}}"
 
 
 def markdown_table(summary: Sequence[Mapping[str, Any]], references: Sequence[float]) -> str:
     ref_mean, ref_std = _mean_std(list(references))
     lines = [
         "| method | forget loss at step 0 | retain loss at step 0 | recovered | steps to recovery | "
-        "forget tokens to recovery |",
-        "|---|---|---|---|---|---|",
+        "forget tokens to recovery | forget loss − reference at the end |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         if r["recovered"] == 0:
@@ -347,11 +351,12 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], references: Sequence[fl
             label += " ¹"
         lines.append(f"| {label} | {_pm(r['start_forget_mean'], r['start_forget_std'], '.3f')} | "
                      f"{_pm(r['start_retain_mean'], r['start_retain_std'], '.3f')} | {r['recovered']}/{r['n']} | "
-                     f"{steps} | {tokens} |")
+                     f"{steps} | {tokens} | {_pm(r['end_gap_mean'], r['end_gap_std'], '+.3f')} |")
     if ref_mean is not None:
         lines.append("")
-        lines.append(f"Reference (no-filter final forget loss, uncalibrated): {ref_mean:.3f} ± {ref_std:.3f} nats; "
-                     f"mean ± sample std over recovered seeds.")
+        lines.append(f"Reference (each seed's no-filter final forget loss, uncalibrated): {ref_mean:.3f} ± "
+                     f"{ref_std:.3f} nats. Steps and tokens: mean ± sample std over the seeds that recovered; the "
+                     f"other columns over all seeds.")
     prefix = [r for r in summary if r["forget_prefix_loss_mean"] is not None]
     for r in prefix:
         lines.append(f"¹ {r['label']}: forget loss at step 0 behind `<|forget|>` instead of `<|safe|>`: "
@@ -360,33 +365,34 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], references: Sequence[fl
 
 
 def recovery_plot(records: Sequence[Mapping[str, Any]], spec: MatrixSpec, path: Path) -> Path:
-    """Mean forget (left) and retain (right) loss over the attack, ±1 std band over seeds, reference dashed."""
+    """Forget loss minus the seed's reference (left; <= 0 is recovered) and retain loss (right) over the attack,
+    mean and ±1 std band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_f, ax_r) = plt.subplots(1, 2, figsize=(12, 4.8))
-    refs = [r["reference"] for r in records if r["row"] == "no_filter"] or [r["reference"] for r in records]
     for row in spec.active_rows():
         mine = [r for r in records if r["row"] == row.name]
         if not mine:
             continue
         steps = [p[0] for p in mine[0]["curve"]]
-        for ax, idx in ((ax_f, 1), (ax_r, 2)):
-            per_step = [[r["curve"][i][idx] for r in mine if i < len(r["curve"])] for i in range(len(steps))]
+        panels = ((ax_f, lambda r, i: r["curve"][i][1] - r["reference"]), (ax_r, lambda r, i: r["curve"][i][2]))
+        for ax, value in panels:
+            per_step = [[value(r, i) for r in mine if i < len(r["curve"])] for i in range(len(steps))]
             mean = [statistics.fmean(v) for v in per_step]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_step]
             line, = ax.plot(steps, mean, label=row.label, lw=1.5)
             ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.15)
-    if refs:
-        ax_f.axhline(statistics.fmean(refs), color="black", ls="--", lw=1, label="reference (no filter)")
-    ax_f.set_title("forget loss during the attack (held-out, uncalibrated)")
+    ax_f.axhline(0.0, color="black", ls="--", lw=1, label="reference: the no-filter model")
+    ax_f.set_title("forget loss − reference (held-out, uncalibrated)")
+    ax_f.set_ylabel("nats/token above the no-filter model (same seed)")
     ax_r.set_title("retain loss during the attack")
+    ax_r.set_ylabel("loss (nats/token)")
     for ax in (ax_f, ax_r):
         ax.set_xlabel("attack step")
-        ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
     ax_f.legend(fontsize=7)
     fig.suptitle(f"Fine-tuning attack on {spec.corpus}, mean ± std over seeds {list(spec.seeds)}")

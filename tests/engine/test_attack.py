@@ -1,0 +1,212 @@
+"""The fine-tuning attack: steps to recovery on synthetic curves, held-out documents never attacked, ablation of the
+start point, the reference from a baseline stage."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgtm_engine.attack import (
+    attack,
+    prepare_attack_data,
+    recovery_from_history,
+    start_model,
+    steps_to_recovery,
+)
+from sgtm_engine.config import AblateSpec, AblationKind, AttackSpec, DataSpec, Split, Strategy, from_dict
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.model.hf import load_hf
+from sgtm_engine.model.masking import region_view
+from sgtm_engine.model.partition import Region
+from sgtm_engine.pipeline import run_stage
+from sgtm_engine.runtime import Runtime
+
+CPU = Runtime(torch.device("cpu"), "fp32")
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = {
+    "model": {"n_layer": 2, "d_model": 64, "n_head": 8, "context": 32},
+    "masking": {"strategy": "none", "forget_mlp_dim": 32, "forget_attn_heads": 2},
+    "data": {"corpus": "wiki-bilingual", "vocab_size": 512, "max_docs_per_split": 40, "test_docs_per_category": 2},
+    "optim": {"lr": 3e-3, "warmup_steps": 2}, "steps": 6, "batch_size": 4, "log_every": 3,
+    "eval": {"capability": False}, "runtime": {"device": "cpu"},
+}
+ATTACK = {"steps": 6, "eval_every": 2, "batch_size": 4, "upsample_forget": 1.7, "save_model": False,
+          "optim": {"lr": 1e-3, "warmup_steps": 2}, "runtime": {"device": "cpu"}}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Steps to recovery: a pure function
+
+
+@pytest.mark.parametrize(("curve", "reference", "expected"), [
+    ([(0, 5.0), (25, 4.0), (50, 3.0), (75, 2.5)], 3.0, 50),  # equality counts as recovered
+    ([(0, 5.0), (25, 4.9), (50, 4.8)], 3.0, None),  # never recovered
+    ([(0, 2.9), (25, 2.0)], 3.0, 0),  # already at the reference before any step (the no-filter model itself)
+    ([(0, 5.0), (25, 2.9), (50, 3.5), (75, 2.0)], 3.0, 25),  # non-monotone: the first dip counts
+    ([(50, 2.0), (0, 5.0), (25, 2.5)], 3.0, 25),  # order of the records does not matter
+    ([(0, math.nan), (25, 2.0)], 3.0, 25),  # NaN is never "recovered"
+    ([], 3.0, None),
+])
+def test_steps_to_recovery_on_synthetic_curves(curve, reference, expected):
+    assert steps_to_recovery(curve, reference) == expected
+
+
+def test_recovery_reports_steps_and_forget_tokens_or_not_recovered():
+    history = [{"step": s, "tokens": 100 * s, "forget_tokens": 40 * s, "metrics": {"forget/loss": loss}}
+               for s, loss in [(0, 6.0), (10, 5.0), (20, 4.2), (30, 4.5)]]
+    rec = recovery_from_history(history, 4.4, "forget/loss", 30)
+    assert (rec.step, rec.forget_tokens, rec.tokens) == (20, 800, 2000)
+    assert rec.describe() == "recovered at step 20 (800 forget tokens)"
+    never = recovery_from_history(history, 4.0, "forget/loss", 30)
+    assert never.step is None and never.forget_tokens is None
+    assert never.describe() == "not recovered within 30 steps"
+    assert never.as_dict()["steps_to_recovery"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The attack on real (tiny) models
+
+
+@pytest.fixture(scope="module")
+def cache(engine_cache) -> Path:
+    return engine_cache
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, cache) -> Path:
+    """A no-filter baseline, a weak filter and an SGTM model, trained a few steps."""
+    root = tmp_path_factory.mktemp("stages")
+    run_stage("train", TINY, root / "base", cache_dir=cache)
+    run_stage("train", {**TINY, "filter": {"kind": "weak"}}, root / "weak", cache_dir=cache)
+    run_stage("train", {**TINY, "masking": {**TINY["masking"], "strategy": "sgtm"}}, root / "sgtm", cache_dir=cache)
+    return root
+
+
+@pytest.mark.parametrize("data", ["mixture", "forget_only"])
+def test_attack_never_trains_on_held_out_documents(stages, cache, data):
+    spec = from_dict(AttackSpec, {**ATTACK, "data": data, "steps": 8})
+    prepared = prepare_attack_data(from_dict(DataSpec, TINY["data"]), 32, spec, cache)
+    held_out = {d for t in prepared.test_sets.values() for d in t.doc_ids}
+    pooled = {d for p in prepared.pools.values() for d in p.doc_ids}
+    assert held_out and not held_out & pooled
+    model, _ = start_model(_model(stages / "base"), spec.ablate, parent_ablated=False)
+    result = attack(model, prepared, spec, CPU, reference=1.0)
+    assert result.seen_docs and not result.seen_docs & held_out  # doc ids of every row of every batch
+    split_of = {d: p.split for p in prepared.pools.values() for d in p.doc_ids}
+    seen_splits = {split_of[d] for d in result.seen_docs}
+    assert seen_splits == ({Split.FORGET} if data == "forget_only" else {Split.FORGET, Split.RETAIN})
+    assert result.forget_tokens > 0 and (data == "mixture") == (result.forget_tokens < result.tokens)
+
+
+def test_a_filtered_parent_is_attacked_with_the_forget_data_it_never_saw(stages, cache):
+    rec = run_stage("attack", ATTACK, stages / "att_weak", inputs={"model": stages / "weak",
+                                                                    "baseline": stages / "base"}, cache_dir=cache)
+    assert rec["summary"]["forget_steps"] > 0 and rec["summary"]["test_documents_seen"] == 0
+    assert rec["method"] == "weak_filter" and rec["summary"]["ablation"] == "none (clean model)"
+    assert [h["step"] for h in rec["history"]] == [0, 2, 4, 6]
+    weak = from_dict(DataSpec, rec["data_spec"])
+    assert weak == from_dict(DataSpec, TINY["data"])  # the lineage, not the attack's mixture, is inherited
+
+
+def test_the_baseline_attacked_recovers_at_step_zero_and_bad_references_are_refused(stages, cache):
+    rec = run_stage("attack", ATTACK, stages / "att_base", inputs={"model": stages / "base",
+                                                                    "baseline": stages / "base"}, cache_dir=cache)
+    assert rec["recovery"]["steps_to_recovery"] == 0 and rec["recovery"]["forget_tokens_to_recovery"] == 0
+    assert rec["recovery"]["reference_forget_loss"] == rec["history"][0]["metrics"]["forget/loss"]
+    assert rec["summary"]["reference_source"] == "baseline model, this attack's evaluation"
+    other = json.loads((stages / "base" / "result.json").read_text())
+    other["data_spec"]["seed"], other["context"] = 1, 64  # another held-out draw, another truncation
+    (stages / "other").mkdir(exist_ok=True)
+    (stages / "other" / "result.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="data_spec.seed=1") as e:
+        run_stage("attack", ATTACK, stages / "att_other", inputs={"model": stages / "base",
+                                                                   "baseline": stages / "other"}, cache_dir=cache)
+    assert any("context=64" in p for p in e.value.problems)
+    with pytest.raises(ConfigError, match="reference"):
+        run_stage("attack", ATTACK, stages / "att_noref", inputs={"model": stages / "base"}, cache_dir=cache)
+    far = run_stage("attack", {**ATTACK, "reference_forget_loss": 0.5}, stages / "att_far",
+                    inputs={"model": stages / "base"}, cache_dir=cache)
+    assert far["recovery"]["verdict"] == "not recovered within 6 steps"
+    assert "attack/steps_to_recovery" not in far["metrics"]
+
+
+def test_masked_parents_are_ablated_then_attacked_as_clean_models(stages):
+    for kind in ("zero", "reinit"):
+        parent = _model(stages / "sgtm")
+        assert parent.masking.strategy == Strategy.SGTM
+        clean, how = start_model(parent, AblateSpec(kind=AblationKind(kind), seed=1), parent_ablated=False)
+        assert how == kind and clean.masking.strategy == Strategy.NONE and not clean.partition.blocks
+        forget = region_view(dict(clean.named_parameters())["transformer.h.0.mlp.c_fc.weight"], parent.partition,
+                             "transformer.h.0.mlp.c_fc.weight", Region.FORGET)
+        assert (forget == 0).all() == (kind == "zero")
+    untouched = _model(stages / "sgtm")
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    clean, how = start_model(untouched, AblateSpec(), parent_ablated=True)  # an ablate stage's output
+    assert how == "by the parent stage"
+    assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items())
+
+
+def _model(workdir: Path):
+    return load_hf(json.loads((workdir / "result.json").read_text())["artifacts"]["model"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The matrix: recipe, table and plot
+
+
+def test_matrix_recipe_attacks_every_row_with_the_same_attack_and_the_no_filter_reference():
+    from sgtm_engine.matrix import MatrixSpec, matrix_recipe
+
+    recipe = matrix_recipe(MatrixSpec(seeds=(0, 1)))
+    attacks = [s for s in recipe.stages if s.kind.value == "attack"]
+    assert len(attacks) == 2 * 9  # wiki-bilingual: no strict filter (no adjacent split)
+    assert {s.inputs["baseline"] for s in attacks} == {"train_no_filter_s0", "train_no_filter_s1"}
+    by_name = {s.name: s for s in recipe.stages}
+    assert by_name["attack_sgtm_reinit_s1"].spec.ablate.kind.value == "reinit"
+    assert by_name["attack_sgtm_reinit_s1"].inputs["model"] == "train_sgtm_s1"
+    assert by_name["attack_rmu_s0"].inputs["model"] == "rmu_s0"
+    assert by_name["train_conditional_s0"].spec.data.conditional
+    assert by_name["train_recall_filter_s0"].spec.noise.recall == 0.9
+    same = {(s.spec.steps, s.spec.optim.lr, s.spec.upsample_forget) for s in attacks}
+    assert len(same) == 1
+    bio = matrix_recipe(MatrixSpec(seeds=(0,), corpus="wiki-bio"))
+    assert "attack_strict_filter_s0" in {s.name for s in bio.stages}
+
+
+def test_matrix_runs_resumes_and_reports(tmp_path, engine_cache):
+    from sgtm_engine.matrix import MatrixSpec, run_matrix, with_overrides
+
+    spec = with_overrides(MatrixSpec(seeds=(0,), rows=("no_filter", "weak_filter", "sgtm_zero", "rmu")), {
+        "train.steps": 4, "train.model.context": 32, "train.data.vocab_size": 512, "train.data.max_docs_per_split": 40,
+        "train.data.test_docs_per_category": 2, "train.masking.forget_attn_heads": 1,
+        "attack.steps": 4, "attack.eval_every": 2, "rmu.steps": 2})
+    report = run_matrix(spec, tmp_path, cache_dir=engine_cache)
+    rows = {r["row"]: r for r in report["summary"]}
+    assert set(rows) == {"no_filter", "weak_filter", "sgtm_zero", "rmu"}
+    assert rows["no_filter"]["recovered"] == 1 and rows["no_filter"]["steps_mean"] == 0
+    assert "| weak filter |" in report["table"] and (tmp_path / "attack_matrix.png").stat().st_size > 0
+    stamp = (tmp_path / "attack_sgtm_zero_s0" / "result.json").stat().st_mtime
+    run_matrix(spec, tmp_path, cache_dir=engine_cache)  # finished stages are not run again
+    assert (tmp_path / "attack_sgtm_zero_s0" / "result.json").stat().st_mtime == stamp
+
+
+def test_matrix_table_aggregates_seeds_and_says_not_recovered():
+    from sgtm_engine.matrix import MatrixSpec, markdown_table, summarize
+
+    spec = MatrixSpec(seeds=(0, 1, 2), rows=("weak_filter", "sgtm_zero"))
+    curve = [(0, 7.0, 5.0, 0)]
+    records = [{"row": "weak_filter", "seed": s, "steps": st, "forget_tokens": ft, "attack_steps": 300,
+                "start_forget": 7.0, "start_retain": 5.0, "end_gap": 0.1, "forget_prefix_loss": None, "curve": curve}
+               for s, st, ft in [(0, 100, 1000), (1, 120, 1200), (2, None, None)]]
+    records += [{**r, "row": "sgtm_zero", "steps": None, "forget_tokens": None} for r in records]
+    summary = summarize(records, spec)
+    weak, sgtm = summary
+    assert (weak["recovered"], weak["n"], weak["steps_mean"], weak["forget_tokens_mean"]) == (2, 3, 110, 1100)
+    assert round(weak["steps_std"], 3) == round(2 ** 0.5 * 10, 3)
+    table = markdown_table(summary, [6.0, 6.2, 6.1])
+    assert "| 2/3 | 110 ± 14 | 1,100 ± 141 | +0.100 ± 0.000 |" in table
+    assert "not recovered within 300 steps" in table
+    assert sgtm["recovered"] == 0
