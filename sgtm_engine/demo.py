@@ -46,19 +46,30 @@ def demo_recipe(quick: bool) -> Recipe:
         "data": {"corpus": "wiki-bilingual", "vocab_size": 4096, "test_docs_per_category": 25},
         "noise": {"recall": 0.98, "granularity": "document", "seed": 0},
         "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.1},
-        "steps": 40 if quick else 300, "batch_size": 16, "eval_every": 20 if quick else 50, "eval_ablated": True,
+        "steps": 40 if quick else 300, "batch_size": 16, "eval_every": None if quick else 50, "eval_ablated": True,
         "checkpoint_every": 100, "log_every": 5, "seed": 0,
         # the train stage tracks losses along the way; the evaluate stage measures capability once at the end
-        "eval": {"max_batches": 2 if quick else 4, "capability": False},
+        "eval": {"max_batches": 1 if quick else 4, "capability": False},
     }
-    evaluate = {"calibrate": {"steps": 20 if quick else 50, "batch_size": 8, "alpha": 100.0},
-                "eval": {"max_batches": 4 if quick else 12, "n_samples": 16 if quick else 48, "sample_tokens": 24}}
+    evaluate = {"calibrate": {"steps": 10 if quick else 50, "batch_size": 8, "alpha": 100.0},
+                "eval": {"max_batches": 2 if quick else 12, "n_samples": 8 if quick else 48, "sample_tokens": 24}}
+    # A short fine-tuning attack on the two models that removed Spanish best: how many steps on a Spanish-heavy
+    # mixture bring the forget loss back to the no-filter model's? (The full matrix: `sgtm attack-matrix`.)
+    attack = {"steps": 20 if quick else 60, "eval_every": 10 if quick else 20, "batch_size": 16,
+              "upsample_forget": 1.7, "save_model": False, "optim": {"lr": 1e-3, "warmup_steps": 10},
+              "eval": {"max_batches": 1, "capability": False}}
     stages = []
     for method, extra in METHODS.items():
         stages.append({"name": f"train_{method}", "kind": "train", "spec": _merge(train, extra)})
         stages.append({"name": f"eval_{method}", "kind": "evaluate", "inputs": {"model": f"train_{method}"},
                        "spec": evaluate})
+    for method in ATTACKED:
+        stages.append({"name": f"attack_{method}", "kind": "attack", "spec": attack,
+                       "inputs": {"model": f"train_{method}", "baseline": "train_no_filter"}})
     return load_recipe({"name": "demo-quick" if quick else "demo", "stages": stages})
+
+
+ATTACKED = ("recall_filter", "sgtm")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,7 +87,7 @@ class _Progress:
         self.tasks = {}
         self.current: str | None = None
         for stage in recipe.stages:
-            total = stage.spec.steps if stage.kind == StageKind.TRAIN else 1
+            total = stage.spec.steps if stage.kind in (StageKind.TRAIN, StageKind.ATTACK) else 1
             self.tasks[stage.name] = self.bar.add_task(stage.name, total=total, info="")
         self.order = [s.name for s in recipe.stages]
 
@@ -108,6 +119,16 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             "tokens_per_s": tr["tokens_per_s"],
         })
     return rows
+
+
+def attack_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for method in ATTACKED:
+        rec = results["stages"].get(f"attack_{method}", {}).get("recovery")
+        if rec:
+            lines.append(f"- {method}: {rec['verdict']} (reference forget loss {rec['reference_forget_loss']:.3f}, "
+                         f"the no-filter model's)")
+    return lines
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -163,7 +184,9 @@ def run_demo(workdir: Path, quick: bool = False, cache_dir: Path | None = None) 
         results = run_recipe(recipe, workdir, cache_dir=cache_dir, emit=progress, experiment=recipe.name)
     rows = summarize(results)
     table = markdown_table(rows)
-    (workdir / "demo_table.md").write_text(table + "\n")
+    attacks = attack_lines(results)
+    (workdir / "demo_table.md").write_text(table + "\n\nFine-tuning attack (Spanish-heavy mixture):\n"
+                                           + "\n".join(attacks) + "\n")
     (workdir / "demo_rows.json").write_text(json.dumps(rows, indent=2))
     plot = tradeoff_plot(results, workdir / "tradeoff.png")
     if results.get("mlflow_parent_run_id"):
@@ -175,6 +198,9 @@ def run_demo(workdir: Path, quick: bool = False, cache_dir: Path | None = None) 
     minutes = (time.time() - started) / 60
     console.print("\nFinal models, zero-ablated and logit-calibrated (unablated in brackets):\n")
     console.print(table)
+    console.print("\nFine-tuning attack on a Spanish-heavy mixture (forget x1.7, lr 1e-3), uncalibrated forget loss:")
+    for line in attacks:
+        console.print(line)
     console.print(f"\nretain/forget trade-off plot: {plot}")
     console.print(f"table: {workdir / 'demo_table.md'}; all numbers: {workdir / 'result.json'}")
     console.print(f"MLflow UI: mlflow ui --backend-store-uri {local_tracking_uri(workdir)}  (then open "

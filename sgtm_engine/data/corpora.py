@@ -153,9 +153,17 @@ def load_corpus(spec: DataSpec) -> Corpus:
     if loader is None:
         raise ConfigError(f"data.corpus={spec.corpus!r}: unknown corpus; choose one of {sorted(_REGISTRY)} "
                           f"or register it first with sgtm_engine.data.register_corpus")
+    cached = _LOADED.get(spec.corpus)
+    if cached is not None and cached[0] is loader:  # a recipe's stages share one process: load each corpus once
+        return cached[1]
     corpus = loader()
     log.info("corpus %s: %d documents %s", corpus.name, len(corpus.documents), corpus.counts())
+    _LOADED[spec.corpus] = (loader, corpus)
     return corpus
+
+
+#: name -> (loader, corpus): corpora are immutable, and re-registering a name swaps the loader (cache miss).
+_LOADED: dict[str, tuple[CorpusLoader, Corpus]] = {}
 
 
 def _ensure_builtins() -> None:
