@@ -881,3 +881,19 @@ def with_overrides(cls: type[T], data: dict[str, Any], overrides: dict[str, Any]
             node = child
         node[leaf] = value
     return from_dict(cls, merged)
+
+
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'model': {'n_layer': 2}} -> {'model.n_layer': '2'}; lists as JSON, everything else `str()`.
+
+    The one rendering of a spec as MLflow params, shared by the engine's tracker and the service's supervisor:
+    both log the spec into the same run, and MLflow accepts a param logged twice only if the value is identical.
+    """
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out

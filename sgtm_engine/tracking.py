@@ -12,13 +12,14 @@ Choices (architecture.md, anchors.md §0.5-0.7):
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 import unicodedata
 from pathlib import Path
 from typing import Any, Protocol
+
+from sgtm_engine.config import flat_params
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,7 @@ def metric_key(name: str) -> str:
     return _INVALID.sub("_", ascii_name)
 
 
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> dotted MLflow params (values as short strings)."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return out
+flatten = flat_params  # kept as the tracker's name for it
 
 
 class MlflowTracker:

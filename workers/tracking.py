@@ -11,11 +11,12 @@ Choices made here:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol
+
+from sgtm_engine.config import flat_params
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +130,7 @@ def make_tracker(uri: str | None, *, artifact_root: Path | None = None) -> Track
     return MlflowTracker(uri, artifact_root=artifact_root)
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """{'model': {'n_layer': 2}} → {'model.n_layer': '2'}; lists as JSON, everything else `str()`.
-
-    The same rendering as the engine's tracker: the train stage logs its spec as `spec.*` params too, and MLflow
-    accepts a param logged twice only if the value is identical."""
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
-    return out
+flatten = flat_params  # the engine's rendering, so both sides log identical spec params
 
 
 def child_env() -> dict[str, str]:
