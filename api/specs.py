@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from api.errors import Problem
-from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash, to_dict
+from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, method_name, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
 
 SAFE_STRING = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
@@ -73,7 +73,7 @@ def validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) 
         message = f"spec: a value cannot be represented ({e.__class__.__name__}: {e})"
         raise SpecProblems([Problem(loc, message)]) from None
     canonical = to_dict(spec)
-    return ValidSpec(spec=canonical, hash=spec_hash(spec), method=_method(kind, canonical), seed=_seed(canonical),
+    return ValidSpec(spec=canonical, hash=spec_hash(spec), method=_method(kind, spec), seed=_seed(canonical),
                      wants_cpu=(canonical.get("runtime") or {}).get("device") == "cpu")
 
 
@@ -113,21 +113,12 @@ def _unsafe_values(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:
     return problems
 
 
-def _method(kind: StageKind, spec: dict[str, Any]) -> str | None:
-    """The tag runs are compared by (anchors.md §3.3). For a train stage, the engine's label
-    (`sgtm_engine.pipeline.method_name`, mirrored here because the API may not import the pipeline; a test keeps
-    them equal); RMU is a method of its own; other stages inherit their parent's."""
+def _method(kind: StageKind, spec: Any) -> str | None:
+    """The tag runs are compared by (anchors.md §3.3): a train spec's engine label (`config.method_name`); RMU is a
+    method of its own; other stages inherit their parent's."""
     if kind == StageKind.RMU:
         return "rmu"
-    if kind != StageKind.TRAIN:
-        return None
-    strategy = (spec.get("masking") or {}).get("strategy", "none")
-    if strategy != "none":
-        return str(strategy)
-    if (spec.get("data") or {}).get("conditional"):
-        return "conditional"
-    filter_kind = (spec.get("filter") or {}).get("kind", "none")
-    return "no_filter" if filter_kind == "none" else f"{filter_kind}_filter"
+    return method_name(spec) if kind == StageKind.TRAIN else None
 
 
 def _seed(spec: dict[str, Any]) -> int | None:

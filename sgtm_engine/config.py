@@ -608,6 +608,18 @@ class TrainSpec:
         _raise_if(p)
 
 
+def method_name(spec: TrainSpec) -> str:
+    """A train spec's method label for tables and MLflow tags (sgtm, gradient_routing, weak_filter, no_filter, ...).
+
+    Lives in the stdlib-only schema so that the engine and the API (which may not import the pipeline) share it.
+    """
+    if spec.masking.strategy != Strategy.NONE:
+        return spec.masking.strategy.value
+    if spec.data.conditional:
+        return "conditional"
+    return "no_filter" if spec.filter.kind == FilterKind.NONE else f"{spec.filter.kind.value}_filter"
+
+
 @dataclass(frozen=True)
 class EvaluateSpec:
     """Evaluate a model (its parent's output): unablated, ablated and calibrated."""

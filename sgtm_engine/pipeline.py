@@ -32,6 +32,7 @@ from sgtm_engine.config import (
     StageKind,
     TrainSpec,
     from_dict,
+    method_name,
     spec_hash,
     to_dict,
 )
@@ -177,17 +178,6 @@ def run_rmu(spec: RmuSpec, workdir: Path, inputs: dict[str, Path], runtime: Runt
 
 STAGE_RUNNERS = {StageKind.TRAIN: run_train, StageKind.ABLATE: run_ablate, StageKind.EVALUATE: run_evaluate,
                  StageKind.ATTACK: run_attack, StageKind.RMU: run_rmu}
-
-
-def method_name(spec: TrainSpec) -> str:
-    """A short method label for tables and MLflow tags (e.g. sgtm, gradient_routing, weak_filter, no_filter)."""
-    from sgtm_engine.config import FilterKind, Strategy
-
-    if spec.masking.strategy != Strategy.NONE:
-        return spec.masking.strategy.value
-    if spec.data.conditional:
-        return "conditional"
-    return "no_filter" if spec.filter.kind == FilterKind.NONE else f"{spec.filter.kind.value}_filter"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Choices (method.md A2-A4, method-reference.md §4-§5):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sgtm_engine.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from sgtm_engine.config import MaskMode, Strategy, TrainSpec, to_dict
+from sgtm_engine.config import CalibrateSpec, MaskMode, Strategy, TrainSpec, to_dict
 from sgtm_engine.data.prepare import PreparedData
 from sgtm_engine.data.sampler import PoolSampler
 from sgtm_engine.errors import Cancelled, DataError
@@ -181,9 +182,7 @@ def _evaluate(model: GPTNeoLM, data: PreparedData, spec: TrainSpec, runtime: Run
     emit({"type": "eval", "step": state.step, "total": spec.steps, "metrics": metrics})
 
 
-def _no_calibration(spec: TrainSpec):
-    import dataclasses
-
+def _no_calibration(spec: TrainSpec) -> CalibrateSpec:
     return dataclasses.replace(spec.calibrate, enabled=False)
 
 

@@ -12,8 +12,7 @@ from api.client_cli import RECIPE_DIR, _load_body
 from api.config import Settings
 from api.main import create_app
 from api.specs import _method
-from sgtm_engine.config import StageKind, TrainSpec, from_dict, to_dict
-from sgtm_engine.pipeline import method_name
+from sgtm_engine.config import StageKind, TrainSpec, from_dict, method_name
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
 
@@ -24,8 +23,7 @@ from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
     {"masking": {"strategy": "none"}, "data": {"conditional": True}},
 ])
 def test_method_labels_match_the_engine(spec: dict) -> None:
-    canonical = to_dict(from_dict(TrainSpec, spec))
-    assert _method(StageKind.TRAIN, canonical) == method_name(from_dict(TrainSpec, spec))
+    assert _method(StageKind.TRAIN, from_dict(TrainSpec, spec)) == method_name(from_dict(TrainSpec, spec))
 
 
 @pytest.fixture
