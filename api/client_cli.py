@@ -1,5 +1,6 @@
 """Service commands of `sgtm` (registered through the `sgtm.commands` entry point): `serve`, `worker`, `submit`,
-`jobs`, `cancel`, `watch`.
+`jobs`, `cancel`, `watch`, and for sweeps `sweep`, `sweeps`, `sweep-status`, `sweep-cancel`, `sweep-resume`,
+`report`.
 
 `serve` starts the embedded stack: the API on SQLite, the local executor (`python -m workers.local`, the same
 supervisor as the Celery workers) and a local MLflow store — one command, nothing to install. `worker` execs a Celery
@@ -168,6 +169,147 @@ def watch(job_ids: Annotated[list[str], typer.Argument(help="job ids, or one pip
         if pipeline:
             job_ids = [j["id"] for j in _request(client, "GET", f"/api/v1/pipelines/{job_ids[0]}").json()["jobs"]]
         raise typer.Exit(_follow(client, job_ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sweeps
+
+
+@service_app.command()
+def sweep(recipe: Annotated[str, typer.Argument(help="a sweep YAML (kind: sweep), or its name in recipes/sweeps/")],
+          set_: Annotated[list[str] | None, typer.Option("--set", help="top-level key, or base STAGE.field=value "
+                                                                      "(YAML value), e.g. train.steps=100")] = None,
+          wait: Annotated[bool, typer.Option("--wait", help="poll until every cell finished; exit 0 when all "
+                                                            "succeeded, 1 if any failed, 3 if any was cancelled")]
+          = False,
+          experiment: Annotated[str | None, typer.Option(help="MLflow experiment")] = None,
+          idempotency_key: Annotated[str | None, typer.Option(help="default: a fresh key (safe retries)")] = None,
+          url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Submit a sweep: cells that already succeeded are reused, running ones attached, failed ones rerun."""
+    body = _load_sweep(recipe, set_ or [])
+    if experiment:
+        body["experiment"] = experiment
+    with _client(url, token, data_root) as client:
+        data = _request(client, "POST", "/api/v1/sweeps", json=body,
+                        headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex}).json()
+        reused = sum(1 for c in data["cells"] if c["reused"])
+        console.print(f"submitted sweep {data['id']}: {len(data['cells'])} cells ({_counts(data['counts'])}; "
+                      f"{reused} reused from earlier submissions)")
+        if wait:
+            raise typer.Exit(_wait_sweep(client, data["id"]))
+
+
+@service_app.command()
+def sweeps(limit: Annotated[int, typer.Option(help="rows")] = 20,
+           url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """List sweeps, newest first."""
+    with _client(url, token, data_root) as client:
+        items = _request(client, "GET", "/api/v1/sweeps", params={"limit": limit}).json()["items"]
+    table = Table("id", "name", "status", "cells", "created")
+    for s in items:
+        table.add_row(s["id"], s["name"], s["status"], _counts(s["counts"]), s["created_at"][:19])
+    console.print(table)
+
+
+@service_app.command("sweep-status")
+def sweep_status(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
+                 url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Every cell of a sweep: variant, grid values, seed, status, pipeline."""
+    with _client(url, token, data_root) as client:
+        data = _request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
+    _print_sweep(data)
+
+
+@service_app.command("sweep-cancel")
+def sweep_cancel(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
+                 url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Cancel every queued or running job of every cell of a sweep."""
+    with _client(url, token, data_root) as client:
+        data = _request(client, "POST", f"/api/v1/sweeps/{sweep_id}/cancel").json()
+    console.print(f"sweep {data['id']}: {_counts(data['counts'])}")
+
+
+@service_app.command("sweep-resume")
+def sweep_resume(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
+                 wait: Annotated[bool, typer.Option("--wait", help="poll until every cell finished")] = False,
+                 url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Run again only the failed or cancelled cells of a sweep."""
+    with _client(url, token, data_root) as client:
+        data = _request(client, "POST", f"/api/v1/sweeps/{sweep_id}/resume").json()
+        console.print(f"sweep {data['id']}: {_counts(data['counts'])}")
+        if wait:
+            raise typer.Exit(_wait_sweep(client, data["id"]))
+
+
+@service_app.command()
+def report(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
+           out: Annotated[Path, typer.Option(help="folder for report.md, report.json and the figures")]
+           = Path("report"),
+           url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """Fetch a sweep's report (tables over seeds, mean ± std, n) and its figures into OUT."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    with _client(url, token, data_root) as client:
+        data = _request(client, "GET", f"/api/v1/sweeps/{sweep_id}/report").json()
+        (out / "report.md").write_text(data["markdown"])
+        (out / "report.json").write_text(json.dumps(data["report"], indent=1, sort_keys=True))
+        for name, link in data["figures"].items():
+            (out / f"{name}.png").write_bytes(_request(client, "GET", link).content)
+    console.print(data["markdown"])
+    console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(data['figures'])} figures to {out}")
+
+
+def _load_sweep(recipe: str, overrides: list[str]) -> dict[str, Any]:
+    path = Path(recipe)
+    if not path.exists():
+        candidates = [RECIPE_DIR / "sweeps" / recipe, RECIPE_DIR / "sweeps" / f"{recipe}.yaml", RECIPE_DIR / recipe,
+                      RECIPE_DIR / f"{recipe}.yaml"]
+        path = next((p for p in candidates if p.exists()), path)
+    if not path.exists():
+        raise typer.BadParameter(f"{recipe!r}: no such file, nor a sweep in {RECIPE_DIR / 'sweeps'}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or data.get("kind") != "sweep":
+        raise typer.BadParameter(f"{path}: expected a sweep (kind: sweep, base, grid, seeds)")
+    for pair in overrides:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set {pair!r}: expected key=value")
+        key, value = key.strip(), yaml.safe_load(raw)
+        if key in ("name", "experiment", "seeds", "seed_paths", "grid", "variants", "description"):
+            data[key] = value
+        else:
+            _apply_override(data.setdefault("base", {}), key, value)
+    return data
+
+
+def _wait_sweep(client: httpx.Client, sweep_id: str) -> int:
+    last = ""
+    while True:
+        data = _request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
+        line = _counts(data["counts"])
+        if line != last:
+            console.print(f"{time.strftime('%H:%M:%S')} sweep {sweep_id[:8]}: {line}")
+            last = line
+        if data["status"] in TERMINAL:
+            _print_sweep(data)
+            return EXIT[data["status"]]
+        time.sleep(3.0)
+
+
+def _print_sweep(data: dict[str, Any]) -> None:
+    table = Table("#", "variant", "params", "seed", "status", "reused", "pipeline", "error")
+    for c in data["cells"]:
+        params = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in c["params"].items())
+        error = (c.get("error") or {}).get("type", "") if c["status"] != "succeeded" else ""
+        table.add_row(str(c["position"]), c.get("variant") or "", params, str(c.get("seed")), c["status"],
+                      "yes" if c["reused"] else "", c["pipeline_id"][:8], error)
+    console.print(table)
+    console.print(f"sweep {data['id']} ({data['name']}): {data['status']}; {_counts(data['counts'])}")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no cells"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class Unauthorized(Exception):
     pass
 
 
+class Unavailable(Exception):
+    """An optional part of the service (e.g. report rendering) is not installed or not reachable."""
+
+
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(InvalidRequest, _invalid)
@@ -57,6 +61,7 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IllegalTransition, _conflict)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(Unavailable, _optional_unavailable)
     app.add_exception_handler(OperationalError, _unavailable)
     app.add_exception_handler(PoolTimeout, _unavailable)
     app.add_exception_handler(DBAPIError, _database_error)
@@ -89,6 +94,10 @@ async def _conflict(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _unauthorized(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _optional_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503)
 
 
 async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ from api.db.session import make_engine, make_session_factory
 from api.errors import install_handlers
 from api.migrate import alembic_config
 from api.queue import Enqueuer, make_enqueuer
-from api.routes import health, jobs, pipelines
+from api.routes import health, jobs, pipelines, sweeps
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     app.state.enqueuer = enqueuer or make_enqueuer(settings)
     app.state.schema_head = _schema_head(settings.ledger_url)
     install_handlers(app)
-    for router in (health.router, jobs.router, pipelines.router):
+    for router in (health.router, jobs.router, pipelines.router, sweeps.router):
         app.include_router(router)
     return app
 

@@ -67,6 +67,24 @@ class PipelineCreate(_Body):
     stages: list[StageCreate] = Field(min_length=1, max_length=64)
 
 
+class SweepCreate(_Body):
+    """A sweep (`sgtm_engine.sweep`): a base pipeline, named variants, a grid of dotted-path overrides and seeds.
+    Cells = variants × grid × seeds; a cell that already succeeded (same cell id, any earlier sweep) is reused, one
+    still running is attached, one that failed or was cancelled runs again."""
+
+    kind: Literal["sweep"] = "sweep"
+    name: StageName = "sweep"
+    description: str | None = Field(None, max_length=4000)
+    experiment: RegistryName | None = None
+    base: dict[str, Any] = Field(description="A pipeline recipe: {'stages': [{name, kind, spec, inputs}, ...]}.")
+    variants: dict[str, Any] | None = Field(None, description="{variant: {'<stage>.<field path>': value}}; "
+                                                              "'<stage>': null drops a stage.")
+    grid: dict[str, Any] | None = Field(None, description="{'<stage>.<field path>': [values]}: cartesian product.")
+    seeds: list[Any] | None = Field(None, description="Seeds; each sets every seed path of the cell.")
+    seed_paths: list[Any] | None = Field(None, description="Dotted paths a seed sets; default: every stage's "
+                                                           "`seed` plus train `noise.seed`.")
+
+
 class Progress(BaseModel):
     step: int | None = None
     total: int | None = None
@@ -139,6 +157,47 @@ class PipelineRead(BaseModel):
     mlflow: MlflowRef | None = None
     created_at: dt.datetime
     links: dict[str, str]
+
+
+class SweepCellRead(BaseModel):
+    cell_id: str = Field(description="spec_hash of the cell's resolved pipeline and seed: the dedupe key.")
+    position: int
+    variant: str | None = None
+    params: dict[str, Any] = Field(description="The cell's grid values by dotted path.")
+    seed: int | None = None
+    status: JobStatus
+    pipeline_id: str
+    reused: bool = Field(description="The pipeline comes from an earlier submission (succeeded or still running).")
+    jobs: dict[str, str] = Field(description="Stage name → job id.")
+    error: JobError | None = None
+
+
+class SweepRead(BaseModel):
+    id: str
+    name: str
+    experiment: str
+    status: JobStatus = Field(description="Derived from the cells, like a pipeline's from its jobs.")
+    counts: dict[str, int] = Field(description="Cells by status.")
+    spec: dict[str, Any] = Field(description="Variants, grid, seeds and seed paths as submitted.")
+    cells: list[SweepCellRead]
+    mlflow: MlflowRef | None = None
+    created_at: dt.datetime
+    links: dict[str, str]
+
+
+class SweepSummary(BaseModel):
+    id: str
+    name: str
+    experiment: str
+    status: JobStatus
+    counts: dict[str, int]
+    created_at: dt.datetime
+    links: dict[str, str]
+
+
+class SweepPage(BaseModel):
+    items: list[SweepSummary]
+    next_cursor: str | None = None
 
 
 class EventRead(BaseModel):

@@ -83,6 +83,11 @@ class SpecProblems(Exception):
         self.problems = problems
 
 
+def check_strings(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:
+    """Every string in `value` must be a registry name or enum value; every number finite (see the module doc)."""
+    return _unsafe_values(value, loc)
+
+
 def _problem(message: str, loc: tuple[str | int, ...]) -> Problem:
     """'model.n_layer=0: must be >= 1' → loc (..., 'model', 'n_layer'); '<root>…' stays at the spec itself."""
     match = _PATH.match(message)

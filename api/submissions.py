@@ -109,17 +109,8 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
         raise InvalidRequest(problems)
 
     try:
-        pipeline = repo.create_pipeline(session, name=body.name, experiment=experiment,
-                                        idempotency_key=idempotency_key, request_hash=request_hash)
-        created: list[Job] = []
-        for stage, valid, resolved in plans:
-            parents = [created[r] if isinstance(r, int) else r for r in resolved.values()]
-            fields = _job_fields(settings, kind=stage.kind, valid=valid, queue=stage.queue, gpus=stage.gpus,
-                                 parents=parents, loc=("body", "stages", len(created)))
-            ready = all(p.status == JobStatus.SUCCEEDED for p in parents)
-            created.append(repo.create(session, inputs={n: p.id for n, p in zip(resolved, parents, strict=True)},
-                                       experiment=experiment, pipeline_id=pipeline.id, stage_name=stage.name,
-                                       will_send=ready, **fields))
+        pipeline, _jobs = create_pipeline_rows(session, settings, name=body.name, experiment=experiment, plans=plans,
+                                               idempotency_key=idempotency_key, request_hash=request_hash)
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -128,6 +119,26 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
             raise
         return existing, False
     return pipeline, True
+
+
+def create_pipeline_rows(session: Session, settings: Settings, *, name: str, experiment: str,
+                         plans: list[tuple[Any, ValidSpec, dict[str, Any]]], idempotency_key: str | None = None,
+                         request_hash: str | None = None, sweep_id: str | None = None,
+                         cell_id: str | None = None) -> tuple[Pipeline, list[Job]]:
+    """Insert a pipeline and its stage jobs (no commit). `plans`: (stage with name/kind/queue/gpus, its valid spec,
+    {input name: index of an earlier plan | an existing Job})."""
+    pipeline = repo.create_pipeline(session, name=name, experiment=experiment, idempotency_key=idempotency_key,
+                                    request_hash=request_hash, sweep_id=sweep_id, cell_id=cell_id)
+    created: list[Job] = []
+    for stage, valid, resolved in plans:
+        parents = [created[r] if isinstance(r, int) else r for r in resolved.values()]
+        fields = _job_fields(settings, kind=stage.kind, valid=valid, queue=stage.queue, gpus=stage.gpus,
+                             parents=parents, loc=("body", "stages", len(created)))
+        ready = all(p.status == JobStatus.SUCCEEDED for p in parents)
+        created.append(repo.create(session, inputs={n: p.id for n, p in zip(resolved, parents, strict=True)},
+                                   experiment=experiment, pipeline_id=pipeline.id, stage_name=stage.name,
+                                   will_send=ready, **fields))
+    return pipeline, created
 
 
 def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Job]) -> list[str]:

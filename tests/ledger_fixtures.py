@@ -16,7 +16,7 @@ from api.db.session import make_engine, make_session_factory
 from api.migrate import upgrade
 
 TOKEN = "test-token-0123456789abcdefghij"
-TABLES = ("job_events", "job_inputs", "jobs", "pipelines")
+TABLES = ("job_events", "job_inputs", "jobs", "sweep_cells", "pipelines", "sweeps")
 
 
 class RecordingEnqueuer:

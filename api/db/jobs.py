@@ -47,9 +47,10 @@ def new_id() -> str:
 
 
 def create_pipeline(session: Session, *, name: str, experiment: str, idempotency_key: str | None = None,
-                    request_hash: str | None = None) -> Pipeline:
+                    request_hash: str | None = None, sweep_id: str | None = None,
+                    cell_id: str | None = None) -> Pipeline:
     pipeline = Pipeline(id=new_id(), name=name, experiment=experiment, idempotency_key=idempotency_key,
-                        request_hash=request_hash, created_at=utcnow())
+                        request_hash=request_hash, created_at=utcnow(), sweep_id=sweep_id, cell_id=cell_id)
     session.add(pipeline)
     session.flush()
     return pipeline

@@ -1,4 +1,5 @@
-"""Ledger tables: pipelines, jobs, the inputs that link a stage to its parents, and throttled job events.
+"""Ledger tables: sweeps and their cells, pipelines, jobs, the inputs that link a stage to its parents, and throttled
+job events.
 
 Table models are not API schemas (`api.schemas` has those). Columns mirror the control plane of anchors.md §2.3:
 status, attempt (the fencing token), lease owner, heartbeat, cancel request, idempotency key.
@@ -20,6 +21,41 @@ EventId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements 
 _STATUSES = ", ".join(f"'{s.value}'" for s in JobStatus)
 
 
+class Sweep(Base):
+    """A grid of pipelines (cells) submitted together: one MLflow parent run over the cells' pipeline runs."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_created_at_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    experiment: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The normalized sweep document (variants, grid, seeds, seed paths; the base lives in the cells' pipelines)."""
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    """Set when every cell had finished and the report was logged; cleared when the sweep is resumed."""
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SweepCell(Base):
+    """One cell of a sweep and the pipeline that currently answers for it: one this sweep created, or, when the
+    same cell (same `cell_id`) already succeeded or is running, the pipeline of an earlier submission."""
+
+    __tablename__ = "sweep_cells"
+
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
+    cell_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    variant: Mapped[str | None] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    pipeline_id: Mapped[str] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"), index=True)
+
+
 class Pipeline(Base):
     """A group of stages submitted together (a train → ablate → evaluate chain, or a sweep): one MLflow parent run."""
 
@@ -34,6 +70,11 @@ class Pipeline(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sweep_id: Mapped[str | None] = mapped_column(ID, index=True)
+    """The sweep that created this pipeline (no foreign key: SQLite cannot add one to an existing table; a later
+    sweep may reuse the pipeline through `sweep_cells`)."""
+    cell_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    """The sweep cell this pipeline runs (`sgtm_engine.sweep`): the dedupe key across sweeps."""
 
 
 class Job(Base):

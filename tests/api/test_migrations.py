@@ -15,7 +15,7 @@ from api.db.session import make_engine
 from api.migrate import alembic_config, downgrade, upgrade
 from tests.conftest import create_database, drop_database
 
-TABLES = {"alembic_version", "jobs", "job_inputs", "job_events", "pipelines"}
+TABLES = {"alembic_version", "jobs", "job_inputs", "job_events", "pipelines", "sweeps", "sweep_cells"}
 
 
 def _roundtrip(url: str) -> None:

@@ -1,0 +1,161 @@
+"""Repository functions for sweeps: keyword-only, an explicit session, no commits (callers own transactions).
+
+A sweep's cells point at the pipeline that currently answers for them (`sweep_cells.pipeline_id`); pipelines carry
+the `cell_id` they run, which is how a later submission finds what already ran: the latest pipeline of a cell id,
+whichever sweep created it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from api.db.base import utcnow
+from api.db.jobs import QUEUED, RUNNING, new_id, pipeline_status
+from api.db.models import Job, Pipeline, Sweep, SweepCell
+
+#: Serializes sweep submissions on PostgreSQL (pg_advisory_xact_lock), so two submissions sharing a cell cannot both
+#: start it. SQLite (embedded) serializes writers by itself.
+SUBMIT_LOCK = 0x5377_6565_70
+
+
+def lock_submissions(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SUBMIT_LOCK})
+
+
+def create_sweep(session: Session, *, name: str, experiment: str, spec: dict[str, Any],
+                 idempotency_key: str | None = None, request_hash: str | None = None) -> Sweep:
+    sweep = Sweep(id=new_id(), name=name, experiment=experiment, spec=spec, idempotency_key=idempotency_key,
+                  request_hash=request_hash, created_at=utcnow())
+    session.add(sweep)
+    session.flush()
+    return sweep
+
+
+def get_sweep(session: Session, *, sweep_id: str) -> Sweep | None:
+    return session.get(Sweep, sweep_id)
+
+
+def get_sweep_by_idempotency_key(session: Session, *, key: str) -> Sweep | None:
+    return session.scalar(select(Sweep).where(Sweep.idempotency_key == key))
+
+
+def release_sweep_key(session: Session, *, sweep_id: str) -> None:
+    session.execute(update(Sweep).where(Sweep.id == sweep_id).values(idempotency_key=None)
+                    .execution_options(synchronize_session=False))
+
+
+def list_sweeps(session: Session, *, limit: int = 50, before: tuple[dt.datetime, str] | None = None) -> list[Sweep]:
+    stmt = select(Sweep)
+    if before is not None:
+        created, sweep_id = before
+        stmt = stmt.where(or_(Sweep.created_at < created, and_(Sweep.created_at == created, Sweep.id < sweep_id)))
+    return list(session.scalars(stmt.order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit)))
+
+
+def add_cell(session: Session, *, sweep_id: str, cell_id: str, position: int, variant: str | None,
+             params: dict[str, Any], seed: int | None, pipeline_id: str) -> SweepCell:
+    cell = SweepCell(sweep_id=sweep_id, cell_id=cell_id, position=position, variant=variant, params=params,
+                     seed=seed, pipeline_id=pipeline_id)
+    session.add(cell)
+    return cell
+
+
+def set_cell_pipeline(session: Session, *, sweep_id: str, cell_id: str, pipeline_id: str) -> None:
+    session.execute(update(SweepCell).where(SweepCell.sweep_id == sweep_id, SweepCell.cell_id == cell_id)
+                    .values(pipeline_id=pipeline_id).execution_options(synchronize_session=False))
+
+
+def cells(session: Session, *, sweep_id: str) -> list[SweepCell]:
+    return list(session.scalars(select(SweepCell).where(SweepCell.sweep_id == sweep_id)
+                                .order_by(SweepCell.position)))
+
+
+def latest_pipelines(session: Session, *, cell_ids: Iterable[str]) -> dict[str, Pipeline]:
+    """{cell id: the newest pipeline that ran it}, over every sweep."""
+    ids = list(set(cell_ids))
+    out: dict[str, Pipeline] = {}
+    for i in range(0, len(ids), 500):
+        rows = session.scalars(select(Pipeline).where(Pipeline.cell_id.in_(ids[i:i + 500]))
+                               .order_by(Pipeline.created_at, Pipeline.id))
+        for pipeline in rows:
+            assert pipeline.cell_id is not None
+            out[pipeline.cell_id] = pipeline  # ascending order: the last one wins
+    return out
+
+
+def jobs_of(session: Session, *, pipeline_ids: Iterable[str]) -> dict[str, list[Job]]:
+    """{pipeline id: its jobs in creation order}."""
+    ids = list(set(pipeline_ids))
+    out: dict[str, list[Job]] = {p: [] for p in ids}
+    for i in range(0, len(ids), 500):
+        for job in session.scalars(select(Job).where(Job.pipeline_id.in_(ids[i:i + 500]))
+                                   .order_by(Job.created_at, Job.id)):
+            assert job.pipeline_id is not None
+            out[job.pipeline_id].append(job)
+    return out
+
+
+def statuses(jobs_by_pipeline: dict[str, list[Job]]) -> dict[str, str]:
+    """{pipeline id: its status} (`jobs.pipeline_status`)."""
+    return {p: pipeline_status(j.status for j in jobs) for p, jobs in jobs_by_pipeline.items()}
+
+
+def sweep_ids_of(session: Session, *, pipeline_ids: Iterable[str]) -> list[str]:
+    """The sweeps whose cells point at any of these pipelines."""
+    ids = list(pipeline_ids)
+    if not ids:
+        return []
+    return list(session.scalars(select(SweepCell.sweep_id).where(SweepCell.pipeline_id.in_(ids)).distinct()))
+
+
+def active_sweep_ids(session: Session) -> list[str]:
+    """Sweeps whose report is not yet logged (candidates for closing)."""
+    return list(session.scalars(select(Sweep.id).where(Sweep.mlflow_closed_at.is_(None))))
+
+
+def is_finished(session: Session, *, sweep_id: str) -> bool:
+    """Every job of every cell's pipeline is final."""
+    active = session.scalar(select(func.count()).select_from(Job)
+                            .join(SweepCell, SweepCell.pipeline_id == Job.pipeline_id)
+                            .where(SweepCell.sweep_id == sweep_id, Job.status.in_([QUEUED, RUNNING])))
+    return not active
+
+
+def report_records(session: Session, *, sweep_id: str) -> list[dict[str, Any]]:
+    """What `sgtm_engine.report.build_report` reads: one record per cell, in cell order:
+    {cell_id, variant, params, seed, status, pipeline_id, stages: {stage name: the job's result (None unless it
+    succeeded)}}."""
+    rows = cells(session, sweep_id=sweep_id)
+    jobs = jobs_of(session, pipeline_ids=[c.pipeline_id for c in rows])
+    status = statuses(jobs)
+    return [{"cell_id": c.cell_id, "variant": c.variant, "params": dict(c.params), "seed": c.seed,
+             "status": status[c.pipeline_id], "pipeline_id": c.pipeline_id,
+             "stages": {j.stage_name or j.kind: j.result for j in jobs[c.pipeline_id]}} for c in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MLflow parent run and report (the worker side)
+
+
+def claim_sweep_run(session: Session, *, sweep_id: str, experiment_id: str, run_id: str) -> bool:
+    result = session.execute(update(Sweep).where(Sweep.id == sweep_id, Sweep.mlflow_run_id.is_(None))
+                             .values(mlflow_experiment_id=experiment_id, mlflow_run_id=run_id)
+                             .execution_options(synchronize_session=False))
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def claim_sweep_close(session: Session, *, sweep_id: str) -> bool:
+    result = session.execute(update(Sweep).where(Sweep.id == sweep_id, Sweep.mlflow_closed_at.is_(None))
+                             .values(mlflow_closed_at=utcnow()).execution_options(synchronize_session=False))
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def reopen_sweep(session: Session, *, sweep_id: str) -> None:
+    session.execute(update(Sweep).where(Sweep.id == sweep_id).values(mlflow_closed_at=None)
+                    .execution_options(synchronize_session=False))

@@ -1,0 +1,89 @@
+"""Sweep reports for the API: `sgtm_engine.report.build_report` over the ledger's records, rendered once per state.
+
+The rendering (tables + matplotlib Agg figures) is cached under `<data_root>/reports/<sweep id>/<fingerprint>/`,
+where the fingerprint hashes the records (cell statuses and job results): a finished sweep renders once, a running one
+again whenever a cell finishes. `sgtm_engine.report` is imported on first use: it is torch-free (an import-linter
+contract says so) but pulls in matplotlib, which the API does not need to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from api.config import Settings
+from api.errors import Unavailable
+
+RECORD_KEYS = ("cell_id", "variant", "params", "seed", "status", "stages")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    sweep_id: str
+    outdir: Path
+    report: dict[str, Any]
+    markdown: str
+
+    def figures(self) -> list[str]:
+        return sorted(p.stem for p in self.outdir.glob("*.png"))
+
+    def figure(self, name: str) -> Path | None:
+        path = self.outdir / f"{name}.png"
+        return path if path.is_file() and path.parent == self.outdir else None
+
+    def body(self) -> dict[str, Any]:
+        base = f"/api/v1/sweeps/{self.sweep_id}/report"
+        return {"sweep_id": self.sweep_id, "report": jsonable(self.report), "markdown": self.markdown,
+                "figures": {name: f"{base}/{name}.png" for name in self.figures()}}
+
+
+def render(settings: Settings, sweep_id: str, records: list[dict[str, Any]]) -> Rendered:
+    records = [{k: r.get(k) for k in RECORD_KEYS} for r in records]
+    fingerprint = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = (settings.data_root / "reports" / sweep_id).resolve()
+    outdir = root / fingerprint
+    if not (outdir / "report.json").is_file():
+        build_report, report_markdown = _engine()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            report = build_report(records, tmp)
+            (tmp / "report.md").write_text(report_markdown(report))
+            (tmp / "report.json").write_text(json.dumps(jsonable(report), indent=1, sort_keys=True))
+            try:
+                os.replace(tmp, outdir)
+            except OSError:
+                pass  # another request rendered the same state first; theirs is identical
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report = json.loads((outdir / "report.json").read_text())
+    return Rendered(sweep_id=sweep_id, outdir=outdir, report=report, markdown=(outdir / "report.md").read_text())
+
+
+def _engine() -> tuple[Any, Any]:
+    try:
+        from sgtm_engine.report import build_report, report_markdown
+    except ImportError as e:
+        raise Unavailable(f"sweep reports need sgtm_engine.report and matplotlib, which this installation lacks "
+                          f"({e}); install the 'engine' extra") from None
+    return build_report, report_markdown
+
+
+def jsonable(value: Any) -> Any:
+    """JSON has no NaN or Infinity: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return value.name
+    return value

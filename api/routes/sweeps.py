@@ -1,0 +1,125 @@
+"""/api/v1/sweeps: submit a grid of pipelines (deduped by cell), read it, cancel or resume it, and its report."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.responses import FileResponse
+
+from api import reports
+from api.db import sweeps as sweep_repo
+from api.db.models import Sweep
+from api.deps import AuthDep, EnqueuerDep, SessionDep, SettingsDep
+from api.errors import InvalidRequest, NotFound, Problem
+from api.routes.jobs import ERRORS
+from api.schemas import UUID_PATTERN, IdempotencyKey, SweepCreate, SweepPage, SweepRead
+from api.submissions import send_after_commit
+from api.sweeps import cancel_sweep, resume_sweep, submit_sweep, sweep_read, sweep_summary
+
+router = APIRouter(prefix="/api/v1/sweeps", tags=["sweeps"])
+NOT_FOUND = {404: {"description": "No such sweep"}}
+FIGURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def existing_sweep(sweep_id: str, session: SessionDep) -> Sweep:
+    sweep = sweep_repo.get_sweep(session, sweep_id=sweep_id) if re.match(UUID_PATTERN, sweep_id) else None
+    if sweep is None:
+        raise NotFound(f"sweep {sweep_id[:64]!r} does not exist")
+    return sweep
+
+
+ExistingSweep = Annotated[Sweep, Depends(existing_sweep)]
+
+
+@router.post("", status_code=202, response_model=SweepRead, responses={k: ERRORS[k] for k in (401, 409, 422)})
+def create_sweep(body: SweepCreate, response: Response, session: SessionDep, settings: SettingsDep,
+                 enqueuer: EnqueuerDep, _principal: AuthDep,
+                 idempotency_key: Annotated[IdempotencyKey | None, Header()] = None) -> SweepRead:
+    """Expand the sweep into cells and give each a pipeline: cells that already succeeded (in any sweep) are
+    reused, running ones attached, failed or cancelled ones (and new ones) run."""
+    sweep, created, jobs = submit_sweep(session, settings=settings, body=body, idempotency_key=idempotency_key)
+    if created:
+        send_after_commit(session, enqueuer=enqueuer, jobs=jobs)
+    response.headers["Location"] = f"/api/v1/sweeps/{sweep.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return sweep_read(session, settings, sweep)
+
+
+@router.get("", response_model=SweepPage, responses={422: ERRORS[422]})
+def list_sweeps(session: SessionDep,
+                limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_=-]+$")] = None
+                ) -> SweepPage:
+    """Newest first; page with `next_cursor`."""
+    before = _decode_cursor(cursor) if cursor else None
+    rows = sweep_repo.list_sweeps(session, limit=limit + 1, before=before)
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = None
+    if more and page:
+        next_cursor = base64.urlsafe_b64encode(f"{page[-1].created_at.isoformat()}|{page[-1].id}".encode()).decode()
+    return SweepPage(items=[sweep_summary(session, s) for s in page], next_cursor=next_cursor)
+
+
+@router.get("/{sweep_id}", response_model=SweepRead, responses=NOT_FOUND)
+def get_sweep(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep) -> SweepRead:
+    """Every cell with its status, pipeline and jobs; counts of cells by status."""
+    return sweep_read(session, settings, sweep)
+
+
+@router.post("/{sweep_id}/cancel", status_code=202, response_model=SweepRead,
+             responses={401: ERRORS[401], **NOT_FOUND})
+def cancel(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep, _principal: AuthDep) -> SweepRead:
+    """Cancel every queued or running job of every cell; finished cells keep their state."""
+    cancel_sweep(session, sweep=sweep)
+    return sweep_read(session, settings, sweep)
+
+
+@router.post("/{sweep_id}/resume", status_code=202, response_model=SweepRead,
+             responses={401: ERRORS[401], **NOT_FOUND})
+def resume(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep, enqueuer: EnqueuerDep,
+           _principal: AuthDep) -> SweepRead:
+    """Run again only the cells that failed or were cancelled; succeeded and running cells are left alone."""
+    jobs = resume_sweep(session, settings=settings, sweep=sweep)
+    send_after_commit(session, enqueuer=enqueuer, jobs=jobs)
+    return sweep_read(session, settings, sweep)
+
+
+@router.get("/{sweep_id}/report", responses={**NOT_FOUND, 503: {"description": "Reports are not installed"}})
+def get_report(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    """Tables aggregated over seeds (mean ± std, n per group) from the ledger's job results, as JSON, with the
+    markdown rendering and the names of the figures (`/report/{figure}.png`). Cells not yet finished are left out
+    of the aggregates (their status is listed)."""
+    records = sweep_repo.report_records(session, sweep_id=sweep.id)
+    return reports.render(settings, sweep.id, records).body()
+
+
+@router.get("/{sweep_id}/report/{figure}.png", response_class=FileResponse,
+            responses={**NOT_FOUND, 200: {"content": {"image/png": {}}}})
+def get_figure(sweep: ExistingSweep, figure: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """One figure of the report, as PNG."""
+    if not FIGURE.match(figure) or ".." in figure:
+        raise NotFound(f"figure {figure[:64]!r} does not exist")
+    records = sweep_repo.report_records(session, sweep_id=sweep.id)
+    rendered = reports.render(settings, sweep.id, records)
+    path = rendered.figure(figure)
+    if path is None:
+        raise NotFound(f"figure {figure!r} does not exist; this report has {rendered.figures()}")
+    return FileResponse(path, media_type="image/png")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        created, sweep_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        when = dt.datetime.fromisoformat(created)
+        if when.tzinfo is None or not re.match(UUID_PATTERN, sweep_id):
+            raise ValueError("not a cursor")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest([Problem(("query", "cursor"), "cursor: not a cursor this API issued; pass "
+                                      "`next_cursor` from the previous page unchanged", cursor)]) from None
+    return when, sweep_id

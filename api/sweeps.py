@@ -1,0 +1,257 @@
+"""Submitting, resuming and cancelling sweeps; reading them back. The expansion itself is `sgtm_engine.sweep`.
+
+Dedupe, the rule this module exists for: a cell is identified by its `cell_id` (the hash of its resolved pipeline and
+seed). On every submission and resume, for each cell, the newest pipeline that ran that cell id (in any sweep) is
+looked up:
+- succeeded → reused (the cell points at it; nothing runs);
+- queued or running → attached (the cell points at it; nothing is duplicated);
+- failed, cancelled, or none → a fresh pipeline is created for that cell only.
+Submissions are serialized (a PostgreSQL advisory lock; SQLite serializes writers), so two submissions sharing a cell
+never both start it. A resubmitted sweep is a new sweep row (its own record and MLflow parent run) over the same
+pipelines; `resume` applies the same rule in place to an existing sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.config import Settings
+from api.db import jobs as repo
+from api.db import sweeps as sweep_repo
+from api.db.jobs import CANCELLED, FAILED
+from api.db.models import Job, Pipeline, Sweep
+from api.db.status import ACTIVE
+from api.errors import Conflict, InvalidRequest, Problem
+from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCreate, SweepRead, SweepSummary
+from api.specs import SpecProblems, ValidSpec, check_strings, validate
+from api.submissions import _hash, _ttl_cutoff, create_pipeline_rows
+from sgtm_engine.config import StageKind
+from sgtm_engine.sweep import Cell, SweepError, parse_sweep
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+RERUN = (FAILED, CANCELLED)
+Plan = tuple[StageCreate, ValidSpec, dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Submit, resume, cancel
+
+
+def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
+                 idempotency_key: str | None) -> tuple[Sweep, bool, list[Job]]:
+    """Returns (sweep, created, jobs created). Commits."""
+    data = body.model_dump(mode="json", exclude_none=True)
+    request_hash = _hash(data)
+    if idempotency_key is not None:
+        existing = _replay(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        if existing is not None:
+            return existing, False, []
+    problems: list[Problem] = []
+    for key in ("base", "variants", "grid"):
+        if key in data:
+            problems += check_strings(data[key], ("body", key))
+    if problems:
+        raise InvalidRequest(problems)
+    try:
+        definition = parse_sweep(data)
+    except SweepError as e:
+        raise InvalidRequest([Problem(("body",) + p.loc, p.msg, p.input) for p in e.sweep_problems]) from None
+    plans = {cell.cell_id: _cell_plans(cell) for cell in definition.cells}
+    experiment = body.experiment or settings.mlflow_experiment
+    spec = definition.to_dict() | {"base": data["base"]}
+    try:
+        sweep_repo.lock_submissions(session)
+        sweep = sweep_repo.create_sweep(session, name=body.name, experiment=experiment, spec=spec,
+                                        idempotency_key=idempotency_key, request_hash=request_hash)
+        latest = sweep_repo.latest_pipelines(session, cell_ids=plans)
+        status = sweep_repo.statuses(sweep_repo.jobs_of(session, pipeline_ids=[p.id for p in latest.values()]))
+        created: list[Job] = []
+        for cell in definition.cells:
+            previous = latest.get(cell.cell_id)
+            if previous is not None and status[previous.id] not in RERUN:
+                pipeline_id = previous.id
+            else:
+                pipeline, jobs = create_pipeline_rows(
+                    session, settings, name=_pipeline_name(body.name, cell.position), experiment=experiment,
+                    plans=plans[cell.cell_id], sweep_id=sweep.id, cell_id=cell.cell_id)
+                pipeline_id = pipeline.id
+                created += jobs
+            sweep_repo.add_cell(session, sweep_id=sweep.id, cell_id=cell.cell_id, position=cell.position,
+                                variant=cell.variant, params=cell.params, seed=cell.seed, pipeline_id=pipeline_id)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _replay(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        if existing is None:
+            raise
+        return existing, False, []
+    log.info("sweep %s: %d cells, %d new jobs", sweep.id, len(definition.cells), len(created))
+    return sweep, True, created
+
+
+def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[Job]:
+    """Give every failed or cancelled cell a fresh pipeline (or the newer pipeline another sweep started for the same
+    cell). Succeeded and active cells are left alone. Commits; returns the jobs created."""
+    sweep_repo.lock_submissions(session)
+    cells = sweep_repo.cells(session, sweep_id=sweep.id)
+    latest = sweep_repo.latest_pipelines(session, cell_ids=[c.cell_id for c in cells])
+    jobs = sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells] + [p.id for p in latest.values()])
+    status = sweep_repo.statuses(jobs)
+    created: list[Job] = []
+    changed = False
+    for cell in cells:
+        newest = latest.get(cell.cell_id)
+        if newest is not None and newest.id != cell.pipeline_id and status[newest.id] not in RERUN:
+            sweep_repo.set_cell_pipeline(session, sweep_id=sweep.id, cell_id=cell.cell_id, pipeline_id=newest.id)
+            changed = True
+        elif status[cell.pipeline_id] in RERUN:
+            pipeline, new_jobs = create_pipeline_rows(
+                session, settings, name=_pipeline_name(sweep.name, cell.position), experiment=sweep.experiment,
+                plans=_plans_from_jobs(session, jobs[cell.pipeline_id]), sweep_id=sweep.id, cell_id=cell.cell_id)
+            sweep_repo.set_cell_pipeline(session, sweep_id=sweep.id, cell_id=cell.cell_id, pipeline_id=pipeline.id)
+            created += new_jobs
+            changed = True
+    if changed:
+        sweep_repo.reopen_sweep(session, sweep_id=sweep.id)  # the report is rendered again when the cells finish
+    session.commit()
+    return created
+
+
+def cancel_sweep(session: Session, *, sweep: Sweep) -> int:
+    """Cancel every queued or running job of every cell (a shared pipeline is cancelled for every sweep that uses
+    it). Commits; returns how many jobs were asked to stop."""
+    cells = sweep_repo.cells(session, sweep_id=sweep.id)
+    jobs = sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells])
+    n = 0
+    for pipeline_jobs in jobs.values():
+        for job in pipeline_jobs:
+            if job.status in ACTIVE:
+                repo.request_cancel(session, job_id=job.id)
+                n += 1
+    session.commit()
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Read
+
+
+def sweep_read(session: Session, settings: Settings, sweep: Sweep) -> SweepRead:
+    cells = sweep_repo.cells(session, sweep_id=sweep.id)
+    jobs = sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells])
+    status = sweep_repo.statuses(jobs)
+    reads = []
+    pipelines_created_here = _created_by(session, sweep.id, [c.pipeline_id for c in cells])
+    for c in cells:
+        failed = next((j for j in jobs[c.pipeline_id] if j.status in RERUN and j.error_type), None)
+        error = (JobError(type=failed.error_type or "", message=(failed.error_message or "")[-2000:],
+                          exit_code=failed.exit_code) if failed else None)
+        reads.append(SweepCellRead(
+            cell_id=c.cell_id, position=c.position, variant=c.variant, params=c.params, seed=c.seed,
+            status=status[c.pipeline_id], pipeline_id=c.pipeline_id,  # type: ignore[arg-type]
+            reused=c.pipeline_id not in pipelines_created_here,
+            jobs={j.stage_name or j.kind: j.id for j in jobs[c.pipeline_id]}, error=error))
+    counts = _counts(r.status for r in reads)
+    mlflow = None
+    if sweep.mlflow_run_id:
+        url = None
+        if settings.mlflow_ui_url and sweep.mlflow_experiment_id:
+            url = (f"{settings.mlflow_ui_url.rstrip('/')}/#/experiments/{sweep.mlflow_experiment_id}"
+                   f"/runs/{sweep.mlflow_run_id}")
+        mlflow = MlflowRef(experiment_id=sweep.mlflow_experiment_id, run_id=sweep.mlflow_run_id, url=url)
+    return SweepRead(id=sweep.id, name=sweep.name, experiment=sweep.experiment,
+                     status=repo.pipeline_status(r.status for r in reads),  # type: ignore[arg-type]
+                     counts=counts, spec={k: v for k, v in sweep.spec.items() if k != "base"}, cells=reads,
+                     mlflow=mlflow, created_at=sweep.created_at, links=_links(sweep.id))
+
+
+def sweep_summary(session: Session, sweep: Sweep) -> SweepSummary:
+    cells = sweep_repo.cells(session, sweep_id=sweep.id)
+    status = sweep_repo.statuses(sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells]))
+    values = [status[c.pipeline_id] for c in cells]
+    return SweepSummary(id=sweep.id, name=sweep.name, experiment=sweep.experiment,
+                        status=repo.pipeline_status(values), counts=_counts(values),  # type: ignore[arg-type]
+                        created_at=sweep.created_at, links=_links(sweep.id))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _cell_plans(cell: Cell) -> list[Plan]:
+    plans: list[Plan] = []
+    index: dict[str, int] = {}
+    problems: list[Problem] = []
+    for stage in cell.stages:
+        kind = StageKind(stage["kind"])
+        loc = ("body", "cells", cell.position, stage["name"])
+        try:
+            valid = validate(kind, stage["spec"], loc + ("spec",))
+        except SpecProblems as e:
+            problems += e.problems
+            continue
+        create = StageCreate(name=stage["name"], kind=kind, spec={}, inputs=stage["inputs"], queue=stage["queue"],
+                             gpus=stage["gpus"])
+        plans.append((create, valid, {role: index[parent] for role, parent in stage["inputs"].items()}))
+        index[stage["name"]] = len(plans) - 1
+    if problems:
+        raise InvalidRequest(problems)
+    return plans
+
+
+def _plans_from_jobs(session: Session, jobs: list[Job]) -> list[Plan]:
+    """A failed cell's pipeline again, from its jobs' stored (canonical) specs and edges."""
+    index = {job.id: i for i, job in enumerate(jobs)}
+    edges = repo.inputs_of(session, job_ids=index)
+    plans: list[Plan] = []
+    for job in jobs:
+        kind = StageKind(job.kind)
+        valid = validate(kind, job.spec, ("spec",))
+        inputs = edges.get(job.id, {})
+        create = StageCreate(name=job.stage_name or job.kind, kind=kind, spec={},
+                             inputs={role: jobs[index[p]].stage_name or "" for role, p in inputs.items()},
+                             queue=job.queue, gpus=job.gpus)  # type: ignore[arg-type]
+        plans.append((create, valid, {role: index[p] for role, p in inputs.items()}))
+    return plans
+
+
+def _created_by(session: Session, sweep_id: str, pipeline_ids: list[str]) -> set[str]:
+    if not pipeline_ids:
+        return set()
+    return set(session.scalars(select(Pipeline.id).where(Pipeline.id.in_(pipeline_ids),
+                                                         Pipeline.sweep_id == sweep_id)))
+
+
+def _replay(session: Session, *, settings: Settings, key: str | None, request_hash: str) -> Sweep | None:
+    if key is None:
+        return None
+    sweep = sweep_repo.get_sweep_by_idempotency_key(session, key=key)
+    if sweep is not None and sweep.created_at < _ttl_cutoff(settings):
+        sweep_repo.release_sweep_key(session, sweep_id=sweep.id)
+        return None
+    if sweep is not None and sweep.request_hash != request_hash:
+        raise Conflict(f"Idempotency-Key {key!r} was used for a different request (sweep {sweep.id}); "
+                       "use a new key for a new submission")
+    return sweep
+
+
+def _pipeline_name(name: str, position: int) -> str:
+    return f"{name}-{position}"
+
+
+def _counts(statuses: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in statuses:
+        out[str(s)] = out.get(str(s), 0) + 1
+    return out
+
+
+def _links(sweep_id: str) -> dict[str, str]:
+    base = f"{API}/sweeps/{sweep_id}"
+    return {"self": base, "cancel": f"{base}/cancel", "resume": f"{base}/resume", "report": f"{base}/report"}
