@@ -54,7 +54,9 @@ def render(settings: Settings, sweep_id: str, records: list[dict[str, Any]]) -> 
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         try:
-            report = build_report(records, tmp)
+            report = dict(build_report(records, tmp))
+            # figure paths point into the temporary folder: keep file names only (never a server path in a response)
+            report["figures"] = {name: Path(str(path)).name for name, path in (report.get("figures") or {}).items()}
             (tmp / "report.md").write_text(report_markdown(report))
             (tmp / "report.json").write_text(json.dumps(jsonable(report), indent=1, sort_keys=True))
             try:

@@ -4,7 +4,8 @@
    last checkpoint — or cancelled if a cancel was pending, or failed when out of attempts;
 2. queued jobs whose parent failed or was cancelled: settled the same way;
 3. ready jobs nobody claimed (a message lost, or never sent): sent again, with a doubling wait;
-4. MLflow runs of finished jobs and pipelines still open: closed with the matching status.
+4. MLflow runs of finished jobs and pipelines still open: closed with the matching status; finished sweeps get
+   their report logged and their parent run closed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from api.db import jobs as repo
 from api.db.base import utcnow
 from api.db.session import session_scope
 from api.queue import Enqueuer
-from workers.runs import close_finished_pipelines, close_job_run
+from workers.runs import close_finished_pipelines, close_finished_sweeps, close_job_run
 from workers.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -77,4 +78,5 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
                                         status=status, result=result):
                 report.runs_closed += 1
         report.runs_closed += close_finished_pipelines(tracker=tracker, factory=factory)
+        report.runs_closed += close_finished_sweeps(tracker=tracker, factory=factory)
     return report

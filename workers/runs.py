@@ -7,14 +7,19 @@ the ledger (`mlflow_closed_at`), so the reaper can finish what a crashed or cut-
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import jobs as repo
-from api.db.models import Job
+from api.db import sweeps as sweep_repo
+from api.db.models import Job, SweepCell
 from api.db.session import session_scope
 from workers.tracking import RUN_STATUS, Tracker, flatten
 
@@ -57,7 +62,8 @@ def open_job_run(*, tracker: Tracker, factory: sessionmaker[Session], job: Job, 
 
 
 def _pipeline_run(*, tracker: Tracker, factory: sessionmaker[Session], pipeline_id: str | None) -> str | None:
-    """The pipeline's parent run, created by whichever of its jobs starts first (a conditional UPDATE decides)."""
+    """The pipeline's parent run, created by whichever of its jobs starts first (a conditional UPDATE decides).
+    A sweep cell's pipeline run nests under the sweep's run and carries the cell's variant, grid values and seed."""
     if pipeline_id is None:
         return None
     with session_scope(factory) as session:
@@ -65,12 +71,28 @@ def _pipeline_run(*, tracker: Tracker, factory: sessionmaker[Session], pipeline_
         assert pipeline is not None
         if pipeline.mlflow_run_id:
             return pipeline.mlflow_run_id
-        name, experiment = pipeline.name, pipeline.experiment
+        name, experiment, sweep_id = pipeline.name, pipeline.experiment, pipeline.sweep_id
+        cell = (session.get(SweepCell, (sweep_id, pipeline.cell_id)) if sweep_id and pipeline.cell_id else None)
+        cell_info = (cell.cell_id, cell.variant, dict(cell.params), cell.seed) if cell is not None else None
     experiment_id = tracker.experiment_id(experiment)
-    run_id = tracker.create_run(experiment_id, name=name, tags={"pipeline_id": pipeline_id, "kind": "pipeline"})
+    tags = {"pipeline_id": pipeline_id, "kind": "pipeline"}
+    parent = None
+    params: dict[str, str] = {}
+    if sweep_id is not None:
+        parent = _sweep_run(tracker=tracker, factory=factory, sweep_id=sweep_id)
+        tags["sgtm.sweep_id"] = sweep_id
+    if cell_info is not None:
+        cell_id, variant, grid, seed = cell_info
+        params = {path: _param(value) for path, value in grid.items()}
+        tags.update({"sgtm.cell_id": cell_id, "sgtm.variant": variant or "", "seed": str(seed)})
+        tags.update({f"sgtm.param.{path}": value for path, value in params.items()})
+        name = _cell_run_name(variant, grid, seed) or name
+    run_id = tracker.create_run(experiment_id, name=name, tags=tags, parent_run_id=parent)
     with session_scope(factory) as session:
         won = repo.claim_pipeline_run(session, pipeline_id=pipeline_id, experiment_id=experiment_id, run_id=run_id)
     if won:
+        if params:
+            tracker.log_params(run_id, params)
         return run_id
     tracker.delete_run(run_id)  # another job of the pipeline created the parent run at the same moment
     with session_scope(factory) as session:
@@ -126,3 +148,102 @@ def close_finished_pipelines(*, tracker: Tracker, factory: sessionmaker[Session]
             with session_scope(factory) as session:
                 repo.reopen_pipeline_close(session, pipeline_id=pipeline_id)
     return closed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sweeps: a parent run over the cells' pipeline runs, closed with the report once every cell has finished
+
+
+def _sweep_run(*, tracker: Tracker, factory: sessionmaker[Session], sweep_id: str) -> str | None:
+    """The sweep's parent run (created by the first cell to start; RUNNING again when a resumed cell starts)."""
+    with session_scope(factory) as session:
+        sweep = sweep_repo.get_sweep(session, sweep_id=sweep_id)
+        if sweep is None:
+            return None
+        run_id, name, experiment, spec = sweep.mlflow_run_id, sweep.name, sweep.experiment, dict(sweep.spec)
+    if run_id:
+        tracker.set_running(run_id)
+        return run_id
+    experiment_id = tracker.experiment_id(experiment)
+    run_id = tracker.create_run(experiment_id, name=name, tags={"sgtm.sweep_id": sweep_id, "kind": "sweep"})
+    with session_scope(factory) as session:
+        won = sweep_repo.claim_sweep_run(session, sweep_id=sweep_id, experiment_id=experiment_id, run_id=run_id)
+    if won:
+        tracker.log_dict(run_id, spec, "sweep.json")
+        return run_id
+    tracker.delete_run(run_id)
+    with session_scope(factory) as session:
+        sweep = sweep_repo.get_sweep(session, sweep_id=sweep_id)
+        return sweep.mlflow_run_id if sweep else None
+
+
+def close_finished_sweeps(*, tracker: Tracker, factory: sessionmaker[Session],
+                          pipeline_ids: Iterable[str] | None = None) -> int:
+    """For every sweep (using one of `pipeline_ids`, or any) whose cells have all finished and whose report is not
+    logged yet: render the report (`sgtm_engine.report`), log its tables, figures and aggregate metrics to the sweep's
+    parent run, and close that run (FINISHED if every cell succeeded, else FAILED or KILLED)."""
+    if tracker.uri is None:
+        return 0
+    with session_scope(factory) as session:
+        if pipeline_ids is None:
+            candidates = sweep_repo.active_sweep_ids(session)
+        else:
+            candidates = sweep_repo.sweep_ids_of(session, pipeline_ids=pipeline_ids)
+    closed = 0
+    for sweep_id in candidates:
+        with session_scope(factory) as session:
+            sweep = sweep_repo.get_sweep(session, sweep_id=sweep_id)
+            if sweep is None or sweep.mlflow_closed_at is not None:
+                continue
+            if not sweep_repo.is_finished(session, sweep_id=sweep_id):
+                continue
+            if not sweep_repo.claim_sweep_close(session, sweep_id=sweep_id):
+                continue
+            records = sweep_repo.report_records(session, sweep_id=sweep_id)
+        status = repo.pipeline_status(r["status"] for r in records)
+        try:
+            run_id = _sweep_run(tracker=tracker, factory=factory, sweep_id=sweep_id)
+            if run_id is None:
+                continue
+            log_sweep_report(tracker=tracker, run_id=run_id, records=records)
+            tracker.close(run_id, RUN_STATUS[status])
+            closed += 1
+        except Exception as e:  # noqa: BLE001 - reopen so the reaper retries
+            log.warning("could not close sweep run of %s (%s)", sweep_id, e)
+            with session_scope(factory) as session:
+                sweep_repo.reopen_sweep(session, sweep_id=sweep_id)
+    return closed
+
+
+def log_sweep_report(*, tracker: Tracker, run_id: str, records: list[dict[str, Any]]) -> bool:
+    """Render the report into a temporary folder and log it under `report/` with its aggregate metrics. A missing
+    or failing report module is logged, not raised: the run still closes."""
+    try:
+        from sgtm_engine.report import build_report
+    except ImportError as e:
+        log.warning("sweep report not rendered: sgtm_engine.report unavailable here (%s)", e)
+        return False
+    clean = [{k: r.get(k) for k in ("cell_id", "variant", "params", "seed", "status", "stages")} for r in records]
+    try:
+        with tempfile.TemporaryDirectory(prefix="sgtm-report-") as tmp:
+            report = build_report(clean, Path(tmp))
+            tracker.log_artifacts(run_id, Path(tmp), "report")
+            metrics = {k: v for k, v in (report.get("metrics") or {}).items()
+                       if isinstance(v, int | float) and math.isfinite(v)}
+            if metrics:
+                tracker.log_metrics(run_id, metrics)
+    except Exception:  # noqa: BLE001 - a report bug must not keep the sweep's run open forever
+        log.exception("sweep report failed for run %s", run_id)
+        return False
+    return True
+
+
+def _param(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _cell_run_name(variant: str | None, grid: dict[str, Any], seed: int | None) -> str:
+    parts = [variant or ""] + [f"{path.rsplit('.', 1)[-1]}={_param(v)}" for path, v in grid.items()]
+    if seed is not None:
+        parts.append(f"s{seed}")
+    return "-".join(p for p in parts if p)[:250]

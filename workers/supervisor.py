@@ -39,7 +39,7 @@ from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
 from workers.child import Child, build_argv, describe_exit
 from workers.events import EventTail, ProgressBuffer
-from workers.runs import LeaseLost, close_finished_pipelines, close_job_run, open_job_run
+from workers.runs import LeaseLost, close_finished_pipelines, close_finished_sweeps, close_job_run, open_job_run
 from workers.tracking import Tracker, child_env
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ class Supervisor:
             self._send_ready_children(job_id)
         if pipeline_id and outcome != Outcome.REQUEUED:
             close_finished_pipelines(tracker=self.tracker, factory=self.factory, pipeline_ids=[pipeline_id])
+            close_finished_sweeps(tracker=self.tracker, factory=self.factory, pipeline_ids=[pipeline_id])
         log.info("job %s attempt %d: %s (%s)", job_id, attempt, outcome.value, describe_exit(code))
         return outcome
 
