@@ -2,8 +2,11 @@
 
 Choices (architecture.md, anchors.md §0.5-0.7):
 - MLflow through `MlflowClient` with an explicit run id (the fluent API keeps process-global state).
-- Metrics are buffered and sent with `log_batch` (at most 1,000 per call), flushed every `flush_every` points and
-  at close: per-step HTTP calls would dominate a CPU training step and slow the MLflow UI.
+- Metrics are buffered and sent with `log_batch` (at most 1,000 per call), every `flush_every` points or
+  `flush_seconds`, and at close: per-step HTTP calls would dominate a CPU training step and slow the MLflow UI.
+- The store is written by one background thread per run, so training never waits on SQLite commits or a server's
+  round trip (bench_train measures what is left); tracking failures are retried, then logged, never raised.
+- MLflow's usage telemetry is switched off unless the user set it (it phones home; offline it waits on timeouts).
 - When the service runs a stage, the supervisor owns the run (creates it, tags it, ends it with the final status);
   the engine only logs into it (`owns_run=False`). `sgtm run` without a server creates and ends its own runs in a
   local SQLite store.
@@ -13,9 +16,13 @@ Choices (architecture.md, anchors.md §0.5-0.7):
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import re
+import threading
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,16 +77,24 @@ flatten = flat_params  # kept as the tracker's name for it
 
 
 class MlflowTracker:
-    """Logs to one MLflow run through MlflowClient, with batched metrics."""
+    """Logs to one MLflow run through MlflowClient; every call after the run exists goes through one writer thread.
+
+    The training thread only appends to a buffer and hands full batches to the writer, so a slow store (SQLite
+    commits, a remote server's round trip) overlaps with training instead of stalling it. Calls keep their order.
+    A failed call is retried (`retries` times, with backoff), then logged and counted, never raised into training:
+    the stage's results are on disk (result.json) whatever the tracking store does. `flush()` and `close()` wait
+    until everything handed over so far is stored.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str | None = None, experiment: str = "sgtm",
                  run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 flush_every: int = 500):
+                 flush_every: int = 1000, flush_seconds: float = 10.0, retries: int = 3):
+        _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.owns_run = run_id is None
-        if run_id is None:
+        if run_id is None:  # synchronous: children need the id for mlflow.parentRunId
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
             all_tags = dict(tags or {})
@@ -88,40 +103,101 @@ class MlflowTracker:
             run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
         self.run_id = run_id
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.retries = retries
+        self.failed_calls = 0
         self._buffer: list[Any] = []
+        self._last_send = time.monotonic()
+        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self._writer.start()
+        self._closed = False
+
+    # -- the training thread's side: cheap, never blocks on the store
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(metric_key(k), v[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[i: i + 100])
+            self._send(self.client.log_batch, self.run_id, params=items[i: i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self._buffer += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v is not None]
-        if len(self._buffer) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_send >= self.flush_seconds:
+            self._send_buffer()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def flush(self) -> None:
+        """Hand over the buffered metrics and wait until every call so far is stored (or has failed)."""
+        self._send_buffer()
+        self._queue.join()
 
     def close(self, status: str = "FINISHED") -> None:
-        self.flush()
+        if self._closed:
+            return
         if self.owns_run:
-            self.client.set_terminated(self.run_id, status=status)
+            self._send_buffer()
+            self._send(self.client.set_terminated, self.run_id, status=status)
+        self.flush()
+        self._queue.put(None)
+        self._writer.join()
+        self._closed = True
+        if self.failed_calls:
+            log.error("MLflow run %s: %d tracking call(s) failed after retries; the stage's own records "
+                      "(result.json, events.jsonl) are complete", self.run_id, self.failed_calls)
+
+    def _send_buffer(self) -> None:
+        self._last_send = time.monotonic()
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]  # log_batch: at most 1,000 metrics
+            self._send(self.client.log_batch, self.run_id, metrics=chunk)
+
+    def _send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._closed:
+            raise RuntimeError(f"MLflow run {self.run_id}: tracker already closed")
+        self._queue.put((fn, args, kwargs))
+
+    # -- the writer thread
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args, kwargs = item
+            try:
+                self._call_with_retries(fn, args, kwargs)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _call_with_retries(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                fn(*args, **kwargs)
+                return
+            except Exception as exc:  # noqa: BLE001 - a tracking hiccup must never kill a training run
+                if attempt == self.retries:
+                    self.failed_calls += 1
+                    log.warning("MLflow %s failed after %d attempts: %s", getattr(fn, "__name__", fn),
+                                attempt + 1, exc)
+                    return
+                time.sleep(min(0.5 * 2 ** attempt, 5.0))
+
+
+def _quiet_mlflow() -> None:
+    """MLflow 3 sends usage telemetry from a background thread to a remote endpoint. Research runs should not phone
+    home, and on an offline machine every attempt waits for a timeout (also at interpreter exit). Respect an
+    explicit setting; otherwise opt out before mlflow is first imported."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def local_tracking_uri(root: str | Path) -> str:

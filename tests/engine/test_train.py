@@ -164,6 +164,34 @@ def test_mlflow_tracker_batches_and_sanitizes(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+def test_mlflow_tracker_writes_from_its_own_thread_in_order_and_survives_store_errors(tmp_path):
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    t = MlflowTracker(uri, experiment="x", flush_every=1, retries=1)
+    writers, real_log_batch = [], t.client.log_batch
+
+    def recording_log_batch(*args, **kwargs):
+        writers.append(threading.current_thread().name)
+        return real_log_batch(*args, **kwargs)
+
+    t.client.log_batch = recording_log_batch
+    t.log_params({"lr": 1})
+    t.log_params({"lr": 2})  # MLflow params are immutable: the store refuses this one (retried, then counted)
+    for step in range(1, 6):
+        t.log_metrics({"train/loss": float(step)}, step)
+    t.close()
+    assert t.failed_calls == 1
+    assert writers and all(name.startswith("mlflow-") for name in writers)
+    assert threading.current_thread().name not in writers
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(t.run_id, "train/loss")] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    run = client.get_run(t.run_id)
+    assert run.data.params == {"lr": "1"} and run.info.status == "FINISHED"
+
+
 def test_export_loads_in_stock_transformers(tmp_path, cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
