@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -276,9 +275,11 @@ def run_matrix(spec: MatrixSpec, workdir: Path, cache_dir: Path | None = None, j
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample std (None for one value), the sweep report's aggregation."""
+    from sgtm_engine.report import mean_std
+
+    stat = mean_std(values)
+    return stat.mean, stat.std
 
 
 def collect(spec: MatrixSpec, workdir: Path) -> list[dict[str, Any]]:
@@ -329,7 +330,9 @@ def summarize(records: Sequence[Mapping[str, Any]], spec: MatrixSpec) -> list[di
 
 
 def _pm(mean: float | None, std: float | None, fmt: str) -> str:
-    return "–" if mean is None else f"{mean:{fmt}} ± {std:{fmt.replace('+', '')}}"
+    from sgtm_engine.report import Stat, format_stat
+
+    return format_stat(Stat(mean, std, 0), fmt, with_n=False)
 
 
 def markdown_table(summary: Sequence[Mapping[str, Any]], references: Sequence[float]) -> str:
@@ -354,9 +357,9 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], references: Sequence[fl
                      f"{steps} | {tokens} | {_pm(r['end_gap_mean'], r['end_gap_std'], '+.3f')} |")
     if ref_mean is not None:
         lines.append("")
-        lines.append(f"Reference (each seed's no-filter final forget loss, uncalibrated): {ref_mean:.3f} ± "
-                     f"{ref_std:.3f} nats. Steps and tokens: mean ± sample std over the seeds that recovered; the "
-                     f"other columns over all seeds.")
+        lines.append(f"Reference (each seed's no-filter final forget loss, uncalibrated): "
+                     f"{_pm(ref_mean, ref_std, '.3f')} nats. Steps and tokens: mean ± sample std over the seeds "
+                     f"that recovered; the other columns over all seeds.")
     prefix = [r for r in summary if r["forget_prefix_loss_mean"] is not None]
     for r in prefix:
         lines.append(f"¹ {r['label']}: forget loss at step 0 behind `<|forget|>` instead of `<|safe|>`: "
@@ -367,25 +370,15 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], references: Sequence[fl
 def recovery_plot(records: Sequence[Mapping[str, Any]], spec: MatrixSpec, path: Path) -> Path:
     """Forget loss minus the seed's reference (left; <= 0 is recovered) and retain loss (right) over the attack,
     mean and ±1 std band over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from sgtm_engine.report import plot_band, plt
 
     fig, (ax_f, ax_r) = plt.subplots(1, 2, figsize=(12, 4.8))
     for row in spec.active_rows():
         mine = [r for r in records if r["row"] == row.name]
         if not mine:
             continue
-        steps = [p[0] for p in mine[0]["curve"]]
-        panels = ((ax_f, lambda r, i: r["curve"][i][1] - r["reference"]), (ax_r, lambda r, i: r["curve"][i][2]))
-        for ax, value in panels:
-            per_step = [[value(r, i) for r in mine if i < len(r["curve"])] for i in range(len(steps))]
-            mean = [statistics.fmean(v) for v in per_step]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_step]
-            line, = ax.plot(steps, mean, label=row.label, lw=1.5)
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                            [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.15)
+        plot_band(ax_f, [[(p[0], p[1] - r["reference"]) for p in r["curve"]] for r in mine], row.label, lw=1.5)
+        plot_band(ax_r, [[(p[0], p[2]) for p in r["curve"]] for r in mine], row.label, lw=1.5)
     ax_f.axhline(0.0, color="black", ls="--", lw=1, label="reference: the no-filter model")
     ax_f.set_title("forget loss − reference (held-out, uncalibrated)")
     ax_f.set_ylabel("nats/token above the no-filter model (same seed)")
