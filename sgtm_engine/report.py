@@ -480,10 +480,8 @@ _MD_ATTACK_TAIL = ("recovered", "steps_to_recovery", "forget_tokens_to_recovery"
 
 def _md_columns(columns: Sequence[str]) -> list[tuple[str, str]]:
     chosen = [(k, h) for k, h in _MD_FINAL if k in columns]
-    for key in columns:
-        if "/capability/" in key and key.startswith(("eval_calibrated/", "eval/")):
-            view = "cal." if key.startswith("eval_calibrated/") else "unabl."
-            chosen.append((key, f"{key.rsplit('/', 1)[-1]} ({view})"))
+    for view, short in (("eval_calibrated", "cal."), ("eval", "unabl.")):
+        chosen += [(k, f"{k.rsplit('/', 1)[-1]} ({short})") for k in columns if k.startswith(f"{view}/capability/")]
     return chosen
 
 
