@@ -47,7 +47,7 @@ class Rendered:
 def render(settings: Settings, sweep_id: str, records: list[dict[str, Any]]) -> Rendered:
     records = [{k: r.get(k) for k in RECORD_KEYS} for r in records]
     fingerprint = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = (settings.data_root / "reports" / sweep_id).resolve()
+    root = _reports_root(settings) / sweep_id
     outdir = root / fingerprint
     if not (outdir / "report.json").is_file():
         build_report, report_markdown = _engine()
@@ -67,6 +67,16 @@ def render(settings: Settings, sweep_id: str, records: list[dict[str, Any]]) -> 
             shutil.rmtree(tmp, ignore_errors=True)
     report = json.loads((outdir / "report.json").read_text())
     return Rendered(sweep_id=sweep_id, outdir=outdir, report=report, markdown=(outdir / "report.md").read_text())
+
+
+def _reports_root(settings: Settings) -> Path:
+    """`<data_root>/reports`, or a temporary folder where the API cannot write its data root (a read-only image)."""
+    root = (settings.data_root / "reports").resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    except OSError:
+        return Path(tempfile.gettempdir()) / "sgtm-reports"
 
 
 def _engine() -> tuple[Any, Any]:

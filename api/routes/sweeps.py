@@ -100,7 +100,8 @@ def get_report(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep)
 
 
 @router.get("/{sweep_id}/report/{figure}.png", response_class=FileResponse,
-            responses={**NOT_FOUND, 200: {"content": {"image/png": {}}}})
+            responses={**NOT_FOUND, 200: {"content": {"image/png": {}}},
+                       503: {"description": "Reports are not installed"}})
 def get_figure(sweep: ExistingSweep, figure: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
     """One figure of the report, as PNG."""
     if not FIGURE.match(figure) or ".." in figure:
