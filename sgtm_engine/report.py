@@ -443,7 +443,8 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
 
 
 def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """`<group>/<metric>/{mean,std,n}` for the sweep's MLflow parent run, with MLflow-safe keys."""
+    """`<group>/<metric>/{mean,std}` and `<group>/n_succeeded` for the sweep's MLflow parent run (MLflow-safe
+    keys; the per-metric n stays in report.json, which keeps a 45-cell sweep under a thousand metrics)."""
     out: dict[str, float] = {"sweep/n_cells": float(report["n_cells"]),
                              "sweep/n_succeeded": float(report["n_succeeded"]),
                              "sweep/n_failed": float(report["n_failed"])}
@@ -452,11 +453,12 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         for row in table["rows"]:
             params = "/".join(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in row["params"].items())
             prefix = "/".join(p for p in (row["variant"], params) if p)
+            out[metric_key(f"{prefix}/n_succeeded")] = float(row["n_succeeded"])
             for metric, stat in row["stats"].items():
                 if (prefix, metric) in seen:
                     continue
                 seen.add((prefix, metric))
-                for field in ("mean", "std", "n"):
+                for field in ("mean", "std"):
                     if stat[field] is not None:
                         out[metric_key(f"{prefix}/{metric}/{field}")] = float(stat[field])
     return out

@@ -86,6 +86,7 @@ def test_groups_aggregate_over_succeeded_seeds_and_count_the_rest():
     assert flt["stats"][key] == {"mean": 9.0, "std": None, "n": 1}
     assert report["metrics"]["sgtm/eval_calibrated/forget/loss/mean"] == 7.0
     assert report["metrics"]["sweep/n_failed"] == 2.0
+    assert report["metrics"]["sgtm/n_succeeded"] == 3.0
     assert "recall_filter/eval_calibrated/forget/loss/std" not in report["metrics"]
     md = report_markdown(report)
     assert "| sgtm | 3/5 | " in md and "7.000 ± 1.000 (n=3)" in md
