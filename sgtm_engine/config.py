@@ -444,6 +444,8 @@ class OptimSpec:
     """'cosine' or 'constant' (after warmup)."""
     grad_clip: float | None = None
     """Max global grad norm; None = no clipping (the paper)."""
+    fused: bool = True
+    """torch's fused AdamW kernel (same math, ~10x less time on large tensors); false = single-tensor reference."""
 
     def __post_init__(self) -> None:
         p: list[str] = []

@@ -8,8 +8,12 @@ Choices:
 - The partition splits a parameter along at most one dim into a retain head and a forget tail, and a step freezes
   all of it, one region, or nothing. So the state keeps one step count per region (`step_retain`, `step_forget`;
   unsplit parameters keep `step`), and each step updates one or two contiguous views: no per-element masks.
-- Unmasked coordinates follow `torch.optim.AdamW`'s single-tensor arithmetic operation for operation, so a run with
-  nothing masked matches it (checked with `assert_close`).
+- Updates go through torch's fused AdamW kernel (`torch._fused_adamw_`, CPU and CUDA), batched per step: at the
+  8M shape the 6.4M-entry embedding alone took ~30% of a CPU step through the single-tensor path and ~10x less fused.
+  Column slices are strided views, which the kernel cannot write exactly (it walks flat memory), so those take the
+  single-tensor path; `fused=False` sends everything there.
+- Unmasked coordinates match `torch.optim.AdamW` (fused: bitwise against `fused=True`; reference path: operation
+  for operation against the single-tensor AdamW).
 """
 
 from __future__ import annotations
@@ -25,13 +29,19 @@ from sgtm_engine.model.partition import Partition, Region
 
 
 class MaskAwareAdamW(torch.optim.Optimizer):
-    """AdamW whose `step(frozen=...)` leaves the frozen region of each named parameter bit-identical."""
+    """AdamW whose `step(frozen=...)` leaves the frozen region of each named parameter bit-identical.
+
+    `fused=True` (default) sends every update it can through torch's fused AdamW kernel in one call per device and
+    dtype; `fused=False` keeps torch's single-tensor arithmetic operation for operation (the reference).
+    """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], partition: Partition, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+                 fused: bool = True):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         self.names = [n for n, _ in named]
         self.partition = partition
+        self.fused = fused
         super().__init__([p for _, p in named], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self._name_of = {id(p): n for n, p in named}
 
@@ -40,6 +50,7 @@ class MaskAwareAdamW(torch.optim.Optimizer):
         """One AdamW step; `frozen` maps parameter names to the region that must not change (see Partition.frozen)."""
         frozen = frozen or {}
         for group in self.param_groups:
+            batch = _Updates(group, self.fused)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -58,17 +69,18 @@ class MaskAwareAdamW(torch.optim.Optimizer):
                         state["step"] = 0
                 if "step" in state:
                     state["step"] += 1
-                    _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+                    batch.add((p, p.grad, state["exp_avg"], state["exp_avg_sq"]), state["step"])
                     continue
-                self._step_split(p, name, state, region, group)
+                self._step_split(p, name, state, region, batch)
+            batch.run()
         return None
 
-    def _step_split(self, p: torch.Tensor, name: str, state: dict, region: Region | None, group: dict) -> None:
+    def _step_split(self, p: torch.Tensor, name: str, state: dict, region: Region | None, batch: _Updates) -> None:
         active = [r for r in (Region.RETAIN, Region.FORGET) if r is not region]
         for r in active:
             state[f"step_{r.value}"] += 1
         if len(active) == 2 and state["step_retain"] == state["step_forget"]:
-            _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step_retain"], group)
+            batch.add((p, p.grad, state["exp_avg"], state["exp_avg_sq"]), state["step_retain"])
             return
         sl = self.partition.slice_of(name)
         assert sl is not None and sl.dim is not None
@@ -76,8 +88,39 @@ class MaskAwareAdamW(torch.optim.Optimizer):
             lo, hi = sl.bounds(r)
             if hi == lo:
                 continue
-            views = [t.narrow(sl.dim, lo, hi - lo) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-            _adamw_update(*views, state[f"step_{r.value}"], group)
+            views = tuple(t.narrow(sl.dim, lo, hi - lo) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+            batch.add(views, state[f"step_{r.value}"])  # type: ignore[arg-type]
+
+
+class _Updates:
+    """The AdamW updates of one step and parameter group, run together.
+
+    The fused kernel walks its tensors as flat contiguous memory: handed a column slice (a strided view) it would
+    update the neighbouring, frozen columns. So only contiguous tensors and views (row slices) go to the kernel;
+    strided views take the single-tensor path, which writes through the view exactly.
+    """
+
+    def __init__(self, group: dict, fused: bool):
+        self.group = group
+        self.fused = fused
+        self.kernel: dict[tuple[torch.device, torch.dtype], list[tuple[tuple[torch.Tensor, ...], int]]] = {}
+
+    def add(self, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], step: int) -> None:
+        if self.fused and all(t.is_contiguous() for t in tensors):
+            self.kernel.setdefault((tensors[0].device, tensors[0].dtype), []).append((tensors, step))
+        else:
+            _adamw_update(*tensors, step, self.group)
+
+    def run(self) -> None:
+        lr, wd, eps = self.group["lr"], self.group["weight_decay"], self.group["eps"]
+        beta1, beta2 = self.group["betas"]
+        for (device, _), items in self.kernel.items():
+            params, grads, exp_avgs, exp_avg_sqs = (list(t) for t in zip(*(ts for ts, _ in items), strict=True))
+            # one host-to-device copy for all step counts; the kernel reads them as float tensors
+            steps = torch.tensor([float(step) for _, step in items], device=device).unbind()
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], list(steps), amsgrad=False, lr=lr,
+                                beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=False)
+        self.kernel.clear()
 
 
 def _adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -101,9 +144,9 @@ def build_optimizer(model: nn.Module, partition: Partition, spec: OptimSpec, kin
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if kind == OptimizerKind.LEGACY:
         return torch.optim.AdamW([p for _, p in named], lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
-                                 weight_decay=spec.weight_decay, foreach=False)
+                                 weight_decay=spec.weight_decay, fused=spec.fused)
     return MaskAwareAdamW(named, partition, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
-                          weight_decay=spec.weight_decay)
+                          weight_decay=spec.weight_decay, fused=spec.fused)
 
 
 def step_optimizer(optimizer: torch.optim.Optimizer, frozen: dict[str, Region]) -> None:
