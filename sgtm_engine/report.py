@@ -205,7 +205,11 @@ def group_label(variant: str, params: Mapping[str, Any]) -> str:
     """`sgtm (recall=0.99)`: the variant and the last component of each grid path."""
     if not params:
         return variant
-    return f"{variant} ({', '.join(f'{k.rsplit(chr(46), 1)[-1]}={v}' for k, v in params.items())})"
+    return f"{variant} ({', '.join(f'{_leaf(k)}={v}' for k, v in params.items())})"
+
+
+def _leaf(dotted: str) -> str:
+    return dotted.rsplit(".", 1)[-1]
 
 
 def group_cells(records: Sequence[Mapping[str, Any]]) -> list[Group]:
@@ -451,7 +455,7 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     seen: set[tuple[str, str]] = set()
     for table in report["tables"]:
         for row in table["rows"]:
-            params = "/".join(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in row["params"].items())
+            params = "/".join(f"{_leaf(k)}_{v}" for k, v in row["params"].items())
             prefix = "/".join(p for p in (row["variant"], params) if p)
             out[metric_key(f"{prefix}/n_succeeded")] = float(row["n_succeeded"])
             for metric, stat in row["stats"].items():
