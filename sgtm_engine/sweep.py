@@ -375,7 +375,9 @@ def _check_conflicts(variants: dict[str, dict[str, Any]], grid: dict[str, list[A
                     problems.append(SweepProblem(("variants", name, key), f"variants.{name}.{key}: also a grid axis "
                                                  f"({path!r}); set it in one place only", key))
     for name, overrides in variants.items():
-        for key in overrides:
+        for key, value in overrides.items():
+            if "." not in key and value is None:  # drops a stage: its seeds no longer matter, nothing to clash
+                continue
             for other in seed_paths:
                 if overlaps(key, other):
                     problems.append(SweepProblem(("variants", name, key), f"variants.{name}.{key}: overlaps seed path "

@@ -83,6 +83,19 @@ def test_a_variant_drops_a_stage_and_repoints_its_consumer() -> None:
     assert filt.stages[0]["spec"]["filter"]["kind"] == "weak"
 
 
+def test_dropping_a_stage_composes_with_seed_paths_into_it() -> None:
+    """Seeds go to every stage that has one (ablate has none here, attack does); dropping the attack in one variant
+    is not a clash with the seed path `attack.seed`."""
+    data = doc(variants={"full": None, "no_attack": {"attack": None}}, seeds=[0, 1])
+    data["base"]["stages"].append({"name": "attack", "kind": "attack", "inputs": {"model": "train"},
+                                   "spec": {"reference_forget_loss": 5.0}})
+    sweep = parse_sweep(data)
+    assert "attack.seed" in sweep.seed_paths
+    full = [c for c in sweep.cells if c.variant == "full"]
+    assert [s["spec"]["seed"] for c in full for s in c.stages if s["name"] == "attack"] == [0, 1]
+    assert all("attack" not in [s["name"] for s in c.stages] for c in sweep.cells if c.variant == "no_attack")
+
+
 def test_cell_ids_follow_content_not_names() -> None:
     """The same resolved pipeline hashes the same from another sweep (renamed, other variant name, other order of
     keys); any change of spec or seed changes it."""
