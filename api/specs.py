@@ -3,8 +3,11 @@
 Choices made here:
 - The engine's `from_dict` is the validator (one schema for CLI, YAML and REST); its dotted problem paths become
   FastAPI-style `loc` lists under `body.spec`.
-- Before that, every string in the spec must look like a registry name or an enum value: no `/`, `\\`, `:`, spaces
-  or `..`. The API therefore never accepts a path, a URL or a command in any spec field, present or future.
+- Before that, every string in the spec must look like a registry name, an enum value, a category name or a parameter
+  pattern: letters (any script), digits, spaces and `_ . + - * , ' ( ) & [ ]` only; no `/`, `\\`, `:`, `;`, `$`,
+  quotes other than `'`, or `..`. Category names have spaces and commas ('Geografía, historia', 'Biology and health
+  sciences') and RMU selects parameters by glob ('transformer.h.*.mlp.c_fc.weight'); the API still never accepts a
+  path, a URL or a shell command in any spec field, present or future.
 - Non-finite numbers are refused (JSON has none; PostgreSQL's json type rejects them).
 - The stored spec is the canonical one (defaults filled in), and its hash is the engine's `spec_hash`.
 """
@@ -21,7 +24,7 @@ from api.errors import Problem
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, method_name, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
 
-SAFE_STRING = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+SAFE_STRING = re.compile(r"^(?! )[\w .+*,'()&\[\]-]{1,128}(?<! )$")  # \w: letters and digits of any script, and _
 MAX_SPEC_BYTES = 64 * 1024
 
 #: Inputs each stage kind reads from its parents: (required, optional). `model` is the model the stage starts from;
@@ -104,8 +107,9 @@ def _unsafe_values(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:
     if isinstance(value, str):
         if not SAFE_STRING.match(value) or ".." in value:
             where = ".".join(str(p) for p in loc[1:])
-            problems.append(Problem(loc, f"{where}={value[:80]!r}: must be a registry name or enum value (letters, "
-                                         "digits, '_', '-', '.', '+'); paths, URLs and commands are not accepted",
+            problems.append(Problem(loc, f"{where}={value[:80]!r}: must be a registry name, enum value, category "
+                                         "name or parameter pattern (letters, digits, spaces, _ . + - * , ' ( ) & "
+                                         "[ ]); paths, URLs and commands are not accepted",
                                     value[:200]))
     elif isinstance(value, float) and not math.isfinite(value):
         problems.append(Problem(loc, f"{'.'.join(str(p) for p in loc[1:])}={value}: must be a finite number", value))

@@ -80,6 +80,17 @@ def test_bad_specs_are_422_naming_the_field(client: TestClient, spec: dict[str, 
     assert all(w in match[0]["msg"] for w in words), match[0]["msg"]
 
 
+def test_category_names_and_parameter_patterns_pass_the_string_check(client: TestClient) -> None:
+    """Spaces, commas, accents and globs are names, not paths: an RMU pattern and a Spanish category name pass."""
+    rmu = submit(client, {"kind": "rmu", "inputs": {"model": submit(client, {"kind": "train", "spec": TINY}).json()[
+        "id"]}, "spec": {"param_patterns": ["transformer.h.*.mlp.c_fc.weight"]}})
+    assert rmu.status_code == 202, rmu.text
+    attack = submit(client, {"kind": "attack", "inputs": {"model": rmu.json()["id"]},
+                             "spec": {"reference_forget_loss": 5.0, "forget_category": "Geografía, historia"}})
+    assert attack.status_code == 202, attack.text
+    assert attack.json()["spec"]["forget_category"] == "Geografía, historia"
+
+
 def test_other_bad_bodies_are_422(client: TestClient) -> None:
     assert submit(client, {"kind": "bake"}).status_code == 422
     assert submit(client, {"kind": "train", "command": "ls"}).status_code == 422  # unknown top-level field
