@@ -2,6 +2,11 @@
 
 A message carries only the job id; the worker re-reads the row. A lost or duplicated message is harmless: the
 reaper re-sends ready jobs that nobody claimed, and the claim (a conditional UPDATE) turns duplicates into no-ops.
+
+Downstream first: a job with parents (ablate, evaluate, attack after a train) is sent at a higher priority than a
+root job, so a sweep finishes whole cells one after another instead of training all 45 models before evaluating
+any, and its report fills in while it runs. Kombu's Redis transport keeps one list per priority step (default
+steps 0, 3, 6, 9; 0 is served first) and its BRPOP asks them in order, so nothing needs configuring on the workers.
 """
 
 from __future__ import annotations
@@ -16,18 +21,21 @@ log = logging.getLogger(__name__)
 RUN_JOB_TASK = "sgtm.run_job"
 REAP_TASK = "sgtm.reap"
 CONTROL_QUEUE = "control"
+DOWNSTREAM_PRIORITY = 0  # kombu Redis: lower step first
+ROOT_PRIORITY = 6
 
 
 class Enqueuer(Protocol):
-    def send(self, job_id: str, queue: str) -> None:
-        """Ring the bell for `job_id` on `queue` ('gpu' or 'cpu'); raise if the broker cannot take it."""
+    def send(self, job_id: str, queue: str, *, downstream: bool = False) -> None:
+        """Ring the bell for `job_id` on `queue` ('gpu' or 'cpu'); raise if the broker cannot take it.
+        `downstream`: the job reads a parent's output, and goes ahead of root jobs (module docstring)."""
 
 
 class NoopEnqueuer:
     """Embedded mode: the local executor polls the ledger for ready jobs, so there is nothing to ring."""
 
-    def send(self, job_id: str, queue: str) -> None:
-        return None
+    def send(self, job_id: str, queue: str, *, downstream: bool = False) -> None:
+        return None  # the executor's ledger query orders downstream jobs first itself (repo.ready_jobs)
 
 
 class CeleryEnqueuer:
@@ -48,8 +56,9 @@ class CeleryEnqueuer:
             self._app = app
         return self._app
 
-    def send(self, job_id: str, queue: str) -> None:
+    def send(self, job_id: str, queue: str, *, downstream: bool = False) -> None:
         self._celery().send_task(RUN_JOB_TASK, args=[job_id], queue=self._settings.queue_name(queue),
+                                 priority=DOWNSTREAM_PRIORITY if downstream else ROOT_PRIORITY,
                                  retry=True, retry_policy={"max_retries": 2, "interval_start": 0,
                                                            "interval_step": 0.2, "interval_max": 0.5})
 

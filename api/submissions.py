@@ -145,11 +145,11 @@ def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Jo
     """Ring the bell for the submitted jobs that were inserted as sent (the ready ones), after their commit.
     A broker outage is logged, not raised: the job is safely queued, and marked unsent so the reaper sends it."""
     failed = []
+    jobs = [job for job in jobs if job.enqueued_at is not None]  # the others wait for parents; their supervisor sends
+    downstream = repo.with_parents(session, job_ids=[job.id for job in jobs])
     for job in jobs:
-        if job.enqueued_at is None:
-            continue  # waits for its parents; their supervisor sends it
         try:
-            enqueuer.send(job.id, job.queue)
+            enqueuer.send(job.id, job.queue, downstream=job.id in downstream)
         except Exception as e:  # noqa: BLE001 - any broker failure: the ledger already has the job
             log.warning("could not send job %s to the broker (%s); the reaper will retry", job.id, e)
             failed.append(job.id)

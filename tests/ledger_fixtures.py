@@ -24,14 +24,17 @@ class RecordingEnqueuer:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str]] = []
+        self.downstream: set[str] = set()
         self.fail = False
         self._lock = threading.Lock()
 
-    def send(self, job_id: str, queue: str) -> None:
+    def send(self, job_id: str, queue: str, *, downstream: bool = False) -> None:
         if self.fail:
             raise ConnectionError("broker down")
         with self._lock:
             self.sent.append((job_id, queue))
+            if downstream:
+                self.downstream.add(job_id)
 
     @property
     def job_ids(self) -> list[str]:

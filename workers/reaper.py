@@ -57,9 +57,10 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
         report.settled = repo.settle_orphans(session)
         requeued = {j.id: j.queue for j in repo.ready_jobs(session, job_ids=report.requeued)}
         due = [(j.id, j.queue) for j in repo.find_unsent(session, resend_after_s=settings.resend_after_s)]
+        downstream = repo.with_parents(session, job_ids=[*requeued, *(job_id for job_id, _ in due)])
     for job_id, queue in list(requeued.items()) + [d for d in due if d[0] not in requeued]:
         try:
-            enqueuer.send(job_id, queue)
+            enqueuer.send(job_id, queue, downstream=job_id in downstream)
         except Exception as e:  # noqa: BLE001 - next round
             log.warning("reaper: could not send job %s (%s)", job_id, e)
             continue

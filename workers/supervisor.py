@@ -264,9 +264,10 @@ class Supervisor:
         sent = []
         with session_scope(self.factory) as session:
             queues = {j.id: j.queue for j in repo.get_many(session, job_ids=job_ids)}
+            downstream = repo.with_parents(session, job_ids=job_ids)
         for job_id in job_ids:
             try:
-                self.enqueuer.send(job_id, queues[job_id])
+                self.enqueuer.send(job_id, queues[job_id], downstream=job_id in downstream)
                 sent.append(job_id)
             except Exception as e:  # noqa: BLE001 - the reaper re-sends ready jobs nobody claimed
                 log.warning("could not send job %s (%s); the reaper will", job_id, e)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from api.db.base import utcnow
@@ -161,6 +161,18 @@ def list_jobs(session: Session, *, status: Sequence[str] = (), kind: Sequence[st
 def _parents_pending(job: Any) -> Any:
     """SQL: the job has an input whose parent has not succeeded (correlated on `job.id`)."""
     return exists().where(JobInput.job_id == job.id, JobInput.parent_id == Parent.id, Parent.status != SUCCEEDED)
+
+
+def _has_parents(job: Any) -> Any:
+    return exists().where(JobInput.job_id == job.id)
+
+
+def with_parents(session: Session, *, job_ids: Iterable[str]) -> set[str]:
+    """Which of these jobs read a parent's output (sent ahead of root jobs; api.queue)."""
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    return set(session.scalars(select(JobInput.job_id).where(JobInput.job_id.in_(ids)).distinct()))
 
 
 def claim(session: Session, *, job_id: str, owner: str) -> int | None:
@@ -343,7 +355,8 @@ def settle_orphans(session: Session) -> list[str]:
 
 def ready_jobs(session: Session, *, job_ids: Iterable[str] | None = None, parent_id: str | None = None,
                queues: Sequence[str] = (), limit: int = 100) -> list[Job]:
-    """Queued, not cancelled, every parent succeeded: a claim would succeed now."""
+    """Queued, not cancelled, every parent succeeded: a claim would succeed now. Jobs with parents come first, then
+    the oldest: the order the embedded executor runs them in (whole sweep cells first, as api.queue explains)."""
     stmt = select(Job).where(Job.status == QUEUED, Job.cancel_requested_at.is_(None), ~_parents_pending(Job))
     if job_ids is not None:
         stmt = stmt.where(Job.id.in_(list(job_ids)))
@@ -351,7 +364,8 @@ def ready_jobs(session: Session, *, job_ids: Iterable[str] | None = None, parent
         stmt = stmt.where(Job.id.in_(select(JobInput.job_id).where(JobInput.parent_id == parent_id)))
     if queues:
         stmt = stmt.where(Job.queue.in_(list(queues)))
-    return list(session.scalars(stmt.order_by(Job.created_at, Job.id).limit(limit)))
+    downstream_first = case((_has_parents(Job), 0), else_=1)
+    return list(session.scalars(stmt.order_by(downstream_first, Job.created_at, Job.id).limit(limit)))
 
 
 def mark_enqueued(session: Session, *, job_ids: Iterable[str]) -> None:

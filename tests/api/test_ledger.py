@@ -109,6 +109,20 @@ def test_children_wait_for_their_parents(factory: sessionmaker[Session]) -> None
         assert repo.claim(s, job_id=child, owner="w") == 1
 
 
+def test_ready_jobs_put_downstream_jobs_first_so_cells_finish_in_turn(factory: sessionmaker[Session]) -> None:
+    """Two cells (train -> evaluate): once the first train succeeded, its evaluate goes ahead of the older, still
+    queued second train; `with_parents` tells the doorbell the same."""
+    train_a, train_b = new(factory), new(factory)
+    eval_a = new(factory, kind="evaluate", inputs={"model": train_a})
+    with session_scope(factory) as s:
+        assert [j.id for j in repo.ready_jobs(s)] == [train_a, train_b]
+        repo.mark_succeeded(s, job_id=train_a, attempt=repo.claim(s, job_id=train_a, owner="w"), result={})
+    with session_scope(factory) as s:
+        assert [j.id for j in repo.ready_jobs(s)] == [eval_a, train_b]
+        assert repo.with_parents(s, job_ids=[train_a, train_b, eval_a]) == {eval_a}
+        assert repo.with_parents(s, job_ids=[]) == set()
+
+
 def test_a_failed_parent_fails_the_whole_chain(factory: sessionmaker[Session]) -> None:
     train = new(factory)
     ablate = new(factory, kind="ablate", inputs={"model": train})
