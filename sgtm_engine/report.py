@@ -270,7 +270,8 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     if not views:
         return None
     points = list(dict.fromkeys(json.dumps(g.params, sort_keys=True, default=str) for g in groups))
-    fig, axes = plt.subplots(len(points), len(views), figsize=(5.5 * len(views), 4.2 * len(points)), squeeze=False)
+    fig, axes = plt.subplots(len(points), len(views), figsize=(5.5 * len(views), 4.2 * len(points)), squeeze=False,
+                             layout="constrained")  # constrained: the suptitle gets its own space
     colors = _colors(groups)
     for row, point in enumerate(points):
         for col, view in enumerate(views):
@@ -295,7 +296,6 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("Retain vs forget loss across checkpoints (mean over seeds; ★ = final)")
-    fig.tight_layout()
     return fig
 
 
@@ -314,7 +314,7 @@ def undiscovered_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     views = [v for v in ("eval_calibrated", _view_for_uncalibrated(present)) if v in present]
     if not views:
         return None
-    fig, axes = plt.subplots(len(views), 2, figsize=(11, 4.2 * len(views)), squeeze=False)
+    fig, axes = plt.subplots(len(views), 2, figsize=(11, 4.2 * len(views)), squeeze=False, layout="constrained")
     colors = _colors(groups)
     rates = sorted({_undiscovered(g.params[RECALL]) for g in groups})
     for row, view in enumerate(views):
@@ -337,7 +337,6 @@ def undiscovered_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("Final losses against the undiscovered-forget rate (mean ± sample std over seeds)")
-    fig.tight_layout()
     return fig
 
 
@@ -353,7 +352,7 @@ def attack_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     if not groups:
         return None
     names = list(dict.fromkeys(n for g in groups for c in g.ok for n, _ in _stages_of(c, "attack")))
-    fig, (ax_c, ax_b) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax_c, ax_b) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     refs: list[float] = []
     bars: list[tuple[str, Stat, int, int, float]] = []
     for g in groups:
@@ -392,7 +391,6 @@ def attack_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     ax_b.set_title("steps to recovery (k/n seeds recovered; hatched: not recovered)")
     ax_b.grid(alpha=0.3, axis="y")
     fig.suptitle("Fine-tuning attack (mean ± sample std over seeds)")
-    fig.tight_layout()
     return fig
 
 
