@@ -238,3 +238,18 @@ def test_report_aggregates_the_ledger_results_and_serves_figures(
         assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get(f"/api/v1/sweeps/{sweep['id']}/report/..%2Fetc.png").status_code == 404
     assert "/tmp" not in r.text and ".tmp-" not in r.text  # no server paths in the response
+
+
+def test_simultaneous_submissions_sharing_cells_start_each_cell_once(client: TestClient,
+                                                                     factory: sessionmaker[Session]) -> None:
+    """Eight clients submit the same sweep at once (no idempotency key): every submission is a sweep of its own, but
+    each cell gets exactly one pipeline, the others attach to it (PostgreSQL: advisory lock; SQLite: the first write
+    of a submission takes the database's write lock before it reads which cells exist)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: post(client, sweep_body()), range(8)))
+    assert all(r.status_code == 202 for r in responses), [r.text for r in responses if r.status_code != 202]
+    assert n_pipelines(factory) == 8  # 2 variants x 2 recalls x 2 seeds, once each
+    pipelines = {tuple(sorted(c["pipeline_id"] for c in r.json()["cells"])) for r in responses}
+    assert len(pipelines) == 1
