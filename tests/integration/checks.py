@@ -67,8 +67,14 @@ def check_pipeline_agrees(*, client: httpx.Client, pipeline_id: str, ledger_url:
     assert pipeline["status"] == "succeeded", pipeline
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     parent_run = pipeline["mlflow"]["run_id"]
+    # The ledger is the truth and commits first; the supervisor closes the MLflow runs right after (the reaper
+    # reconciles any it missed). So a client that saw 'succeeded' may look a moment before the runs are closed.
+    runs = [parent_run] + [job["mlflow"]["run_id"] for job in pipeline["jobs"]]
+    deadline = time.monotonic() + 30
+    while any(mlflow.get_run(r).info.status != "FINISHED" for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.5)
     parent = mlflow.get_run(parent_run)
-    assert parent.info.status == "FINISHED" and parent.data.tags["pipeline_id"] == pipeline_id
+    assert parent.info.status == "FINISHED" and parent.data.tags["pipeline_id"] == pipeline_id, parent.info
     for job in pipeline["jobs"]:
         assert job["status"] == "succeeded", job
         result = json.loads((data_root / "jobs" / job["id"] / "result.json").read_text())
