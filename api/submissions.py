@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from api.config import Settings
 from api.db import jobs as repo
 from api.db.base import utcnow
+from api.db.jobs import Keyed
 from api.db.models import Job, Pipeline
 from api.db.status import JobStatus
 from api.errors import Conflict, InvalidRequest, Problem
@@ -37,7 +38,7 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
     """Returns (job, created). Commits."""
     request_hash = _hash(body.model_dump(mode="json"))
     if idempotency_key is not None:
-        existing = _replay_job(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        existing = replay(session, settings=settings, table=Job, key=idempotency_key, request_hash=request_hash)
         if existing is not None:
             return existing, False
 
@@ -53,7 +54,7 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
         session.commit()
     except IntegrityError:
         session.rollback()
-        existing = _replay_job(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        existing = replay(session, settings=settings, table=Job, key=idempotency_key, request_hash=request_hash)
         if existing is None:
             raise
         return existing, False
@@ -64,7 +65,7 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
                     idempotency_key: str | None) -> tuple[Pipeline, bool]:
     request_hash = _hash(body.model_dump(mode="json"))
     if idempotency_key is not None:
-        existing = _replay_pipeline(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        existing = replay(session, settings=settings, table=Pipeline, key=idempotency_key, request_hash=request_hash)
         if existing is not None:
             return existing, False
 
@@ -114,7 +115,7 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
         session.commit()
     except IntegrityError:
         session.rollback()
-        existing = _replay_pipeline(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        existing = replay(session, settings=settings, table=Pipeline, key=idempotency_key, request_hash=request_hash)
         if existing is None:
             raise
         return existing, False
@@ -223,31 +224,20 @@ def _job_fields(settings: Settings, *, kind: StageKind, valid: ValidSpec, queue:
     }
 
 
-def _replay_job(session: Session, *, settings: Settings, key: str | None, request_hash: str) -> Job | None:
+def replay(session: Session, *, settings: Settings, table: type[Keyed], key: str | None,
+           request_hash: str) -> Keyed | None:
+    """The earlier submission (job, pipeline or sweep) under an Idempotency-Key, if it is still live: same body →
+    returned again; different body → 409; past its time to live → the key is released and None returned."""
     if key is None:
         return None
-    job = repo.get_by_idempotency_key(session, key=key)
-    if job is not None and job.created_at < _ttl_cutoff(settings):
-        repo.release_key(session, table=Job, row_id=job.id)
+    row = repo.get_by_idempotency_key(session, table=table, key=key)
+    if row is not None and row.created_at < _ttl_cutoff(settings):
+        repo.release_key(session, table=table, row_id=row.id)
         return None
-    if job is not None and job.request_hash != request_hash:
-        raise Conflict(f"Idempotency-Key {key!r} was used for a different request (job {job.id}); "
-                       "use a new key for a new submission")
-    return job
-
-
-def _replay_pipeline(session: Session, *, settings: Settings, key: str | None,
-                     request_hash: str) -> Pipeline | None:
-    if key is None:
-        return None
-    pipeline = repo.get_pipeline_by_idempotency_key(session, key=key)
-    if pipeline is not None and pipeline.created_at < _ttl_cutoff(settings):
-        repo.release_key(session, table=Pipeline, row_id=pipeline.id)
-        return None
-    if pipeline is not None and pipeline.request_hash != request_hash:
-        raise Conflict(f"Idempotency-Key {key!r} was used for a different request (pipeline {pipeline.id}); "
-                       "use a new key for a new submission")
-    return pipeline
+    if row is not None and row.request_hash != request_hash:
+        raise Conflict(f"Idempotency-Key {key!r} was used for a different request ({table.__name__.lower()} "
+                       f"{row.id}); use a new key for a new submission")
+    return row
 
 
 def _ttl_cutoff(settings: Settings) -> dt.datetime:

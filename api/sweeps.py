@@ -26,10 +26,10 @@ from api.db import sweeps as sweep_repo
 from api.db.jobs import CANCELLED, FAILED
 from api.db.models import Job, Pipeline, Sweep
 from api.db.status import ACTIVE
-from api.errors import Conflict, InvalidRequest, Problem
+from api.errors import InvalidRequest, Problem
 from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCreate, SweepRead, SweepSummary
 from api.specs import SpecProblems, ValidSpec, check_strings, validate
-from api.submissions import _hash, _ttl_cutoff, create_pipeline_rows
+from api.submissions import _hash, create_pipeline_rows, replay
 from sgtm_engine.config import StageKind
 from sgtm_engine.sweep import Cell, SweepError, parse_sweep
 
@@ -50,7 +50,7 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
     data = body.model_dump(mode="json", exclude_none=True)
     request_hash = _hash(data)
     if idempotency_key is not None:
-        existing = _replay(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        existing = replay(session, settings=settings, table=Sweep, key=idempotency_key, request_hash=request_hash)
         if existing is not None:
             return existing, False, []
     problems: list[Problem] = []
@@ -88,7 +88,7 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
         session.commit()
     except IntegrityError:
         session.rollback()
-        existing = _replay(session, settings=settings, key=idempotency_key, request_hash=request_hash)
+        existing = replay(session, settings=settings, table=Sweep, key=idempotency_key, request_hash=request_hash)
         if existing is None:
             raise
         return existing, False, []
@@ -226,19 +226,6 @@ def _created_by(session: Session, sweep_id: str, pipeline_ids: list[str]) -> set
         return set()
     return set(session.scalars(select(Pipeline.id).where(Pipeline.id.in_(pipeline_ids),
                                                          Pipeline.sweep_id == sweep_id)))
-
-
-def _replay(session: Session, *, settings: Settings, key: str | None, request_hash: str) -> Sweep | None:
-    if key is None:
-        return None
-    sweep = sweep_repo.get_sweep_by_idempotency_key(session, key=key)
-    if sweep is not None and sweep.created_at < _ttl_cutoff(settings):
-        sweep_repo.release_sweep_key(session, sweep_id=sweep.id)
-        return None
-    if sweep is not None and sweep.request_hash != request_hash:
-        raise Conflict(f"Idempotency-Key {key!r} was used for a different request (sweep {sweep.id}); "
-                       "use a new key for a new submission")
-    return sweep
 
 
 def _pipeline_name(name: str, position: int) -> str:

@@ -11,13 +11,13 @@ import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from api.db.base import utcnow
-from api.db.models import Job, JobEvent, JobInput, Pipeline
+from api.db.models import Job, JobEvent, JobInput, Pipeline, Sweep
 from api.db.status import TERMINAL, JobStatus
 
 QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
@@ -26,6 +26,7 @@ TERMINAL_VALUES = tuple(s.value for s in TERMINAL)
 
 # A job seen as another job's parent. Built once: constructing an alias per query is costly in SQLAlchemy.
 Parent = aliased(Job, name="parent")
+Keyed = TypeVar("Keyed", Job, Pipeline, Sweep)  # the tables a submission with an Idempotency-Key creates
 
 
 class JobNotFound(LookupError):
@@ -87,19 +88,16 @@ def get_many(session: Session, *, job_ids: Iterable[str]) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
 
 
-def get_by_idempotency_key(session: Session, *, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.idempotency_key == key))
+def get_by_idempotency_key(session: Session, *, table: type[Keyed], key: str) -> Keyed | None:
+    """The job, pipeline or sweep submitted under `key` (the column is unique in each table)."""
+    return session.scalar(select(table).where(table.idempotency_key == key))
 
 
 def get_pipeline(session: Session, *, pipeline_id: str) -> Pipeline | None:
     return session.get(Pipeline, pipeline_id)
 
 
-def get_pipeline_by_idempotency_key(session: Session, *, key: str) -> Pipeline | None:
-    return session.scalar(select(Pipeline).where(Pipeline.idempotency_key == key))
-
-
-def release_key(session: Session, *, table: type[Job] | type[Pipeline], row_id: str) -> None:
+def release_key(session: Session, *, table: type[Job] | type[Pipeline] | type[Sweep], row_id: str) -> None:
     """Free an idempotency key (its time to live is over), so it can name a new submission."""
     session.execute(update(table).where(table.id == row_id).values(idempotency_key=None)
                     .execution_options(synchronize_session=False))

@@ -41,15 +41,6 @@ def get_sweep(session: Session, *, sweep_id: str) -> Sweep | None:
     return session.get(Sweep, sweep_id)
 
 
-def get_sweep_by_idempotency_key(session: Session, *, key: str) -> Sweep | None:
-    return session.scalar(select(Sweep).where(Sweep.idempotency_key == key))
-
-
-def release_sweep_key(session: Session, *, sweep_id: str) -> None:
-    session.execute(update(Sweep).where(Sweep.id == sweep_id).values(idempotency_key=None)
-                    .execution_options(synchronize_session=False))
-
-
 def list_sweeps(session: Session, *, limit: int = 50, before: tuple[dt.datetime, str] | None = None) -> list[Sweep]:
     stmt = select(Sweep)
     if before is not None:
