@@ -8,7 +8,9 @@ Contenders per round (one full optimizer step each: forward, backward, masking, 
 - hf:       transformers.GPTNeoForCausalLM (eager attention) + torch.optim.AdamW with its defaults (what a user of
             stock HF gets; on CPU that is the single-tensor loop)
 - hf_fused: the same, with torch.optim.AdamW(fused=True): shows how much of the speedup is the optimizer
-- clean:    our model, strategy none, + our optimizer as training builds it (mask-aware AdamW, fused kernel)
+- clean:    our model, strategy none, + our optimizer as training builds it (mask-aware AdamW, fused kernel), with
+            the engine's C kernels (model/cpu_kernels.py: small-head attention, cross-entropy), as training runs it
+- torch_k:  the same with the C kernels switched off (runtime.cpu_kernels: false): SDPA and torch's elementwise ops
 - sgtm:     our model, strategy sgtm, forget mode: gradient surgery + mask-aware AdamW freezing the retain slices
 - retain:   our model, strategy sgtm, retain mode (forward on the retain slices only)
 
@@ -29,6 +31,7 @@ import time
 import torch
 
 from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, OptimizerKind, OptimSpec, Strategy
+from sgtm_engine.model import cpu_kernels
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.hf import to_hf_model
 from sgtm_engine.model.masking import apply_gradient_masks
@@ -74,6 +77,19 @@ def bench_shape(name: str, spec: ModelSpec, batch: int, rounds: int, warmup: int
         "sgtm": make_step(sgtm, build_optimizer(sgtm, sgtm.partition, OPTIM, OptimizerKind.MASK_AWARE),
                           MaskMode.FORGET),
     }
+    torch_k = GPTNeoLM(spec, MaskingSpec(strategy=Strategy.NONE))
+    torch_k.load_state_dict(base.state_dict())
+    torch_k_step = make_step(torch_k, build_optimizer(torch_k, torch_k.partition, OPTIM, OptimizerKind.MASK_AWARE),
+                             MaskMode.DEFAULT)
+
+    def without_c_kernels(ids, labels):
+        cpu_kernels.set_enabled(False)
+        try:
+            return torch_k_step(ids, labels)
+        finally:
+            cpu_kernels.set_enabled(True)
+
+    steps["torch_k"] = without_c_kernels
     sgtm_retain = GPTNeoLM(spec, MaskingSpec(strategy=Strategy.SGTM))
     sgtm_retain.load_state_dict(base.state_dict())
     steps["retain"] = make_step(sgtm_retain, build_optimizer(sgtm_retain, sgtm_retain.partition, OPTIM,
@@ -94,10 +110,12 @@ def bench_shape(name: str, spec: ModelSpec, batch: int, rounds: int, warmup: int
     for k, v in med.items():
         print(f"  {k:7s} {v * 1000:9.1f} ms/step  {tokens / v:10.0f} tokens/s")
     res = {"hf": med["hf"], "clean": med["clean"], "speedup": med["hf"] / med["clean"],
+           "kernels": med["torch_k"] / med["clean"],
            "overhead": med["sgtm"] / med["clean"] - 1,
            "retain_ratio": med["retain"] / med["clean"], "speedup_fused": med["hf_fused"] / med["clean"]}
     print(f"  speedup_vs_hf={res['speedup']:.2f} (vs hf with fused AdamW: {res['speedup_fused']:.2f}) "
-          f"sgtm_forget_overhead={res['overhead'] * 100:+.2f}% retain_step_ratio={res['retain_ratio']:.3f}")
+          f"sgtm_forget_overhead={res['overhead'] * 100:+.2f}% retain_step_ratio={res['retain_ratio']:.3f} "
+          f"c_kernels_speedup={res['kernels']:.2f}")
     return res
 
 
@@ -108,7 +126,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--skip-tuned", action="store_true", help="only phase 1 (allocator defaults)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, C kernels: "
+          f"{'built' if cpu_kernels.library() is not None else cpu_kernels.unavailable_reason()}")
     results = {}
     for phase in ("defaults", "tuned"):
         if phase == "tuned":

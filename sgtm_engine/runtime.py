@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sgtm_engine.config import Device, Precision, RuntimeSpec
+from sgtm_engine.model import cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def resolve_runtime(spec: RuntimeSpec) -> Runtime:
         torch.set_num_threads(spec.threads)
     if spec.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
+    cpu_kernels.set_enabled(spec.cpu_kernels)
     precision = spec.precision
     if precision == Precision.AUTO:
         precision = Precision.BF16 if device.type == "cuda" else Precision.FP32

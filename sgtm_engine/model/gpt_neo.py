@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, Strategy
+from sgtm_engine.model import fused_attention
 from sgtm_engine.model.loss import linear_cross_entropy
 from sgtm_engine.model.partition import BlockPlan, Partition
 
@@ -68,11 +69,15 @@ class SelfAttention(nn.Module):
         """Attention outputs of heads [lo, hi): (B, T, (hi-lo)*hs)."""
         B, T, _ = x.shape
         a, b = lo * self.head_dim, hi * self.head_dim
-        q = F.linear(x, self.q_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim).transpose(1, 2)
-        k = F.linear(x, self.k_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim).transpose(1, 2)
-        v = F.linear(x, self.v_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim).transpose(1, 2)
+        q = F.linear(x, self.q_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim)
+        k = F.linear(x, self.k_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim)
+        v = F.linear(x, self.v_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim)
+        # GPT-Neo applies no 1/sqrt(hs) scaling
+        if fused_attention.usable(q):  # small heads on CPU (fused_attention.py says why)
+            o = fused_attention.attention(q, k, v, window=self.window if self.local else 0, scale=1.0)
+            return o.view(B, T, b - a)
         mask = self._window_mask(T, x.device)
-        # (B, nh, T, hs); GPT-Neo applies no 1/sqrt(hs) scaling
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0)
         return o.transpose(1, 2).reshape(B, T, b - a)
 

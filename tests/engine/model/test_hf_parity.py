@@ -33,7 +33,7 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
 
-def test_logits_loss_and_every_gradient_match_stock_gpt_neo():
+def test_logits_loss_and_every_gradient_match_stock_gpt_neo(kernels):
     ours, hf = _pair()
     ids = torch.randint(0, SPEC.vocab_size, (3, SPEC.context))
     logits, loss = ours(ids, _labels(ids))
@@ -106,7 +106,7 @@ def test_presets_have_the_papers_parameter_counts(preset):
 
 
 @pytest.mark.parametrize("output_bias", [False, True])
-def test_fused_cross_entropy_matches_the_stock_loss_and_gradients(output_bias):
+def test_fused_cross_entropy_matches_the_stock_loss_and_gradients(output_bias, kernels):
     spec = ModelSpec(**{**SPEC.__dict__, "output_bias": output_bias})
     torch.manual_seed(3)
     a = GPTNeoLM(spec)
