@@ -63,7 +63,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int):  # type: ignore[override]
         # hidden [N, d], weight [V, d], bias [V] or None, labels [N]
-        lib = cpu_kernels.library()
+        # torch.compile traces this forward: an opaque ctypes call would break its graph (compiled models keep torch)
+        lib = None if torch.compiler.is_compiling() else cpu_kernels.library()
         valid = labels != ignore_index
         count = valid.sum().clamp(min=1)
         ctx.has_bias, ctx.ignore_index, ctx.token = bias is not None, ignore_index, None
