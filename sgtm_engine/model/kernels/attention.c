@@ -51,54 +51,134 @@ static void gather_transposed(const float *x, strides_t s, int64_t b, int64_t h,
 
 static inline int64_t padded(int64_t T) { return (T + LANES - 1) / LANES * LANES; }
 
+/* The first chunk start at or after key t. */
+static inline int64_t chunk_ceil(int64_t t) { return (t + LANES - 1) / LANES * LANES; }
+
+/* Scores of R rows against the 16 keys at c (masked lanes: -FLT_MAX, out of the max), stored, and folded into the
+ * row maxima.
+ * `masked` is a constant at each call site: interior chunks, where every lane is valid for every row, skip it. */
+static inline __attribute__((always_inline)) void score_chunk(float qs[][MAX_D], const float *kt, float *s,
+                                                              vf *row_max, const int64_t *lo, const int64_t *hi,
+                                                              int64_t c, int64_t Tp, int64_t D, int64_t R,
+                                                              int masked) {
+    vf kc[D];
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < D; j++) kc[j] = vload(kt + j * Tp + c);
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < R; r++) {
+        vf x = kc[0] * qs[r][0];
+#pragma GCC unroll 16
+        for (int64_t j = 1; j < D; j++) x += kc[j] * qs[r][j];
+        if (masked) x = blend(in_range(c, lo[r], hi[r]), x, splat(-FLT_MAX));
+        vstore(s + r * Tp + c, x);
+        row_max[r] = vmax(x, row_max[r]);
+    }
+}
+
+/* exp(score - max) of R rows for the 16 keys at c (masked lanes: exactly 0), summed and applied to the values. */
+static inline __attribute__((always_inline)) void weigh_chunk(const float *s, const float *m, vf *sum,
+                                                              vf acc[][MAX_D], const float *vt, const int64_t *lo,
+                                                              const int64_t *hi, int64_t c, int64_t Tp, int64_t D,
+                                                              int64_t R, int masked) {
+    vf vc[D];
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < D; j++) vc[j] = vload(vt + j * Tp + c);
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < R; r++) {
+        vf p = vexp(vload(s + r * Tp + c) - m[r]);
+        if (masked) p = blend(in_range(c, lo[r], hi[r]), p, splat(0.0f));
+        sum[r] += p;
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < D; j++) acc[r][j] += p * vc[j];
+    }
+}
+
+/* The backward's work on the 16 keys at c for R rows: dq accumulates in registers; dk/dv get one update. */
+static inline __attribute__((always_inline)) void grad_chunk(
+    float qs[][MAX_D], float qv[][MAX_D], float gv[][MAX_D], const float *delta, const float *row_lse,
+    vf dq_acc[][MAX_D], const float *kt, const float *vt, float *dkt, float *dvt, const int64_t *lo,
+    const int64_t *hi, int64_t c, int64_t Tp, int64_t D, int64_t R, float scale, int masked) {
+    vf kc[D], vc[D], dk_acc[D], dv_acc[D];
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < D; j++) {
+        kc[j] = vload(kt + j * Tp + c);
+        vc[j] = vload(vt + j * Tp + c);
+        dk_acc[j] = splat(0.0f);
+        dv_acc[j] = splat(0.0f);
+    }
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < R; r++) {
+        vf x = kc[0] * qs[r][0], dp = vc[0] * gv[r][0];
+#pragma GCC unroll 16
+        for (int64_t j = 1; j < D; j++) {
+            x += kc[j] * qs[r][j];
+            dp += vc[j] * gv[r][j];
+        }
+        vf p = vexp(x - row_lse[r]);
+        if (masked) p = blend(in_range(c, lo[r], hi[r]), p, splat(0.0f));
+        const vf ds = p * (dp - delta[r]) * scale;
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < D; j++) {
+            dq_acc[r][j] += ds * kc[j];
+            dk_acc[j] += ds * qv[r][j];
+            dv_acc[j] += p * gv[r][j];
+        }
+    }
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < D; j++) {
+        vstore(dkt + j * Tp + c, vload(dkt + j * Tp + c) + dk_acc[j]);
+        vstore(dvt + j * Tp + c, vload(dvt + j * Tp + c) + dv_acc[j]);
+    }
+}
+
 /* Forward of R consecutive query rows [i0, i0 + R) of one (b, h), sharing each loaded key/value chunk across the
  * rows. R and D are compile-time constants after inlining into the dispatch below, so the row and dim loops unroll
  * into registers. Rows past T are not computed (their lanes are masked out and nothing is stored). */
 static inline __attribute__((always_inline)) void forward_rows(
     const float *q, strides_t sq, const float *kt, const float *vt, float *o, strides_t so, float *lse, float *s,
     int64_t b, int64_t h, int64_t i0, int64_t T, int64_t Tp, int64_t D, int64_t R, int64_t window, float scale) {
-    float qs[R][D];
+    float qs[R][MAX_D];
     int64_t lo[R], hi[R];
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R; r++) {
         const int64_t i = i0 + r < T ? i0 + r : T - 1; /* a row past T repeats the last one; never stored */
         const float *qi = q + b * sq.b + i * sq.t + h * sq.h;
+#pragma GCC unroll 16
         for (int64_t j = 0; j < D; j++) qs[r][j] = qi[j] * scale;
         lo[r] = first_key(i, window);
         hi[r] = i;
     }
     const int64_t c_lo = lo[0] / LANES * LANES, c_hi = hi[R - 1];
     vf row_max[R];
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R; r++) row_max[r] = splat(-FLT_MAX);
+    const int64_t c_inner_lo = chunk_ceil(lo[R - 1]), c_inner_hi = (hi[0] + 1) / LANES * LANES;
     for (int64_t c = c_lo; c <= c_hi; c += LANES) {
-        vf kc[D];
-        for (int64_t j = 0; j < D; j++) kc[j] = vload(kt + j * Tp + c);
-        for (int64_t r = 0; r < R; r++) {
-            vf x = kc[0] * qs[r][0];
-            for (int64_t j = 1; j < D; j++) x += kc[j] * qs[r][j];
-            x = blend(in_range(c, lo[r], hi[r]), x, splat(-FLT_MAX));
-            vstore(s + r * Tp + c, x);
-            row_max[r] = vmax(x, row_max[r]);
-        }
+        if (c >= c_inner_lo && c < c_inner_hi) /* every lane valid for every row: no masking */
+            score_chunk(qs, kt, s, row_max, lo, hi, c, Tp, D, R, 0);
+        else
+            score_chunk(qs, kt, s, row_max, lo, hi, c, Tp, D, R, 1);
     }
     float m[R];
-    vf sum[R], acc[R][D];
+    vf sum[R], acc[R][MAX_D];
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R; r++) {
         m[r] = hmax(row_max[r]);
         sum[r] = splat(0.0f);
+#pragma GCC unroll 16
         for (int64_t j = 0; j < D; j++) acc[r][j] = splat(0.0f);
     }
     for (int64_t c = c_lo; c <= c_hi; c += LANES) {
-        vf vc[D];
-        for (int64_t j = 0; j < D; j++) vc[j] = vload(vt + j * Tp + c);
-        for (int64_t r = 0; r < R; r++) {
-            const vf p = vexp(vload(s + r * Tp + c) - m[r]);
-            sum[r] += p;
-            for (int64_t j = 0; j < D; j++) acc[r][j] += p * vc[j];
-        }
+        if (c >= c_inner_lo && c < c_inner_hi)
+            weigh_chunk(s, m, sum, acc, vt, lo, hi, c, Tp, D, R, 0);
+        else
+            weigh_chunk(s, m, sum, acc, vt, lo, hi, c, Tp, D, R, 1);
     }
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R && i0 + r < T; r++) {
         const float l = hsum(sum[r]);
         float *oi = o + b * so.b + (i0 + r) * so.t + h * so.h;
+#pragma GCC unroll 16
         for (int64_t j = 0; j < D; j++) oi[j] = hsum(acc[r][j]) / l;
         lse[i0 + r] = m[r] + logf(l);
     }
@@ -110,13 +190,15 @@ static inline __attribute__((always_inline)) void backward_rows(
     const float *q, const float *o, const float *d_o, strides_t sq, strides_t so, strides_t sdo, const float *kt,
     const float *vt, float *dkt, float *dvt, const float *lse, float *dq, strides_t sg, int64_t b, int64_t h,
     int64_t i0, int64_t T, int64_t Tp, int64_t D, int64_t R, int64_t window, float scale) {
-    float qs[R][D], qv[R][D], gv[R][D], delta[R], row_lse[R];
+    float qs[R][MAX_D], qv[R][MAX_D], gv[R][MAX_D], delta[R], row_lse[R];
     int64_t lo[R], hi[R];
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R; r++) {
         const int64_t i = i0 + r < T ? i0 + r : T - 1;
         const float *qi = q + b * sq.b + i * sq.t + h * sq.h, *oi = o + b * so.b + i * so.t + h * so.h;
         const float *gi = d_o + b * sdo.b + i * sdo.t + h * sdo.h;
         delta[r] = 0.0f; /* dO_i . O_i = sum_t p_t dp_t */
+#pragma GCC unroll 16
         for (int64_t j = 0; j < D; j++) {
             qs[r][j] = qi[j] * scale;
             qv[r][j] = qi[j];
@@ -129,38 +211,22 @@ static inline __attribute__((always_inline)) void backward_rows(
         hi[r] = i;
     }
     const int64_t c_lo = lo[0] / LANES * LANES, c_hi = hi[R - 1];
-    vf dq_acc[R][D];
+    vf dq_acc[R][MAX_D];
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R; r++)
+#pragma GCC unroll 16
         for (int64_t j = 0; j < D; j++) dq_acc[r][j] = splat(0.0f);
+    const int64_t c_inner_lo = chunk_ceil(lo[R - 1]), c_inner_hi = (hi[0] + 1) / LANES * LANES;
     for (int64_t c = c_lo; c <= c_hi; c += LANES) {
-        vf kc[D], vc[D], dk_acc[D], dv_acc[D];
-        for (int64_t j = 0; j < D; j++) {
-            kc[j] = vload(kt + j * Tp + c);
-            vc[j] = vload(vt + j * Tp + c);
-            dk_acc[j] = splat(0.0f);
-            dv_acc[j] = splat(0.0f);
-        }
-        for (int64_t r = 0; r < R; r++) {
-            vf x = kc[0] * qs[r][0], dp = vc[0] * gv[r][0];
-            for (int64_t j = 1; j < D; j++) {
-                x += kc[j] * qs[r][j];
-                dp += vc[j] * gv[r][j];
-            }
-            const vf p = vexp(blend(in_range(c, lo[r], hi[r]), x, splat(-FLT_MAX)) - row_lse[r]);
-            const vf ds = p * (dp - delta[r]) * scale;
-            for (int64_t j = 0; j < D; j++) {
-                dq_acc[r][j] += ds * kc[j];
-                dk_acc[j] += ds * qv[r][j];
-                dv_acc[j] += p * gv[r][j];
-            }
-        }
-        for (int64_t j = 0; j < D; j++) {
-            vstore(dkt + j * Tp + c, vload(dkt + j * Tp + c) + dk_acc[j]);
-            vstore(dvt + j * Tp + c, vload(dvt + j * Tp + c) + dv_acc[j]);
-        }
+        if (c >= c_inner_lo && c < c_inner_hi) /* every lane valid for every row: no masking */
+            grad_chunk(qs, qv, gv, delta, row_lse, dq_acc, kt, vt, dkt, dvt, lo, hi, c, Tp, D, R, scale, 0);
+        else
+            grad_chunk(qs, qv, gv, delta, row_lse, dq_acc, kt, vt, dkt, dvt, lo, hi, c, Tp, D, R, scale, 1);
     }
+#pragma GCC unroll 16
     for (int64_t r = 0; r < R && i0 + r < T; r++) {
         float *dqi = dq + b * sg.b + (i0 + r) * sg.t + h * sg.h;
+#pragma GCC unroll 16
         for (int64_t j = 0; j < D; j++) dqi[j] = hsum(dq_acc[r][j]);
     }
 }

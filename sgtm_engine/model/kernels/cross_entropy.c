@@ -51,7 +51,7 @@ int sgtm_ce_forward(float *logits, int64_t V, const float *bias, const int64_t *
         }
         float sum = hsum(s);
         for (int64_t u = t; u < V; u++) {
-            x[u] = vexp(splat(x[u] - mx))[0];
+            x[u] = vexp(splat(x[u] - mx))[0]; /* x - max <= 0, as vexp wants */
             sum += x[u];
         }
         row_sum[r] = sum;

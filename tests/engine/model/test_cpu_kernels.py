@@ -67,6 +67,28 @@ def test_attention_window_really_cuts_and_threads_do_not_change_the_result():
     assert torch.equal(one, banded)  # each (batch, head) is one task: the split never changes a bit
 
 
+@pytest.mark.parametrize("window", [0, 5])
+def test_attention_is_exactly_causal(window):
+    """Keys after a query, and before its window, carry exactly zero weight: changing them changes no bit of the
+    earlier outputs, and a loss on the earlier outputs gives them exactly zero gradient."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 48, 2, 4) for _ in range(3))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 20:] += 10 * torch.randn_like(k2[:, 20:])
+    v2[:, 20:] += 10 * torch.randn_like(v2[:, 20:])
+    assert torch.equal(fused_attention.attention(q, k, v, window)[:, :20],
+                       fused_attention.attention(q, k2, v2, window)[:, :20])
+    k.requires_grad_(True)
+    v.requires_grad_(True)
+    fused_attention.attention(q, k, v, window)[:, :20].sum().backward()
+    assert torch.count_nonzero(k.grad[:, 20:]) == 0 and torch.count_nonzero(v.grad[:, 20:]) == 0
+    if window:  # the last query row sees only its window: keys before it get nothing from it
+        k.grad = v.grad = None
+        fused_attention.attention(q, k, v, window)[:, 40:].sum().backward()
+        assert torch.count_nonzero(k.grad[:, : 40 - window + 1]) == 0
+        assert torch.count_nonzero(v.grad[:, : 40 - window + 1]) == 0
+
+
 def test_attention_is_used_only_where_it_wins_and_can_be_switched_off():
     q = torch.randn(1, 4, 2, 4)
     assert fused_attention.usable(q)
