@@ -181,6 +181,9 @@ class SweepRead(BaseModel):
     spec: dict[str, Any] = Field(description="Variants, grid, seeds and seed paths as submitted.")
     cells: list[SweepCellRead]
     mlflow: MlflowRef | None = None
+    cancelled_at: dt.datetime | None = Field(
+        default=None, description="When the sweep was cancelled (cleared by a resume). Cells shared with a sweep "
+                                  "that is not cancelled keep running for it.")
     created_at: dt.datetime
     links: dict[str, str]
 

@@ -100,6 +100,7 @@ def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[
     """Give every failed or cancelled cell a fresh pipeline (or the newer pipeline another sweep started for the same
     cell). Succeeded and active cells are left alone. Commits; returns the jobs created."""
     sweep_repo.lock_submissions(session)
+    sweep_repo.set_cancelled(session, sweep=sweep, cancelled=False)  # live again: shared pipelines count it
     cells = sweep_repo.cells(session, sweep_id=sweep.id)
     latest = sweep_repo.latest_pipelines(session, cell_ids=[c.cell_id for c in cells])
     jobs = sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells] + [p.id for p in latest.values()])
@@ -125,10 +126,15 @@ def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[
 
 
 def cancel_sweep(session: Session, *, sweep: Sweep) -> int:
-    """Cancel every queued or running job of every cell (a shared pipeline is cancelled for every sweep that uses
-    it). Commits; returns how many jobs were asked to stop."""
+    """Cancel every queued or running job of this sweep's cells, except in pipelines that another sweep, not itself
+    cancelled, also points at (running cells attached by a later submission, say): those keep running for it, and
+    stop when the last sweep using them is cancelled. Commits; returns how many jobs were asked to stop."""
+    sweep_repo.lock_submissions(session)  # a concurrent submission cannot attach to a pipeline being cancelled
+    sweep_repo.set_cancelled(session, sweep=sweep, cancelled=True)
     cells = sweep_repo.cells(session, sweep_id=sweep.id)
-    jobs = sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells])
+    mine = [c.pipeline_id for c in cells]
+    kept = sweep_repo.pipelines_kept_by_others(session, sweep_id=sweep.id, pipeline_ids=mine)
+    jobs = sweep_repo.jobs_of(session, pipeline_ids=[p for p in mine if p not in kept])
     n = 0
     for pipeline_jobs in jobs.values():
         for job in pipeline_jobs:
@@ -169,7 +175,8 @@ def sweep_read(session: Session, settings: Settings, sweep: Sweep) -> SweepRead:
     return SweepRead(id=sweep.id, name=sweep.name, experiment=sweep.experiment,
                      status=repo.pipeline_status(r.status for r in reads),  # type: ignore[arg-type]
                      counts=counts, spec={k: v for k, v in sweep.spec.items() if k != "base"}, cells=reads,
-                     mlflow=mlflow, created_at=sweep.created_at, links=_links(sweep.id))
+                     mlflow=mlflow, cancelled_at=sweep.cancelled_at, created_at=sweep.created_at,
+                     links=_links(sweep.id))
 
 
 def sweep_summary(session: Session, sweep: Sweep) -> SweepSummary:

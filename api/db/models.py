@@ -38,6 +38,9 @@ class Sweep(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     """Set when every cell had finished and the report was logged; cleared when the sweep is resumed."""
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    """Set by a cancel, cleared by a resume. A pipeline shared with other sweeps is cancelled only once every sweep
+    that uses it is cancelled (cancelling one sweep never stops another's cells)."""
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -147,6 +147,21 @@ def claim_sweep_close(session: Session, *, sweep_id: str) -> bool:
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
+def set_cancelled(session: Session, *, sweep: Sweep, cancelled: bool) -> None:
+    sweep.cancelled_at = utcnow() if cancelled else None
+    session.flush()  # the next query (which sweeps are not cancelled) must see it
+
+
+def pipelines_kept_by_others(session: Session, *, sweep_id: str, pipeline_ids: Iterable[str]) -> set[str]:
+    """Those of these pipelines that a cell of another, not cancelled, sweep points at."""
+    ids = list(pipeline_ids)
+    if not ids:
+        return set()
+    stmt = (select(SweepCell.pipeline_id).join(Sweep, Sweep.id == SweepCell.sweep_id)
+            .where(SweepCell.pipeline_id.in_(ids), SweepCell.sweep_id != sweep_id, Sweep.cancelled_at.is_(None)))
+    return set(session.scalars(stmt))
+
+
 def reopen_sweep(session: Session, *, sweep_id: str) -> None:
     session.execute(update(Sweep).where(Sweep.id == sweep_id).values(mlflow_closed_at=None)
                     .execution_options(synchronize_session=False))

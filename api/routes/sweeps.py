@@ -75,7 +75,9 @@ def get_sweep(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep) 
 @router.post("/{sweep_id}/cancel", status_code=202, response_model=SweepRead,
              responses={401: ERRORS[401], **NOT_FOUND})
 def cancel(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep, _principal: AuthDep) -> SweepRead:
-    """Cancel every queued or running job of every cell; finished cells keep their state."""
+    """Cancel every queued or running job of every cell; finished cells keep their state. A cell whose pipeline
+    another (not cancelled) sweep also uses keeps running for that sweep: it stops once every sweep using it is
+    cancelled. `cancelled_at` is set until a resume."""
     cancel_sweep(session, sweep=sweep)
     return sweep_read(session, settings, sweep)
 

@@ -150,6 +150,35 @@ def test_a_sweep_sharing_some_cells_reuses_exactly_those(client: TestClient, fac
     assert wider["counts"] == {"succeeded": 2, "queued": 1}
 
 
+def test_cancelling_one_sweep_leaves_running_the_cells_another_sweep_shares(
+        client: TestClient, factory: sessionmaker[Session]) -> None:
+    """A later sweep attached to a running cell: cancelling the first sweep stops only its own cells; the shared
+    pipeline stops when the second sweep is cancelled too; a resume makes a sweep count again."""
+    first = post(client, sweep_body(variants=None, grid={"train.noise.recall": [1.0, 0.5]}, seeds=[0])).json()
+    shared_train = first["cells"][0]["jobs"]["train"]
+    with session_scope(factory) as session:
+        assert repo.claim(session, job_id=shared_train, owner="test")
+    second = post(client, sweep_body(variants=None, grid={"train.noise.recall": [1.0, 0.2]}, seeds=[0],
+                                     name="second")).json()
+    shared = first["cells"][0]["pipeline_id"]
+    assert second["cells"][0]["pipeline_id"] == shared and second["cells"][0]["reused"]
+
+    after = client.post(f"/api/v1/sweeps/{first['id']}/cancel", headers=AUTH).json()
+    assert after["cancelled_at"] is not None
+    assert [c["status"] for c in after["cells"]] == ["running", "cancelled"]
+    assert client.get(f"/api/v1/jobs/{shared_train}").json()["cancel_requested_at"] is None
+    assert client.get(f"/api/v1/sweeps/{second['id']}").json()["counts"] == {"running": 1, "queued": 1}
+
+    # the first sweep resumed counts again: cancelling the second now leaves the shared cell running
+    resumed = client.post(f"/api/v1/sweeps/{first['id']}/resume", headers=AUTH).json()
+    assert resumed["cancelled_at"] is None
+    client.post(f"/api/v1/sweeps/{second['id']}/cancel", headers=AUTH)
+    assert client.get(f"/api/v1/jobs/{shared_train}").json()["cancel_requested_at"] is None
+    # once every sweep using it is cancelled, it stops
+    client.post(f"/api/v1/sweeps/{first['id']}/cancel", headers=AUTH)
+    assert client.get(f"/api/v1/jobs/{shared_train}").json()["cancel_requested_at"] is not None
+
+
 def test_cancel_cancels_every_cell_and_resume_reruns_only_those(
         client: TestClient, factory: sessionmaker[Session]) -> None:
     sweep = post(client, sweep_body()).json()
