@@ -28,6 +28,7 @@ from sgtm_engine.data.conditional import suppress_logits
 from sgtm_engine.data.prepare import PreparedData
 from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import IGNORE_INDEX, GPTNeoLM
+from sgtm_engine.model.loss import token_losses
 from sgtm_engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,21 @@ def loss_table(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Run
                 break
             rows = test.tokens[start:start + spec.batch_size].to(runtime.device)
             inputs, labels = data.inputs_and_labels(rows)
-            with runtime.autocast():
-                logits, _ = model(inputs)
-            logits = logits.float()
             mask = labels != IGNORE_INDEX
+            total_tokens += int(mask.sum())
+            with runtime.autocast():
+                hidden = model.hidden_states(inputs)
+                fused = token_losses(hidden, model.lm_head.weight, model.lm_head.bias, labels, IGNORE_INDEX)
+            if fused is not None:  # CPU: no logit tensor, no separate log-softmax and argmax passes
+                total_loss += float(fused[0].sum())
+                total_correct += int(fused[1].sum())
+                continue
+            with runtime.autocast():
+                logits = model.lm_head(hidden).float()
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                  reduction="sum")
             total_loss += float(ce)
             total_correct += int(((logits.argmax(-1) == labels) & mask).sum())
-            total_tokens += int(mask.sum())
         if total_tokens == 0:
             continue
         loss, acc = total_loss / total_tokens, total_correct / total_tokens

@@ -138,7 +138,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     signatures = {
         "sgtm_attention_forward": [p, p, p, s, s, s, p, s, p, i64, i64, i64, i64, f32, i64, i64],
         "sgtm_attention_backward": [p, p, p, p, p, p, s, s, s, s, s, p, p, p, s, i64, i64, i64, i64, f32, i64, i64],
-        "sgtm_ce_forward": [p, i64, p, p, i64, p, p, p, i64, i64],
+        "sgtm_ce_forward": [p, i64, p, p, i64, p, p, p, p, i64, i64],
         "sgtm_ce_backward": [p, i64, p, i64, p, p, p, i64, i64],
     }
     for name, argtypes in signatures.items():

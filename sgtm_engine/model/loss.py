@@ -85,7 +85,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             bias_c = bias.contiguous() if bias is not None else None
             target, row_sum, lse = hidden.new_empty(N), hidden.new_empty(N), hidden.new_empty(N)
             args = (probs.data_ptr(), V, _ptr(bias_c), labels.data_ptr(), ignore_index, target.data_ptr(),
-                    row_sum.data_ptr(), lse.data_ptr())
+                    row_sum.data_ptr(), lse.data_ptr(), None)
             cpu_kernels.parallel(lambda _, lo, hi: lib.sgtm_ce_forward(*args, lo, hi), N)
         loss = ((lse - target) * valid).sum() / count
         ctx.save_for_backward(hidden, weight, probs, row_sum, labels, valid, count)
@@ -126,3 +126,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """Mean cross-entropy of softmax(hidden @ weight.T + bias) against labels, without keeping log-softmax."""
     d = hidden.shape[-1]
     return _LinearCrossEntropy.apply(hidden.reshape(-1, d), weight, bias, labels.reshape(-1), ignore_index)
+
+
+@torch.no_grad()
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                 ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Evaluation without the logits: per position, the cross-entropy and whether the target is a top-1 prediction
+    (its logit equals the row's max; an exact tie counts as correct, where argmax would pick the lower index). None
+    where the C kernels cannot run (then compute from the logits). Ignored positions get loss 0 and not correct."""
+    if hidden.device.type != "cpu" or hidden.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    lib = cpu_kernels.library()
+    if lib is None:
+        return None
+    shape = labels.shape
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
+    N, V = hidden.shape[0], weight.shape[0]
+    token = _Token()
+    try:
+        probs = torch.mm(hidden, weight.t(), out=_workspace.take(N, V, token))
+        bias_c = bias.contiguous() if bias is not None else None
+        target, row_sum, lse, row_max = (hidden.new_empty(N) for _ in range(4))
+        args = (probs.data_ptr(), V, _ptr(bias_c), labels.data_ptr(), ignore_index, target.data_ptr(),
+                row_sum.data_ptr(), lse.data_ptr(), row_max.data_ptr())
+        cpu_kernels.parallel(lambda _, lo, hi: lib.sgtm_ce_forward(*args, lo, hi), N)
+    finally:
+        _workspace.give_back(token)
+    valid = labels != ignore_index
+    return ((lse - target) * valid).view(shape), (valid & (target >= row_max)).view(shape)

@@ -6,7 +6,8 @@
  * is finished while it is cached: the forward reads it from memory once, the backward once.
  *
  * Forward: each row holds hidden @ W^T on entry; it gets the bias added, its max m and its target's logit recorded,
- * and is overwritten by exp(x - m) (unnormalized probabilities); row_sum = sum, lse = m + log(sum).
+ * and is overwritten by exp(x - m) (unnormalized probabilities); row_sum = sum, lse = m + log(sum), and row_max = m
+ * when asked (evaluation: the target is a top-1 prediction when its logit equals the max).
  * Backward: each row becomes g_r * (softmax - onehot(label)), the logit gradient, where g_r is the loss gradient
  * per row (0 for ignored rows); bias_grad (per calling thread) accumulates its column sums.
  * Rows are independent: each call takes rows [lo, hi). Returns 0, or 3 when a label is outside [0, V).
@@ -22,7 +23,7 @@ static inline int valid_label(int64_t label, int64_t ignore_index, int64_t V) {
 }
 
 int sgtm_ce_forward(float *logits, int64_t V, const float *bias, const int64_t *labels, int64_t ignore_index,
-                    float *target, float *row_sum, float *lse, int64_t lo, int64_t hi) {
+                    float *target, float *row_sum, float *lse, float *row_max, int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; r++) {
         const int64_t label = labels[r];
         if (label != ignore_index && !valid_label(label, ignore_index, V)) return 3;
@@ -56,6 +57,7 @@ int sgtm_ce_forward(float *logits, int64_t V, const float *bias, const int64_t *
         }
         row_sum[r] = sum;
         lse[r] = mx + logf(sum);
+        if (row_max) row_max[r] = mx;
     }
     return 0;
 }

@@ -231,3 +231,44 @@ def test_every_strategy_and_mode_computes_the_same_with_and_without_the_kernels(
             assert grads_off[name] is None, name
         else:
             torch.testing.assert_close(g, grads_off[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_losses_match_cross_entropy_and_argmax(bias):
+    """Evaluation's kernel path: per-position loss and top-1 correctness, equal to F.cross_entropy and argmax."""
+    torch.manual_seed(8)
+    h, W = torch.randn(3, 20, 16), torch.randn(300, 16)
+    b = torch.randn(300) if bias else None
+    labels = torch.randint(0, 300, (3, 20))
+    logits = F.linear(h, W, b)
+    labels[0, :4] = logits[0, :4].argmax(-1)  # some positions predicted right
+    labels[1, -3:] = -100
+    per_position, correct = loss.token_losses(h, W, b, labels)
+    want = F.cross_entropy(logits.view(-1, 300), labels.view(-1), ignore_index=-100, reduction="none").view(3, 20)
+    torch.testing.assert_close(per_position, want)
+    assert torch.equal(correct, (logits.argmax(-1) == labels) & (labels != -100))
+    assert correct[0, :4].all() and loss._workspace._owner is None
+
+
+def test_loss_table_is_the_same_with_and_without_the_kernels(engine_cache):
+    from sgtm_engine.config import DataSpec, EvalSpec, ModelSpec
+    from sgtm_engine.data.prepare import prepare_data
+    from sgtm_engine.evaluate import loss_table
+    from sgtm_engine.model.gpt_neo import GPTNeoLM
+    from sgtm_engine.runtime import Runtime
+
+    data = prepare_data(DataSpec(corpus="wiki-bilingual", vocab_size=512, max_docs_per_split=60,
+                                 test_docs_per_category=3), 32, engine_cache)
+    torch.manual_seed(9)
+    model = GPTNeoLM(ModelSpec(n_layer=1, d_model=32, n_head=8, context=32), vocab_size=data.vocab_size)
+    runtime = Runtime(torch.device("cpu"), "fp32")
+    spec = EvalSpec(max_batches=2, batch_size=4)
+    with_kernels = loss_table(model, data, spec, runtime)
+    cpu_kernels.set_enabled(False)
+    try:
+        without = loss_table(model, data, spec, runtime)
+    finally:
+        cpu_kernels.set_enabled(True)
+    assert with_kernels.keys() == without.keys() and len(with_kernels) > 6
+    for key, value in with_kernels.items():
+        assert value == pytest.approx(without[key], rel=1e-5, abs=1e-6), key
