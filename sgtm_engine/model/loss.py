@@ -12,6 +12,7 @@ row is in cache (kernels/cross_entropy.c), and the logit matrix lives in one reu
 per step costs a page fault per 4 KB under the C library's default allocator (~0.15 s per step at the 8M shape).
 
 The saved buffer is overwritten by the backward, so the graph can be backpropagated once (as training does).
+Evaluation uses the same kernel pass without a graph (`token_losses`: per-position loss and top-1 correctness).
 """
 
 from __future__ import annotations
@@ -59,6 +60,20 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+def _kernel_forward(lib, hidden, weight, bias, labels, ignore_index: int, token: _Token, want_max: bool):
+    """The C path's forward: logits into the workspace (lent to `token`), then one kernel pass per row. Returns
+    (unnormalized probabilities [N, V], target logit, row sum, log-sum-exp, row max or None), the last four [N]."""
+    N, V = hidden.shape[0], weight.shape[0]
+    probs = torch.mm(hidden, weight.t(), out=_workspace.take(N, V, token))
+    bias_c = bias.contiguous() if bias is not None else None
+    target, row_sum, lse = hidden.new_empty(N), hidden.new_empty(N), hidden.new_empty(N)
+    row_max = hidden.new_empty(N) if want_max else None
+    args = (probs.data_ptr(), V, _ptr(bias_c), labels.data_ptr(), ignore_index, target.data_ptr(),
+            row_sum.data_ptr(), lse.data_ptr(), _ptr(row_max))
+    cpu_kernels.parallel(lambda _, lo, hi: lib.sgtm_ce_forward(*args, lo, hi), N)
+    return probs, target, row_sum, lse, row_max
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int):  # type: ignore[override]
@@ -78,15 +93,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = row_max.squeeze(1) + row_sum.log()
             labels = safe
         else:
-            N, V = hidden.shape[0], weight.shape[0]
             ctx.token = _Token()
-            probs = torch.mm(hidden, weight.t(), out=_workspace.take(N, V, ctx.token))
             labels = labels.contiguous()
-            bias_c = bias.contiguous() if bias is not None else None
-            target, row_sum, lse = hidden.new_empty(N), hidden.new_empty(N), hidden.new_empty(N)
-            args = (probs.data_ptr(), V, _ptr(bias_c), labels.data_ptr(), ignore_index, target.data_ptr(),
-                    row_sum.data_ptr(), lse.data_ptr(), None)
-            cpu_kernels.parallel(lambda _, lo, hi: lib.sgtm_ce_forward(*args, lo, hi), N)
+            probs, target, row_sum, lse, _ = _kernel_forward(lib, hidden, weight, bias, labels, ignore_index,
+                                                             ctx.token, want_max=False)
         loss = ((lse - target) * valid).sum() / count
         ctx.save_for_backward(hidden, weight, probs, row_sum, labels, valid, count)
         return loss
@@ -141,15 +151,10 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return None
     shape = labels.shape
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
-    N, V = hidden.shape[0], weight.shape[0]
     token = _Token()
     try:
-        probs = torch.mm(hidden, weight.t(), out=_workspace.take(N, V, token))
-        bias_c = bias.contiguous() if bias is not None else None
-        target, row_sum, lse, row_max = (hidden.new_empty(N) for _ in range(4))
-        args = (probs.data_ptr(), V, _ptr(bias_c), labels.data_ptr(), ignore_index, target.data_ptr(),
-                row_sum.data_ptr(), lse.data_ptr(), row_max.data_ptr())
-        cpu_kernels.parallel(lambda _, lo, hi: lib.sgtm_ce_forward(*args, lo, hi), N)
+        _, target, _, lse, row_max = _kernel_forward(lib, hidden, weight, bias, labels, ignore_index, token,
+                                                     want_max=True)
     finally:
         _workspace.give_back(token)
     valid = labels != ignore_index
