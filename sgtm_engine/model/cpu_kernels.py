@@ -86,6 +86,15 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def for_tensor(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, where they can run on `x`: fp32 on CPU, outside torch.compile tracing (an opaque ctypes call
+    would break the graph, so compiled models keep torch's ops). Callers keep the returned library for their backward,
+    so switching the kernels off between a forward and its backward cannot strand a graph."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    return library()
+
+
 def unavailable_reason() -> str | None:
     return _error
 
@@ -174,6 +183,8 @@ def parallel(fn: Callable[[int, int, int], int], n_tasks: int) -> None:
         codes = [fn(0, 0, n_tasks)]
     else:
         if _pool is None or _pool_size < n - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # more threads asked for (torch.set_num_threads): replace, do not leak
             _pool, _pool_size = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="sgtm-kernel"), n - 1
         futures = [_pool.submit(fn, j, bounds[j], bounds[j + 1]) for j in range(1, n)]
         codes = [fn(0, bounds[0], bounds[1])] + [f.result() for f in futures]

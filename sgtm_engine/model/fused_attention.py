@@ -20,11 +20,7 @@ MAX_HEAD_DIM = 8
 
 def usable(q: torch.Tensor) -> bool:
     """Whether `attention` handles this [B, T, H, D] query (and its like-shaped keys and values)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] > MAX_HEAD_DIM:
-        return False
-    if torch.compiler.is_compiling():
-        return False  # an opaque ctypes call would break the graph; compiled graphs keep SDPA
-    return cpu_kernels.library() is not None
+    return q.shape[-1] <= MAX_HEAD_DIM and cpu_kernels.for_tensor(q) is not None
 
 
 def _d_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +34,8 @@ class _FusedAttention(torch.autograd.Function):
         B, T, H, D = q.shape
         o = q.new_empty(B, T, H, D)
         lse = q.new_empty(B, H, T)
-        kernel = cpu_kernels.library().sgtm_attention_forward
+        ctx.lib = cpu_kernels.for_tensor(q)
+        kernel = ctx.lib.sgtm_attention_forward
         sq, sk, sv, so = (cpu_kernels.strides(x) for x in (q, k, v, o))
         pq, pk, pv, po, plse = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()
         cpu_kernels.parallel(lambda _, lo, hi: kernel(pq, pk, pv, sq, sk, sv, po, so, plse, H, T, D, window, scale,
@@ -53,7 +50,7 @@ class _FusedAttention(torch.autograd.Function):
         grad_o = _d_contiguous(grad_o)
         B, T, H, D = q.shape
         dq, dk, dv = q.new_empty(B, T, H, D), q.new_empty(B, T, H, D), q.new_empty(B, T, H, D)
-        kernel = cpu_kernels.library().sgtm_attention_backward
+        kernel = ctx.lib.sgtm_attention_backward
         st = [cpu_kernels.strides(x) for x in (q, k, v, o, grad_o, dq)]
         ptrs = [x.data_ptr() for x in (q, k, v, o, grad_o, lse)]
         grads = [x.data_ptr() for x in (dq, dk, dv)]

@@ -78,11 +78,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int):  # type: ignore[override]
         # hidden [N, d], weight [V, d], bias [V] or None, labels [N]
-        # torch.compile traces this forward: an opaque ctypes call would break its graph (compiled models keep torch)
-        lib = None if torch.compiler.is_compiling() else cpu_kernels.library()
+        lib = cpu_kernels.for_tensor(hidden)
         valid = labels != ignore_index
         count = valid.sum().clamp(min=1)
-        ctx.has_bias, ctx.ignore_index, ctx.token = bias is not None, ignore_index, None
+        ctx.has_bias, ctx.ignore_index, ctx.lib, ctx.token = bias is not None, ignore_index, lib, None
         if lib is None:
             logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
             safe = torch.where(valid, labels, torch.zeros_like(labels))
@@ -106,14 +105,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, probs, row_sum, labels, valid, count = ctx.saved_tensors
         row_grad = ((grad_loss / count) * valid.to(probs.dtype)).contiguous()  # [N]
         grad_bias = None
-        if ctx.token is None:
+        if ctx.lib is None:
             grad_logits = probs.mul_((row_grad / row_sum)[:, None])  # softmax * grad, in place
             rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
             grad_logits.index_put_((rows, labels), -row_grad, accumulate=True)  # minus the one-hot
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_logits.sum(0)
         else:
-            lib, (N, V) = cpu_kernels.library(), probs.shape
+            lib, (N, V) = ctx.lib, probs.shape
             want_bias = ctx.has_bias and ctx.needs_input_grad[2]
             partial = probs.new_zeros(cpu_kernels.threads_for(N), V) if want_bias else None
             args = (probs.data_ptr(), V, labels.data_ptr(), ctx.ignore_index, row_grad.data_ptr(), row_sum.data_ptr())
@@ -144,9 +143,7 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """Evaluation without the logits: per position, the cross-entropy and whether the target is a top-1 prediction
     (its logit equals the row's max; an exact tie counts as correct, where argmax would pick the lower index). None
     where the C kernels cannot run (then compute from the logits). Ignored positions get loss 0 and not correct."""
-    if hidden.device.type != "cpu" or hidden.dtype != torch.float32 or torch.compiler.is_compiling():
-        return None
-    lib = cpu_kernels.library()
+    lib = cpu_kernels.for_tensor(hidden)
     if lib is None:
         return None
     shape = labels.shape

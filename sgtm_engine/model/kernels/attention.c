@@ -1,6 +1,6 @@
 /* Fused causal / local-window attention for small heads on CPU (fp32), forward and backward.
  *
- * Why: GPT-Neo keeps 32 heads at every size, so the paper's small shapes have heads of 4-16 dims. Library kernels
+ * Why: GPT-Neo keeps 32 heads at every size, so the paper's small shapes have heads of 4-8 dims. Library kernels
  * then spend their time on [block x 4] x [4 x block] matmul calls and materialized score blocks rather than on
  * arithmetic; at the 8M TinyStories shape attention was over half of a CPU training step. Here one (batch, head)
  * pair is one task: its keys and values are transposed once into zero-padded [D][T] rows, and each query row is one
@@ -14,7 +14,7 @@
  *   dq_i = scale * sum_t ds_t k_t, dk_t += scale * ds_t q_i, dv_t += p_t dO_i.
  * Tensors are [B, T, H, D] with D contiguous and any B/T/H strides (the q/k/v projections' outputs as views); each
  * call handles the flattened (batch, head) range [bh_lo, bh_hi), so Python runs disjoint ranges on threads.
- * */
+ */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -49,9 +49,7 @@ static void gather_transposed(const float *x, strides_t s, int64_t b, int64_t h,
         for (int64_t j = 0; j < D; j++) out[j * Tp + t] = base[t * s.t + j];
 }
 
-static inline int64_t padded(int64_t T) { return (T + LANES - 1) / LANES * LANES; }
-
-/* The first chunk start at or after key t. */
+/* t rounded up to a multiple of LANES: the first chunk start at or after key t, and the padded row length. */
 static inline int64_t chunk_ceil(int64_t t) { return (t + LANES - 1) / LANES * LANES; }
 
 /* Scores of R rows against the 16 keys at c (masked lanes: -FLT_MAX, out of the max), stored, and folded into the
@@ -246,7 +244,7 @@ int sgtm_attention_forward(const float *q, const float *k, const float *v, strid
                            float *o, strides_t so, float *lse, int64_t H, int64_t T, int64_t D, int64_t window,
                            float scale, int64_t bh_lo, int64_t bh_hi) {
     if (D < 1 || D > MAX_D) return 2;
-    const int64_t Tp = padded(T);
+    const int64_t Tp = chunk_ceil(T);
     float *kt = aligned_alloc(64, sizeof(float) * (size_t)((2 * D + 4) * Tp)); /* + scores of up to 4 rows */
     if (!kt) return 1;
     float *vt = kt + D * Tp, *s = vt + D * Tp;
@@ -266,7 +264,7 @@ int sgtm_attention_backward(const float *q, const float *k, const float *v, cons
                             float *dq, float *dk, float *dv, strides_t sg, int64_t H, int64_t T, int64_t D,
                             int64_t window, float scale, int64_t bh_lo, int64_t bh_hi) {
     if (D < 1 || D > MAX_D) return 2;
-    const int64_t Tp = padded(T);
+    const int64_t Tp = chunk_ceil(T);
     float *kt = aligned_alloc(64, sizeof(float) * (size_t)(4 * D * Tp));
     if (!kt) return 1;
     float *vt = kt + D * Tp, *dkt = vt + D * Tp, *dvt = dkt + D * Tp;
