@@ -541,13 +541,6 @@ class RuntimeSpec:
     compile: bool = False
     threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
-    keep_freed_memory: bool = True
-    """On CPU under glibc, keep freed large blocks in the heap instead of unmapping them (runtime.py explains:
-    ~1.3x faster CPU steps at the paper's 8M shape); false = the C library's defaults."""
-    cpu_kernels: bool = True
-    """On CPU, the engine's C kernels (fused small-head attention and cross-entropy, model/cpu_kernels.py), built on
-    first use with the system C compiler (without one: torch's kernels, and a warning); false = torch's kernels only."""
-
     def __post_init__(self) -> None:
         _raise_if([] if self.threads is None or self.threads >= 1 else [f"threads={self.threads}: must be >= 1"])
 

@@ -7,13 +7,11 @@ WORLD_SIZE. Randomness is never global: callers build `torch.Generator`/`random.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from sgtm_engine.config import Device, Precision, RuntimeSpec
-from sgtm_engine.model import cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -64,37 +61,12 @@ def resolve_runtime(spec: RuntimeSpec) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if spec.threads is not None and device.type == "cpu":
         torch.set_num_threads(spec.threads)
-    if spec.keep_freed_memory and device.type == "cpu":
-        keep_freed_memory()
-    cpu_kernels.set_enabled(spec.cpu_kernels)
     precision = spec.precision
     if precision == Precision.AUTO:
         precision = Precision.BF16 if device.type == "cuda" else Precision.FP32
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(device, precision, rank, world, local)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing large freed blocks back to the OS; returns whether the setting took.
-
-    glibc serves an allocation above its mmap threshold (dynamic, at most 32 MB) with a fresh mmap and unmaps it on
-    free. A CPU training step allocates the same big tensors every step (a [2048, 50257] logit matrix is 411 MB at
-    the paper's 8M shape; eager attention allocates [B, heads, T, T] scores), so every step page-faults and zeroes
-    them again: on the 2-core machine that was ~60% of stock HF GPT-Neo's step and ~20% of ours (bench_model
-    --malloc). With both thresholds raised, freed blocks stay in the heap and are reused; peak memory is unchanged.
-    PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc; this needs no preload.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
-    except (OSError, AttributeError):  # musl or another libc: keep its defaults
-        return False
 
 
 def shutdown(runtime: Runtime) -> None:
