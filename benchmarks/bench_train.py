@@ -3,8 +3,7 @@
 Runs the demo's SGTM training spec (wiki-bilingual, 4 layers, d=128, context 128, batch 16) for `--steps` steps
 several times, alternating MLflow logging off (NullTracker) and on (MlflowTracker into a local SQLite store, the
 demo's setting: metrics every `log_every` steps, batched), in one process, and compares median wall times.
-The final evaluation and checkpoint are the same in both arms, so they cancel out in the ratio. A third arm runs
-logging off with the engine's C kernels switched off (runtime.cpu_kernels: false) and prints what they are worth.
+The final evaluation and checkpoint are the same in both arms, so they cancel out in the ratio.
 Last line: `train_tokens_per_s=<x> mlflow_overhead=<y>%`.
 """
 
@@ -22,7 +21,6 @@ import torch
 
 from sgtm_engine.data.prepare import prepare_data
 from sgtm_engine.demo import demo_recipe
-from sgtm_engine.model import cpu_kernels
 from sgtm_engine.runtime import Runtime
 from sgtm_engine.tracking import MlflowTracker, NullTracker, local_tracking_uri
 from sgtm_engine.train import train
@@ -41,26 +39,23 @@ def main() -> None:
     runtime = Runtime(torch.device("cpu"), "fp32")
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     uri = local_tracking_uri(root)
-    times: dict[str, list[float]] = {"off": [], "on": [], "torch_k": []}
+    times: dict[str, list[float]] = {"off": [], "on": []}
     tokens = 0
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, demo SGTM config, {args.steps} steps x "
           f"{spec.batch_size}x{spec.model.context} tokens, log_every={spec.log_every}")
     for r in range(args.rounds + 1):  # round 0 warms caches and the MLflow store; not counted
-        for arm in ("off", "on", "torch_k"):
+        for arm in ("off", "on"):
             tracker = MlflowTracker(uri, experiment="bench", run_name=f"{arm}-{r}") if arm == "on" else NullTracker()
-            cpu_kernels.set_enabled(arm != "torch_k")
             t0 = time.perf_counter()
             result = train(spec, root / f"{arm}-{r}", data, runtime, tracker=tracker)
             tracker.close()
             elapsed = time.perf_counter() - t0
-            cpu_kernels.set_enabled(True)
             tokens = result.state.tokens
             if r:
                 times[arm].append(elapsed)
                 print(f"  round {r} logging {arm:3s}: {elapsed:6.2f} s  {tokens / elapsed:8.0f} tokens/s")
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     shutil.rmtree(root, ignore_errors=True)
-    print(f"c_kernels_speedup={statistics.median(times['torch_k']) / off:.2f} (logging off, kernels off vs on)")
     print(f"train_tokens_per_s={tokens / off:.0f} mlflow_overhead={(on / off - 1) * 100:.2f}%")
 
 

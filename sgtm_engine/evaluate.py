@@ -28,7 +28,6 @@ from sgtm_engine.data.conditional import suppress_logits
 from sgtm_engine.data.prepare import PreparedData
 from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import IGNORE_INDEX, GPTNeoLM
-from sgtm_engine.model.loss import token_losses
 from sgtm_engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -58,14 +57,7 @@ def loss_table(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Run
             mask = labels != IGNORE_INDEX
             total_tokens += int(mask.sum())
             with runtime.autocast():
-                hidden = model.hidden_states(inputs)
-                fused = token_losses(hidden, model.lm_head.weight, model.lm_head.bias, labels, IGNORE_INDEX)
-            if fused is not None:  # CPU: no logit tensor, no separate log-softmax and argmax passes
-                total_loss += float(fused[0].sum())
-                total_correct += int(fused[1].sum())
-                continue
-            with runtime.autocast():
-                logits = model.lm_head(hidden).float()
+                logits = model(inputs)[0].float()
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                  reduction="sum")
             total_loss += float(ce)
@@ -126,7 +118,7 @@ def calibrate(model: GPTNeoLM, data: PreparedData, spec: CalibrateSpec, runtime:
             idx = torch.randint(0, examples.shape[0], (spec.batch_size,), generator=gen)
             inputs, labels = data.inputs_and_labels(examples[idx].to(runtime.device))
             with runtime.autocast():
-                _, loss = calibrated(inputs, labels, return_logits=False)
+                _, loss = calibrated(inputs, labels)
             total = total + weights[split] * loss
         total.backward()
         opt.step()

@@ -3,7 +3,8 @@
 A stage runs in its own workdir and leaves there:
 - `events.jsonl`: progress events, one JSON object a line (`started`, `progress`, `eval`, `checkpoint`, `finished`);
 - `result.json`: what it produced: metrics, summary, artifacts (model folders), checkpoint path + sha256, the
-  resolved spec, seed, code version and data manifest hash (the reproducibility record);
+  resolved spec, seed, code version, data manifest hash and `backends` (device, dtype, attention backend, torch and
+  CUDA versions): the reproducibility record;
 - on failure, `error.json` (type and message) for the supervisor.
 Downstream stages receive their parents' workdirs as `inputs` and read the parents' `result.json`: the model to
 start from (`artifacts.model`) and the data it was trained on (`data_spec`, re-prepared from the content cache).
@@ -218,8 +219,9 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
                                  stop or StopFlag())
     checkpoint = record.get("artifacts", {}).get("model")
+    backends = runtime.describe(compiled=bool(getattr(runtime_spec, "compile", False)))
     record = {
-        "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": code_version(),
+        "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": code_version(), "backends": backends,
         "started_at": started, "finished_at": time.time(), **record,
     }
     if checkpoint and kind == StageKind.TRAIN:
@@ -231,6 +233,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
         write_json(workdir / "resolved_spec.json", {"kind": kind.value, "spec": record.get("resolved_spec"),
                                                      "seed": record.get("seed"), "code_version": record["code_version"],
                                                      "manifest_hash": record.get("manifest_hash")})
+        tracker.set_tags({f"sgtm.{key}": str(value) for key, value in backends.items()})
         tracker.flush()
         try:
             tracker.log_artifact(workdir / "resolved_spec.json")

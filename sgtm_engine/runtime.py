@@ -14,6 +14,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,27 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def describe(self, compiled: bool = False) -> dict[str, Any]:
+        """What this run ran on, for result.json and MLflow: device, dtype, attention backend, library versions."""
+        attention = "sdpa"  # the model's only attention path (model/gpt_neo.py)
+        if self.device.type == "cuda":
+            enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
+                                             ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                                             ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
+                                             ("math", torch.backends.cuda.math_sdp_enabled())) if on]
+            attention += f"[{','.join(enabled)}]"
+        return {
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "dtype": "bfloat16-autocast" if self.precision == Precision.BF16 else "float32",
+            "attention": attention,
+            "compile": compiled,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "threads": torch.get_num_threads(),
+            "world_size": self.world_size,
+        }
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA when asked (fp32 master weights, the loss is computed in fp32), else nothing."""

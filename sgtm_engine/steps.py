@@ -64,7 +64,7 @@ def optimizer_step(net: torch.nn.Module, model: GPTNeoLM, optimizer: torch.optim
         if isinstance(net, DistributedDataParallel) and k < n_micro - 1:
             sync = net.no_sync()
         with sync, runtime.autocast():
-            _, loss = net(inputs[sl], labels[sl], return_logits=False)
+            _, loss = net(inputs[sl], labels[sl])
         count = (labels[sl] != IGNORE_INDEX).sum()
         loss = torch.where(count > 0, loss, torch.zeros_like(loss))  # an all-padding micro-batch's mean is NaN
         weight = count / denom  # this micro-batch's share of the global tokens

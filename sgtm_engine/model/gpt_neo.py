@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, Strategy
-from sgtm_engine.model import fused_attention
-from sgtm_engine.model.loss import linear_cross_entropy
 from sgtm_engine.model.partition import BlockPlan, Partition
 
 IGNORE_INDEX = -100
@@ -72,12 +70,9 @@ class SelfAttention(nn.Module):
         q = F.linear(x, self.q_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim)
         k = F.linear(x, self.k_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim)
         v = F.linear(x, self.v_proj.weight[a:b]).view(B, T, hi - lo, self.head_dim)
-        # GPT-Neo applies no 1/sqrt(hs) scaling
-        if fused_attention.usable(q):  # small heads on CPU (fused_attention.py says why)
-            o = fused_attention.attention(q, k, v, window=self.window if self.local else 0, scale=1.0)
-            return o.view(B, T, b - a)
         mask = self._window_mask(T, x.device)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        # GPT-Neo applies no 1/sqrt(hs) scaling
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0)
         return o.transpose(1, 2).reshape(B, T, b - a)
 
@@ -227,17 +222,13 @@ class GPTNeoLM(nn.Module):
                 return x
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V); with `labels` (aligned to positions, -100 ignored) also the mean CE in fp32.
 
-        Training passes `return_logits=False`: on CPU the loss then comes from a fused projection + cross-entropy
-        that never materializes log-probabilities (model/loss.py), and no logits are returned.
+        The loss is computed from fp32 logits, as stock GPT-Neo does, so bf16 autocast changes only the matmuls.
         """
-        h = self.hidden_states(input_ids)
-        if labels is not None and not return_logits and h.device.type == "cpu" and h.dtype == torch.float32:
-            return None, linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, labels, IGNORE_INDEX)
-        logits = self.lm_head(h)
+        logits = self.lm_head(self.hidden_states(input_ids))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),

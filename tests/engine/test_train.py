@@ -117,8 +117,10 @@ def test_stage_chain_and_result_records(tmp_path, cache):
     train_res = run_stage("train", {**TINY, "steps": 4}, tmp_path / "train", cache_dir=cache)
     for key in ("resolved_spec", "seed", "code_version", "manifest_hash", "spec_hash", "checkpoint"):
         assert train_res[key] is not None, key
-    assert train_res["resolved_spec"]["model"]["vocab_size"] == 512 + 0 or train_res["resolved_spec"]["model"][
-        "vocab_size"] > 0
+    assert train_res["resolved_spec"]["model"]["vocab_size"] > 0
+    backends = train_res["backends"]
+    assert backends["device"] == "cpu" and backends["dtype"] == "float32" and backends["attention"] == "sdpa"
+    assert backends["torch"] == torch.__version__ and backends["compile"] is False
     ablated = run_stage("ablate", {"ablate": {"kind": "zero"}}, tmp_path / "ablate",
                         inputs={"model": tmp_path / "train"}, cache_dir=cache)
     ev = run_stage("evaluate", {"calibrate": {"steps": 3, "batch_size": 2}, "eval": {"max_batches": 1,
@@ -150,6 +152,8 @@ def test_recipe_runs_with_nested_mlflow_runs(tmp_path, cache):
     train_run = next(r for r in children if r.data.tags["sgtm.stage"] == "train")
     history = client.get_metric_history(train_run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 3]
+    backends = out["stages"]["train"]["backends"]
+    assert {f"sgtm.{k}": str(v) for k, v in backends.items()}.items() <= train_run.data.tags.items()
 
 
 def test_mlflow_tracker_batches_and_sanitizes(tmp_path):
