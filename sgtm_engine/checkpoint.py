@@ -101,6 +101,29 @@ def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+#: Spec blocks that say where and how a run executes, not what it computes: a run may resume under other values.
+NOT_IDENTITY = ("runtime",)
+
+
+def spec_differences(saved: Any, current: Any, field: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, saved value, current value) for every field where two specs (as plain data) differ, ignoring
+    the top-level blocks in NOT_IDENTITY. Resuming is refused when this is non-empty."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [(field or "<spec>", saved, current)]
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(saved) | set(current)):
+        if not field and key in NOT_IDENTITY:
+            continue
+        out += spec_differences(saved.get(key), current.get(key), f"{field}.{key}" if field else key)
+    return out
+
+
+def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    shown = ", ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in differences[:limit])
+    more = len(differences) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
 def checkpoint_digest(path: Path) -> str:
     """One sha256 for a checkpoint folder: the hash of its manifest."""
     return sha256_file(path / "manifest.json")

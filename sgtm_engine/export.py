@@ -12,14 +12,15 @@ from sgtm_engine.data.conditional import find_control_tokens, generation_config
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.ablation import ablate as ablate_model
 from sgtm_engine.model.hf import load_hf, save_hf
+from sgtm_engine.pipeline import read_result
 
 
 def _resolve(source: Path) -> tuple[Path, Path | None]:
     """(model folder, tokenizer folder or None) from a stage workdir or a checkpoint folder."""
     if (source / "result.json").exists():
-        result = json.loads((source / "result.json").read_text())
-        tok = result.get("artifacts", {}).get("tokenizer")
-        return Path(result["artifacts"]["model"]), Path(tok) if tok else None
+        artifacts = read_result(source)["artifacts"]
+        tok = artifacts.get("tokenizer")
+        return Path(artifacts["model"]), Path(tok) if tok else None
     if (source / "config.json").exists():
         for candidate in (source.parent.parent / "tokenizer", source.parent / "tokenizer"):
             if candidate.exists():

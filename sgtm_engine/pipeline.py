@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,10 +65,50 @@ class EventLog:
 
 
 def read_result(workdir: Path) -> dict[str, Any]:
-    path = Path(workdir) / RESULT
+    """A stage's result record, its artifact paths made absolute (they are stored relative to the stage's folder,
+    so a run folder can be moved or copied and read from any working directory)."""
+    workdir = Path(workdir)
+    path = workdir / RESULT
     if not path.exists():
         raise ConfigError(f"input {workdir}: no {RESULT}; did its stage finish?")
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    base = workdir.resolve()
+    record["artifacts"] = {k: None if v is None else str((base / v).resolve())
+                           for k, v in (record.get("artifacts") or {}).items()}
+    if isinstance(record.get("checkpoint"), dict):
+        record["checkpoint"]["path"] = str((base / record["checkpoint"]["path"]).resolve())
+    return record
+
+
+def _relative(path: str | Path | None, workdir: Path) -> str | None:
+    return None if path is None else os.path.relpath(Path(path).resolve(), workdir.resolve())
+
+
+STAGE_MARKER = "stage.json"
+
+
+def claim_workdir(workdir: Path, kind: StageKind, spec: Any, overwrite: bool = False) -> None:
+    """Make `workdir` this stage's folder: empty or new, or holding a run of the same kind and spec (which then
+    resumes). A folder holding anything else is refused with the differing fields named, unless `overwrite`."""
+    from sgtm_engine.checkpoint import describe_differences, spec_differences
+
+    marker = workdir / STAGE_MARKER
+    mine = {"kind": kind.value, "spec": to_dict(spec)}
+    if overwrite and workdir.exists():
+        for child in workdir.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if marker.exists():
+        theirs = json.loads(marker.read_text())
+        differences = [("kind", theirs.get("kind"), kind.value)] if theirs.get("kind") != kind.value else []
+        differences += spec_differences(theirs.get("spec"), mine["spec"])
+        if differences:
+            raise ConfigError(f"workdir {workdir} holds a {theirs.get('kind')} run of another spec "
+                              f"({describe_differences(differences)}); use a fresh workdir, or overwrite to start "
+                              "over (--overwrite)")
+    elif (workdir / RESULT).exists() or (workdir / "checkpoints").exists():
+        raise ConfigError(f"workdir {workdir} holds a run but no {STAGE_MARKER}, so its spec is unknown; use a fresh "
+                          "workdir, or overwrite to start over (--overwrite)")
+    write_json(marker, mine)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -187,7 +229,8 @@ STAGE_RUNNERS = {StageKind.TRAIN: run_train, StageKind.ABLATE: run_ablate, Stage
 
 def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dict[str, Path] | None = None,
               tracker: Tracker | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
-              stop: StopFlag | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+              stop: StopFlag | None = None, cache_dir: str | Path | None = None, overwrite: bool = False
+              ) -> dict[str, Any]:
     """Run one stage in `workdir` and return (and write) its result record.
 
     Args:
@@ -199,6 +242,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
         emit: extra progress callback (events always go to events.jsonl too).
         stop: stop flag (SIGTERM handler installed by the CLI).
         cache_dir: content-addressed data/tokenizer cache (default: <workdir>/../.cache).
+        overwrite: start over in a workdir that holds a run of another spec (else that is refused).
     """
     kind = StageKind(kind)
     if kind not in STAGE_RUNNERS:
@@ -214,11 +258,15 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     events = EventLog(workdir, emit)
     runtime_spec = getattr(spec, "runtime", None)
     runtime = resolve_runtime(runtime_spec if runtime_spec is not None else RuntimeSpec())
+    if runtime.is_main:
+        claim_workdir(workdir, kind, spec, overwrite)
+    runtime.barrier()  # other ranks read the folder only once rank 0 has claimed (or cleared) it
     started = time.time()
     events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
     record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
                                  stop or StopFlag())
-    checkpoint = record.get("artifacts", {}).get("model")
+    record["artifacts"] = {k: _relative(v, workdir) for k, v in (record.get("artifacts") or {}).items()}
+    checkpoint = record["artifacts"].get("model")
     backends = runtime.describe(compiled=bool(getattr(runtime_spec, "compile", False)))
     record = {
         "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": code_version(), "backends": backends,
@@ -227,7 +275,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     if checkpoint and kind == StageKind.TRAIN:
         from sgtm_engine.checkpoint import checkpoint_digest
 
-        record["checkpoint"] = {"path": checkpoint, "sha256": checkpoint_digest(Path(checkpoint))}
+        record["checkpoint"] = {"path": checkpoint, "sha256": checkpoint_digest(workdir / checkpoint)}
     if runtime.is_main:
         write_json(workdir / RESULT, record)
         write_json(workdir / "resolved_spec.json", {"kind": kind.value, "spec": record.get("resolved_spec"),
@@ -241,7 +289,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
         except Exception as exc:  # noqa: BLE001 - an artifact store hiccup must not fail a finished stage
             log.warning("could not log artifacts: %s", exc)
     events({"type": "finished", "kind": kind.value})
-    return record
+    return read_result(workdir) if runtime.is_main else record
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:

@@ -40,6 +40,10 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
     def describe(self, compiled: bool = False) -> dict[str, Any]:
         """What this run ran on, for result.json and MLflow: device, dtype, attention backend, library versions."""
         attention = "sdpa"  # the model's only attention path (model/gpt_neo.py)

@@ -26,11 +26,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from sgtm_engine.checkpoint import latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from sgtm_engine.checkpoint import (
+    describe_differences,
+    latest_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+    spec_differences,
+)
 from sgtm_engine.config import CalibrateSpec, MaskMode, Strategy, TrainSpec, to_dict
 from sgtm_engine.data.prepare import PreparedData
 from sgtm_engine.data.sampler import PoolSampler
-from sgtm_engine.errors import Cancelled, DataError
+from sgtm_engine.errors import Cancelled, ConfigError, DataError
 from sgtm_engine.evaluate import evaluate_views, flat_metrics
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.hf import load_state
@@ -112,7 +119,7 @@ def train(spec: TrainSpec, workdir: Path, data: PreparedData, runtime: Runtime, 
     state = TrainState()
     resumed = latest_checkpoint(workdir)
     if resumed is not None:
-        state = _restore(resumed.state, resumed.path, model, optimizer, sampler, data)
+        state = _restore(resumed.state, resumed.path, model, optimizer, sampler, data, spec)
         log.info("resuming from %s (step %d of %d)", resumed.path, state.step, spec.steps)
         emit({"type": "resumed", "step": state.step, "total": spec.steps, "path": str(resumed.path)})
     net: torch.nn.Module = model
@@ -205,7 +212,12 @@ def _checkpoint(workdir: Path, model: GPTNeoLM, optimizer: torch.optim.Optimizer
 
 
 def _restore(saved: dict[str, Any], path: Path, model: GPTNeoLM, optimizer: torch.optim.Optimizer,
-             sampler: PoolSampler, data: PreparedData) -> TrainState:
+             sampler: PoolSampler, data: PreparedData, spec: TrainSpec) -> TrainState:
+    differences = spec_differences(saved.get("spec"), to_dict(spec))
+    if differences:
+        raise ConfigError(f"checkpoint {path} belongs to a run with a different spec "
+                          f"({describe_differences(differences)}): refusing to resume it; use a fresh workdir, or "
+                          "overwrite the old run")
     if saved.get("manifest_hash") != data.manifest_hash:
         raise DataError(f"checkpoint {path} was trained on data {saved.get('manifest_hash')}, this run has "
                         f"{data.manifest_hash}: refuse to resume on different data (use a fresh workdir)")

@@ -22,7 +22,7 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.hf import load_hf
 from sgtm_engine.model.masking import region_view
 from sgtm_engine.model.partition import Region
-from sgtm_engine.pipeline import run_stage
+from sgtm_engine.pipeline import read_result, run_stage
 from sgtm_engine.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), "fp32")
@@ -150,7 +150,7 @@ def test_masked_parents_are_ablated_then_attacked_as_clean_models(stages):
 
 
 def _model(workdir: Path):
-    return load_hf(json.loads((workdir / "result.json").read_text())["artifacts"]["model"])
+    return load_hf(read_result(workdir)["artifacts"]["model"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

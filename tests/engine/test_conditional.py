@@ -16,7 +16,7 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.evaluate import sample
 from sgtm_engine.export import export_model
 from sgtm_engine.model.hf import load_hf
-from sgtm_engine.pipeline import run_stage
+from sgtm_engine.pipeline import read_result, run_stage
 from sgtm_engine.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), "fp32")
@@ -87,7 +87,7 @@ def test_conditional_training_needs_document_labels_and_text_spelling_a_token_st
 
 
 def test_our_sampler_never_emits_control_tokens_unless_asked(data, trained):
-    train = json.loads((trained / "result.json").read_text())
+    train = read_result(trained)
     assert train["method"] == "conditional" and train["data_spec"]["conditional"] is True
     model = load_hf(train["artifacts"]["model"])
     _force_control_tokens(model, data.control.ids)

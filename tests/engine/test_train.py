@@ -17,7 +17,7 @@ from sgtm_engine.config import CalibrateSpec, MaskMode, TrainSpec, from_dict
 from sgtm_engine.data.prepare import prepare_data
 from sgtm_engine.errors import Cancelled
 from sgtm_engine.evaluate import calibrate
-from sgtm_engine.pipeline import run_stage
+from sgtm_engine.pipeline import read_result, run_stage
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import run_recipe
 from sgtm_engine.runtime import Runtime
@@ -104,8 +104,7 @@ def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
                     "--workdir", str(tmp_path / "ddp")], check=True, env=env, timeout=600)
     subprocess.run([sys.executable, "-m", "sgtm_engine", *common, "--workdir", str(tmp_path / "one")], check=True,
                    env=env, timeout=600)
-    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
-    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    ddp, one = read_result(tmp_path / "ddp"), read_result(tmp_path / "one")
     assert ddp["summary"]["mode_steps"] == one["summary"]["mode_steps"]
     assert ddp["summary"]["tokens"] == one["summary"]["tokens"]
     a, b = weights(Path(ddp["artifacts"]["model"])), weights(Path(one["artifacts"]["model"]))

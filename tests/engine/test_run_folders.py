@@ -1,0 +1,113 @@
+"""Run folders a researcher can trust and hand on: a folder resumes only the run it holds, and it can be moved.
+
+- A stage pointed at a folder holding a run of another spec (model, masking, data, seed, steps, or another stage
+  kind) is refused with the differing field named; `overwrite` starts over; the same spec resumes, bit-identically.
+- Every path a run records is relative to its own folder: a run folder moved elsewhere is still read, evaluated and
+  exported, from any working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.export import export_model
+from sgtm_engine.pipeline import read_result, run_stage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {
+    "model": {"n_layer": 2, "d_model": 64, "context": 32},
+    "masking": {"strategy": "sgtm", "forget_mlp_dim": 32, "forget_attn_heads": 4},
+    "data": {"corpus": "wiki-bilingual", "vocab_size": 512, "max_docs_per_split": 40, "test_docs_per_category": 2},
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "steps": 4, "batch_size": 4, "log_every": 2, "checkpoint_every": 2,
+    "eval": {"max_batches": 1, "capability": False},
+}
+
+
+def _weights(record: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(record["artifacts"]["model"]) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, engine_cache) -> Path:
+    workdir = tmp_path_factory.mktemp("runs") / "train"
+    run_stage("train", TINY, workdir, cache_dir=engine_cache)
+    return workdir
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"model": {**TINY["model"], "d_model": 32}}, "model.d_model"),
+    ({"masking": {**TINY["masking"], "strategy": "gradient_routing"}}, "masking.strategy"),
+    ({"data": {**TINY["data"], "corpus": "wiki-bio"}}, "data.corpus"),
+    ({"seed": 1}, "seed"),
+    ({"steps": 6}, "steps"),
+])
+def test_a_folder_holding_another_spec_is_refused_with_the_field_named(trained, tmp_path, engine_cache, change,
+                                                                      field):
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    before = (copy / "result.json").read_text()
+    with pytest.raises(ConfigError, match=rf"{field}: .* -> .*overwrite"):
+        run_stage("train", {**TINY, **change}, copy, cache_dir=engine_cache)
+    assert (copy / "result.json").read_text() == before  # nothing of the old run was touched
+
+
+def test_another_stage_kind_is_refused_too(trained, tmp_path, engine_cache):
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    with pytest.raises(ConfigError, match=r"kind: 'train' -> 'ablate'"):
+        run_stage("ablate", {}, copy, inputs={"model": trained}, cache_dir=engine_cache)
+
+
+def test_runtime_settings_do_not_define_the_run_and_the_same_spec_resumes_bit_identically(trained, tmp_path,
+                                                                                          engine_cache):
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    again = run_stage("train", {**TINY, "runtime": {"threads": 1}}, copy, cache_dir=engine_cache)
+    assert again["summary"]["steps"] == TINY["steps"]
+    original, resumed = _weights(read_result(trained)), _weights(again)
+    assert original.keys() == resumed.keys()
+    assert all(torch.equal(original[k], resumed[k]) for k in original)
+
+
+def test_overwrite_starts_over(trained, tmp_path, engine_cache):
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    (copy / "stray.txt").write_text("left by the old run")
+    record = run_stage("train", {**TINY, "seed": 1}, copy, cache_dir=engine_cache, overwrite=True)
+    assert record["seed"] == 1 and not (copy / "stray.txt").exists()
+    assert json.loads((copy / "stage.json").read_text())["spec"]["seed"] == 1
+
+
+def test_a_folder_with_a_run_but_no_stage_record_is_refused(trained, tmp_path, engine_cache):
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    (copy / "stage.json").unlink()
+    with pytest.raises(ConfigError, match="spec is unknown"):
+        run_stage("train", TINY, copy, cache_dir=engine_cache)
+
+
+def test_a_moved_run_folder_is_read_evaluated_and_exported_from_another_directory(trained, tmp_path, engine_cache,
+                                                                                 monkeypatch):
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(trained.parent, moved)
+    shutil.rmtree(trained.parent / "evaluate", ignore_errors=True)
+    stored = json.loads((moved / "train" / "result.json").read_text())
+    assert not Path(stored["artifacts"]["model"]).is_absolute()
+    assert not Path(stored["checkpoint"]["path"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # neither the old nor the new folder's parent
+    record = read_result(moved / "train")
+    assert Path(record["artifacts"]["model"]).is_relative_to(moved.resolve())
+    evaluated = run_stage("evaluate", {"ablate": None, "eval": {"max_batches": 1, "capability": False}},
+                          moved / "evaluate", inputs={"model": moved / "train"}, cache_dir=engine_cache)
+    assert "eval/forget/loss" in evaluated["metrics"]
+    out = export_model((moved / "train").resolve(), tmp_path / "exported")
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
