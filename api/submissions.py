@@ -28,7 +28,8 @@ from api.errors import Conflict, InvalidRequest, Problem
 from api.queue import Enqueuer
 from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
 from api.specs import MODEL_PRODUCERS, STAGE_INPUTS, SpecProblems, ValidSpec, validate
-from sgtm_engine.config import StageKind
+from sgtm_engine.config import StageKind, parse_stages
+from sgtm_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,12 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
         if existing is not None:
             return existing, False
 
+    try:  # the engine's stage-list rules, the ones `sgtm run` applies to a recipe
+        parse_stages(body.model_dump(mode="json")["stages"], external=lambda ref: bool(re.match(UUID_PATTERN, ref)))
+    except ConfigError as e:
+        raise InvalidRequest([p.nested(("body",), label="") for p in e.problems]) from None
     problems: list[Problem] = []
-    names: dict[str, int] = {}
-    for i, stage in enumerate(body.stages):
-        if stage.name in names:
-            problems.append(Problem(("body", "stages", i, "name"), f"stages[{i}].name={stage.name!r}: "
-                                    f"already used by stages[{names[stage.name]}]; stage names must be unique",
-                                    stage.name))
-        names.setdefault(stage.name, i)
-    if problems:
-        raise InvalidRequest(problems)
+    names = {stage.name: i for i, stage in enumerate(body.stages)}
 
     experiment = body.experiment or settings.mlflow_experiment
     plans: list[tuple[Any, ValidSpec, dict[str, Any]]] = []  # (stage, valid spec, {input: stage index | Job})
@@ -92,11 +89,8 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
         resolved: dict[str, Any] = {}
         external: dict[str, str] = {}
         for name, ref in stage.inputs.items():
-            if ref in names and names[ref] < i:
+            if ref in names:  # an earlier stage: parse_stages refused later ones
                 resolved[name] = names[ref]
-            elif ref in names:
-                problems.append(Problem(loc + ("inputs", name), f"stages[{i}].inputs.{name}={ref!r}: names a later "
-                                        "stage (or itself); list stages in the order they run", ref))
             else:
                 external[name] = ref
         try:

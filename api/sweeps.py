@@ -62,7 +62,7 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
     try:
         definition = parse_sweep(data)
     except SweepError as e:
-        raise InvalidRequest([Problem(("body",) + p.loc, p.msg, p.input) for p in e.sweep_problems]) from None
+        raise InvalidRequest([Problem(("body",) + p.loc, p.msg, p.value) for p in e.problems]) from None
     plans = {cell.cell_id: _cell_plans(cell) for cell in definition.cells}
     experiment = body.experiment or settings.mlflow_experiment
     spec = definition.to_dict() | {"base": data["base"]}
