@@ -385,8 +385,7 @@ def _resolved(body: dict[str, Any]) -> dict[str, Any]:
 
 def _invalid(exc: ConfigError) -> NoReturn:
     """Bad input is one line per problem, no traceback; exit 2 (the engine's config-error code)."""
-    for problem in exc.problems:
-        err.print(f"invalid: {problem}", markup=False, highlight=False)
+    typer.echo(exc.report(), err=True)
     raise typer.Exit(exc.exit_code)
 
 

@@ -24,12 +24,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "sgtm"
 
 
 def _fail(exc: BaseException) -> NoReturn:
-    if isinstance(exc, ConfigError) and len(exc.problems) == 1:
-        typer.echo(f"invalid configuration: {exc.problems[0]}", err=True)
-    elif isinstance(exc, ConfigError):
-        typer.echo("invalid configuration:", err=True)
-        for p in exc.problems:
-            typer.echo(f"  - {p}", err=True)
+    if isinstance(exc, ConfigError):
+        typer.echo(exc.report(), err=True)
     else:
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
     raise typer.Exit(exc.exit_code if isinstance(exc, SgtmError) else EXIT_UNEXPECTED)

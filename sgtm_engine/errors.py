@@ -92,6 +92,12 @@ class ConfigError(SgtmError, ValueError):
         self.problems: list[Problem] = [p if isinstance(p, Problem) else Problem((), p) for p in items]
         super().__init__("; ".join(p.msg for p in self.problems))
 
+    def report(self) -> str:
+        """What a command line prints: one line for one problem, else one line per problem under a heading."""
+        if len(self.problems) == 1:
+            return f"invalid configuration: {self.problems[0]}"
+        return "\n".join(["invalid configuration:", *(f"  - {p}" for p in self.problems)])
+
 
 class DataError(SgtmError):
     """A data set is missing, corrupt (checksum mismatch) or cannot serve the requested split."""

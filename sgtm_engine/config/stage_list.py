@@ -9,6 +9,8 @@ Rules (every problem reported at once, located under `("stages", i, ...)`):
   `model` input must come from a stage that produces a model. The API also lets an input name an existing job: it
   passes `external`, which says whether a reference that is no stage of the list may stand (the API checks the job).
 - `queue` (gpu, cpu or null) and `gpus` (1-8) say where a stage runs under the service; a local run ignores them.
+  A stage on CPU (queue cpu, or spec.runtime.device cpu) runs as one process: gpus 1. (A service whose default queue
+  is cpu refuses gpus > 1 for any stage that names no queue: that depends on the deployment, not the recipe.)
 - Overrides address a stage by name: `train.optim.lr` sets a spec field, `evaluate.inputs.model` an input.
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 from sgtm_engine.config.convert import did_you_mean, from_dict
 from sgtm_engine.config.overrides import set_path
 from sgtm_engine.config.stages import STAGE_SPECS
-from sgtm_engine.config.vocabulary import StageKind
+from sgtm_engine.config.vocabulary import Device, StageKind
 from sgtm_engine.errors import ConfigError, Loc, Problem
 
 STAGE_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
@@ -208,7 +210,17 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
     except ConfigError as e:
         problems += [p.nested(loc + ("spec",), label=name) for p in e.problems]
         return None
+    runtime = getattr(spec, "runtime", None)
+    on_cpu = queue == "cpu" or (runtime is not None and runtime.device == Device.CPU)
+    if isinstance(gpus, int) and gpus > 1 and on_cpu:
+        problems.append(Problem.at(("gpus",), "a stage on the cpu queue (or with spec.runtime.device cpu) runs as "
+                                              "one process; use gpus=1, or queue 'gpu'", gpus).nested(loc, label=name))
+        return None
     return Stage(name, kind, spec, inputs, queue, gpus)
+
+
+def _a(kind: StageKind) -> str:
+    return f"{'an' if kind.value[0] in 'aeiou' else 'a'} {kind.value}"
 
 
 def _parse_inputs(raw: Any, kind: StageKind, kinds: dict[str, StageKind | None], later: set[str],
@@ -218,19 +230,21 @@ def _parse_inputs(raw: Any, kind: StageKind, kinds: dict[str, StageKind | None],
         problems.append(Problem.at(("inputs",), "expected {input name: earlier stage name}", raw))
         return {}
     required, optional = STAGE_INPUTS[kind]
+    allowed = required + optional
+    meant = {role: did_you_mean(role, allowed) for role in raw if role not in allowed}
     for role in required:
-        if role not in raw:
-            problems.append(Problem.at(("inputs", role), f"a {kind.value} stage needs its '{role}' input (the name "
-                                                         "of an earlier stage, or a job id, that produced it)"))
+        if role not in raw and role not in meant.values():  # a typo'd role is not also a missing one
+            problems.append(Problem.at(("inputs", role), f"{_a(kind)} stage needs its '{role}' input (the name of "
+                                                         "an earlier stage, or a job id, that produced it)"))
     for role, parent in raw.items():
         loc = ("inputs", role)
-        if role not in required + optional:
-            problems.append(Problem.at(loc, f"a {kind.value} stage takes no '{role}' input; it takes "
-                                            f"{list(required + optional) or 'none'}", parent))
+        if role in meant:
+            hint = f"did you mean {meant[role]!r}?" if meant[role] else f"it takes {list(allowed) or 'none'}"
+            problems.append(Problem.at(loc, f"{_a(kind)} stage takes no '{role}' input; {hint}", parent))
         elif parent in kinds:
             made_by = kinds[parent]
             if role == "model" and made_by is not None and made_by not in MODEL_PRODUCERS:
-                problems.append(Problem.at(loc, f"an {made_by.value} stage produces no model; use a "
+                problems.append(Problem.at(loc, f"{_a(made_by)} stage produces no model; use a "
                                                 f"{sorted(k.value for k in MODEL_PRODUCERS)} stage", parent))
         elif parent in later:
             problems.append(Problem.at(loc, "names a later stage (or itself); list stages in the order they run",
