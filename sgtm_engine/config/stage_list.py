@@ -47,7 +47,6 @@ STAGE_INPUTS: dict[StageKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
 MODEL_PRODUCERS = frozenset({StageKind.TRAIN, StageKind.ABLATE, StageKind.ATTACK, StageKind.RMU})
 
 _NAME = re.compile(STAGE_NAME_PATTERN)
-_INPUT = re.compile(INPUT_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
