@@ -20,7 +20,7 @@ import math
 import re
 from typing import Any
 
-from api.errors import Problem
+from api.errors import InvalidRequest, Problem
 from sgtm_engine.config import (
     MODEL_PRODUCERS,
     STAGE_INPUTS,
@@ -36,7 +36,7 @@ from sgtm_engine.errors import ConfigError
 SAFE_STRING = re.compile(r"^(?! )[\w .+*,'()&\[\]-]{1,128}(?<! )$")  # \w: letters and digits of any script, and _
 MAX_SPEC_BYTES = 64 * 1024
 
-__all__ = ["MAX_SPEC_BYTES", "MODEL_PRODUCERS", "SAFE_STRING", "STAGE_INPUTS", "SpecProblems", "ValidSpec",
+__all__ = ["MAX_SPEC_BYTES", "MODEL_PRODUCERS", "SAFE_STRING", "STAGE_INPUTS", "ValidSpec",
            "check_strings", "validate"]
 
 
@@ -52,7 +52,7 @@ class ValidSpec:
 
 
 def validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) -> ValidSpec:
-    """Validate `data` as the spec of `kind`; raises `InvalidRequest`-ready problems via `SpecProblems`."""
+    """Validate `data` as the spec of `kind`; raises `InvalidRequest` with every problem, located under `loc`."""
     problems = list(_unsafe_values(data, loc))
     if len(json.dumps(data, default=str)) > MAX_SPEC_BYTES:
         problems.append(Problem(loc, f"spec is larger than {MAX_SPEC_BYTES} bytes of JSON; send only the fields "
@@ -64,24 +64,18 @@ def validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) 
                                                       f"'{kind.value}' stage yet; available kinds: {available}",
                                 kind.value))
     if problems:
-        raise SpecProblems(problems)
+        raise InvalidRequest(problems)
     try:
         spec = from_dict(cls, data)
     except ConfigError as e:
-        raise SpecProblems([p.nested(loc, label="spec") for p in e.problems]) from None
+        raise InvalidRequest([p.nested(loc, label="spec") for p in e.problems]) from None
     except (ArithmeticError, TypeError, ValueError, RecursionError) as e:
         # e.g. an integer too large for a float field; the engine's validator reports most things, not this
         message = f"spec: a value cannot be represented ({e.__class__.__name__}: {e})"
-        raise SpecProblems([Problem(loc, message)]) from None
+        raise InvalidRequest([Problem(loc, message)]) from None
     canonical = to_dict(spec)
     return ValidSpec(spec=canonical, hash=spec_hash(spec), method=_method(kind, spec), seed=_seed(canonical),
                      wants_cpu=(canonical.get("runtime") or {}).get("device") == "cpu")
-
-
-class SpecProblems(Exception):
-    def __init__(self, problems: list[Problem]):
-        super().__init__("; ".join(p.msg for p in problems))
-        self.problems = problems
 
 
 def check_strings(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:

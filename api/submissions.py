@@ -27,7 +27,7 @@ from api.db.status import JobStatus
 from api.errors import Conflict, InvalidRequest, Problem
 from api.queue import Enqueuer
 from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
-from api.specs import MODEL_PRODUCERS, STAGE_INPUTS, SpecProblems, ValidSpec, validate
+from api.specs import MODEL_PRODUCERS, STAGE_INPUTS, ValidSpec, validate
 from sgtm_engine.config import StageKind, parse_stages
 from sgtm_engine.errors import ConfigError
 
@@ -43,7 +43,7 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
         if existing is not None:
             return existing, False
 
-    valid = _validate(body.kind, body.spec, ("body", "spec"))
+    valid = validate(body.kind, body.spec, ("body", "spec"))
     parents = _check_parents(session, kind=body.kind, inputs=body.inputs, loc=("body", "inputs"))
     job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
                              parents=list(parents.values()), loc=("body",))
@@ -82,7 +82,7 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
     for i, stage in enumerate(body.stages):
         loc = ("body", "stages", i)
         try:
-            valid = _validate(stage.kind, stage.spec, loc + ("spec",))
+            valid = validate(stage.kind, stage.spec, loc + ("spec",))
         except InvalidRequest as e:
             problems += e.problems
             continue
@@ -155,13 +155,6 @@ def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Jo
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) -> ValidSpec:
-    try:
-        return validate(kind, data, loc)
-    except SpecProblems as e:
-        raise InvalidRequest(e.problems) from None
 
 
 def _check_parents(session: Session, *, kind: StageKind, inputs: dict[str, str], loc: tuple[str | int, ...],

@@ -28,7 +28,7 @@ from api.db.models import Job, Pipeline, Sweep
 from api.db.status import ACTIVE
 from api.errors import InvalidRequest, Problem
 from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCreate, SweepRead, SweepSummary
-from api.specs import SpecProblems, ValidSpec, check_strings, validate
+from api.specs import ValidSpec, check_strings, validate
 from api.submissions import _hash, create_pipeline_rows, replay
 from sgtm_engine.config import StageKind
 from sgtm_engine.sweep import Cell, SweepError, parse_sweep
@@ -200,7 +200,7 @@ def _cell_plans(cell: Cell) -> list[Plan]:
         loc = ("body", "cells", cell.position, stage["name"])
         try:
             valid = validate(kind, stage["spec"], loc + ("spec",))
-        except SpecProblems as e:
+        except InvalidRequest as e:
             problems += e.problems
             continue
         create = StageCreate(name=stage["name"], kind=kind, spec={}, inputs=stage["inputs"], queue=stage["queue"],
