@@ -21,24 +21,11 @@ import re
 from typing import Any
 
 from api.errors import InvalidRequest, Problem
-from sgtm_engine.config import (
-    MODEL_PRODUCERS,
-    STAGE_INPUTS,
-    STAGE_SPECS,
-    StageKind,
-    from_dict,
-    method_name,
-    spec_hash,
-    to_dict,
-)
+from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, method_name, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
 
 SAFE_STRING = re.compile(r"^(?! )[\w .+*,'()&\[\]-]{1,128}(?<! )$")  # \w: letters and digits of any script, and _
 MAX_SPEC_BYTES = 64 * 1024
-
-__all__ = ["MAX_SPEC_BYTES", "MODEL_PRODUCERS", "SAFE_STRING", "STAGE_INPUTS", "ValidSpec",
-           "check_strings", "validate"]
-
 
 @dataclasses.dataclass(frozen=True)
 class ValidSpec:

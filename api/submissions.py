@@ -27,8 +27,8 @@ from api.db.status import JobStatus
 from api.errors import Conflict, InvalidRequest, Problem
 from api.queue import Enqueuer
 from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
-from api.specs import MODEL_PRODUCERS, STAGE_INPUTS, ValidSpec, validate
-from sgtm_engine.config import StageKind, parse_stages
+from api.specs import ValidSpec, validate
+from sgtm_engine.config import MODEL_PRODUCERS, StageKind, input_role_problems, parse_stages
 from sgtm_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,10 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
             return existing, False
 
     valid = validate(body.kind, body.spec, ("body", "spec"))
-    parents = _check_parents(session, kind=body.kind, inputs=body.inputs, loc=("body", "inputs"))
+    roles = input_role_problems(body.kind, body.inputs)  # the engine's rule, as for a pipeline's stages
+    if roles:
+        raise InvalidRequest([p.nested(("body",), label="") for p in roles])
+    parents = _check_parents(session, inputs=body.inputs, loc=("body", "inputs"))
     job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
                              parents=list(parents.values()), loc=("body",))
     ready = all(p.status == JobStatus.SUCCEEDED for p in parents.values())
@@ -94,9 +97,7 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
             else:
                 external[name] = ref
         try:
-            resolved.update(_check_parents(session, kind=stage.kind, inputs=external, loc=loc + ("inputs",),
-                                           internal=set(resolved), stage_kinds={n: body.stages[j].kind
-                                                                                for n, j in resolved.items()}))
+            resolved.update(_check_parents(session, inputs=external, loc=loc + ("inputs",)))
         except InvalidRequest as e:
             problems += e.problems
         plans.append((stage, valid, resolved))
@@ -157,28 +158,12 @@ def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Jo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_parents(session: Session, *, kind: StageKind, inputs: dict[str, str], loc: tuple[str | int, ...],
-                   internal: set[str] | None = None, stage_kinds: dict[str, StageKind] | None = None
-                   ) -> dict[str, Job]:
-    """Existing-job inputs must name jobs that exist, produce what the input needs, and have not failed."""
+def _check_parents(session: Session, *, inputs: dict[str, str], loc: tuple[str | int, ...]) -> dict[str, Job]:
+    """Existing-job inputs (whose roles the engine's rules already checked) must name jobs that exist, produce what
+    the input needs, and have not failed."""
     problems: list[Problem] = []
-    required, optional = STAGE_INPUTS[kind]
-    expected = set(required) | set(optional)
-    given = set(inputs) | (internal or set())
-    for name in sorted(set(required) - given):
-        problems.append(Problem(loc + (name,), f"inputs.{name}: a {kind.value} stage needs its '{name}' input "
-                                               "(the id of a job, or the name of an earlier stage, that produced it)"))
-    for name in sorted(given - expected):
-        problems.append(Problem(loc + (name,), f"inputs.{name}: a {kind.value} stage takes no '{name}' input; "
-                                               f"it takes {sorted(expected) or 'none'}", name))
-    for name, stage_kind in (stage_kinds or {}).items():
-        if name == "model" and stage_kind not in MODEL_PRODUCERS:
-            problems.append(Problem(loc + (name,), f"inputs.{name}: an {stage_kind.value} stage produces no model; "
-                                                   f"use a {sorted(k.value for k in MODEL_PRODUCERS)} stage"))
     found: dict[str, Job] = {}
     for name, job_id in inputs.items():
-        if name not in expected:
-            continue
         job = repo.get(session, job_id=job_id) if re.match(UUID_PATTERN, job_id) else None
         if job is None:
             problems.append(Problem(loc + (name,), f"inputs.{name}={job_id!r}: no such job (nor an earlier stage "

@@ -32,6 +32,7 @@ from sgtm_engine.config.stage_list import (
     Recipe,
     Stage,
     apply_stage_overrides,
+    input_role_problems,
     parse_recipe,
     parse_stages,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "FalsePositiveSource", "FilterKind", "FilterMatching", "FilterSpec", "MaskMode", "MaskingSpec", "ModelSpec",
     "NoiseGranularity", "NoiseModel", "NoiseSpec", "OptimSpec", "OptimizerKind", "Precision", "Problem", "Recipe",
     "RmuSpec", "RuntimeSpec", "Split", "Stage", "StageKind", "Strategy", "TrainSpec", "apply_overrides",
-    "apply_stage_overrides", "did_you_mean", "flat_params", "from_dict", "merge", "method_name", "parse_recipe",
-    "parse_stages", "set_path", "spec_hash", "to_dict", "unknown_key", "with_overrides",
+    "apply_stage_overrides", "did_you_mean", "flat_params", "from_dict", "input_role_problems", "merge",
+    "method_name", "parse_recipe", "parse_stages", "set_path", "spec_hash", "to_dict", "unknown_key",
+    "with_overrides",
 ]

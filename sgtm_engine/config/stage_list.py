@@ -218,6 +218,22 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
     return Stage(name, kind, spec, inputs, queue, gpus)
 
 
+def input_role_problems(kind: StageKind, inputs: Mapping[str, str]) -> list[Problem]:
+    """The inputs a stage of `kind` is given against those it takes (`STAGE_INPUTS`): a missing required one, an
+    unknown one (with a did-you-mean, and then not also 'missing'). Located at `("inputs", role)`."""
+    required, optional = STAGE_INPUTS[kind]
+    allowed = required + optional
+    meant = {role: did_you_mean(role, allowed) for role in inputs if role not in allowed}
+    problems = [Problem.at(("inputs", role), f"{_a(kind)} stage needs its '{role}' input (the name of an earlier "
+                                             "stage, or a job id, that produced it)")
+                for role in required if role not in inputs and role not in meant.values()]
+    for role, hint in meant.items():
+        hint = f"did you mean {hint!r}?" if hint else f"it takes {list(allowed) or 'none'}"
+        problems.append(Problem.at(("inputs", role), f"{_a(kind)} stage takes no '{role}' input; {hint}",
+                                   inputs[role]))
+    return problems
+
+
 def _a(kind: StageKind) -> str:
     return f"{'an' if kind.value[0] in 'aeiou' else 'a'} {kind.value}"
 
@@ -228,19 +244,13 @@ def _parse_inputs(raw: Any, kind: StageKind, kinds: dict[str, StageKind | None],
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
         problems.append(Problem.at(("inputs",), "expected {input name: earlier stage name}", raw))
         return {}
+    problems += input_role_problems(kind, raw)
     required, optional = STAGE_INPUTS[kind]
-    allowed = required + optional
-    meant = {role: did_you_mean(role, allowed) for role in raw if role not in allowed}
-    for role in required:
-        if role not in raw and role not in meant.values():  # a typo'd role is not also a missing one
-            problems.append(Problem.at(("inputs", role), f"{_a(kind)} stage needs its '{role}' input (the name of "
-                                                         "an earlier stage, or a job id, that produced it)"))
     for role, parent in raw.items():
         loc = ("inputs", role)
-        if role in meant:
-            hint = f"did you mean {meant[role]!r}?" if meant[role] else f"it takes {list(allowed) or 'none'}"
-            problems.append(Problem.at(loc, f"{_a(kind)} stage takes no '{role}' input; {hint}", parent))
-        elif parent in kinds:
+        if role not in required + optional:
+            continue
+        if parent in kinds:
             made_by = kinds[parent]
             if role == "model" and made_by is not None and made_by not in MODEL_PRODUCERS:
                 problems.append(Problem.at(loc, f"{_a(made_by)} stage produces no model; use a "
