@@ -1,4 +1,5 @@
-"""The engine's small exception family and the exit codes of `python -m sgtm_engine run-stage`.
+"""The engine's small exception family, the one problem type (`Problem`, carried by `ConfigError`) and the exit
+codes of `python -m sgtm_engine run-stage`.
 
 Stdlib only: the API and the worker parent import this module to map a child's exit code to a job state without
 importing torch. Retryable failures (infrastructure: a killed child, a lost worker) are told apart from final ones

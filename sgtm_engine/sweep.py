@@ -120,18 +120,18 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
     for key in data:
         if key not in TOP_KEYS:
             problems.append(Problem((str(key),), f"{key}: unknown key of a sweep; allowed: {list(TOP_KEYS)}",
-                                         key))
+                                    key))
     if data.get("kind", "sweep") != "sweep":
         problems.append(Problem(("kind",), f"kind={data['kind']!r}: a sweep document has kind 'sweep'",
-                                     data["kind"]))
+                                data["kind"]))
     name = data.get("name", "sweep")
     if not isinstance(name, str) or not NAME.match(name):
         problems.append(Problem(("name",), f"name={_short(name)}: use 1-32 characters: lowercase letters, "
-                                                "digits, '_' or '-', starting with a letter", name))
+                                           "digits, '_' or '-', starting with a letter", name))
     experiment = data.get("experiment")
     if experiment is not None and (not isinstance(experiment, str) or not VARIANT_NAME.match(experiment)):
         problems.append(Problem(("experiment",), f"experiment={_short(experiment)}: a registry-style name "
-                                                      "(letters, digits, '_', '-', '.', '+')", experiment))
+                                                 "(letters, digits, '_', '-', '.', '+')", experiment))
     stages = _parse_base(data.get("base"), problems)
     variants = _parse_variants(data.get("variants"), stages, problems)
     grid = _parse_grid(data.get("grid"), stages, problems)
@@ -144,7 +144,7 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
     n = max(len(variants), 1) * _product_size(grid) * max(len(seeds), 1)
     if n > max_cells:
         problems.append(Problem((), f"the sweep has {n} cells; at most {max_cells} per sweep: split it, or drop "
-                                         "axis values", n))
+                                    "axis values", n))
     cells: list[Cell] = []
     if len(problems) == before:  # conflicts and size checked; bad paths were left out of the axes, so go on
         cells = _expand(stages, variants, grid, seeds, seed_paths, problems)
@@ -177,20 +177,20 @@ def _parse_variants(raw: Any, stages: list[dict[str, Any]] | None,
         return {}
     if not isinstance(raw, dict) or not raw:
         problems.append(Problem(("variants",), f"variants={_short(raw)}: expected a mapping "
-                                                    "{name: {dotted path: value}}", raw))
+                                               "{name: {dotted path: value}}", raw))
         return {}
     out: dict[str, dict[str, Any]] = {}
     for name, overrides in raw.items():
         loc: Loc = ("variants", str(name))
         if not isinstance(name, str) or not VARIANT_NAME.match(name):
             problems.append(Problem(loc, f"variants.{name}: a variant name uses letters, digits, '_', '-', '.', "
-                                              "'+' (at most 64)", name))
+                                         "'+' (at most 64)", name))
             continue
         if overrides is None:
             overrides = {}  # a variant that is the base as is
         if not isinstance(overrides, dict):
             problems.append(Problem(loc, f"variants.{name}={_short(overrides)}: expected a mapping "
-                                              "{dotted path: value}", overrides))
+                                         "{dotted path: value}", overrides))
             continue
         kept = {}
         for path, value in overrides.items():
@@ -207,14 +207,14 @@ def _parse_grid(raw: Any, stages: list[dict[str, Any]] | None, problems: list[Pr
         return {}
     if not isinstance(raw, dict):
         problems.append(Problem(("grid",), f"grid={_short(raw)}: expected a mapping {{dotted path: [values]}}",
-                                     raw))
+                                raw))
         return {}
     out: dict[str, list[Any]] = {}
     for path, values in raw.items():
         loc: Loc = ("grid", str(path))
         if not isinstance(values, list) or not values:
             problems.append(Problem(loc, f"grid.{path}={_short(values)}: expected a non-empty list of values, "
-                                              f"e.g. [1.0, 0.9]", values))
+                                         f"e.g. [1.0, 0.9]", values))
             continue
         keys = [_canonical_json(v) for v in values]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
@@ -231,7 +231,7 @@ def _parse_seeds(raw: Any, problems: list[Problem]) -> list[int]:
     if (not isinstance(raw, list) or not raw
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in raw)):
         problems.append(Problem(("seeds",), f"seeds={_short(raw)}: expected a non-empty list of integers >= 0, "
-                                                 "e.g. [0, 1, 2]", raw))
+                                            "e.g. [0, 1, 2]", raw))
         return []
     if len(set(raw)) != len(raw):
         problems.append(Problem(("seeds",), f"seeds={raw}: each seed once", raw))
@@ -244,7 +244,7 @@ def _parse_seed_paths(raw: Any, stages: list[dict[str, Any]] | None, seeds: list
         return default_seed_paths(stages or []) if seeds else []
     if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
         problems.append(Problem(("seed_paths",), f"seed_paths={_short(raw)}: expected a list of dotted paths, "
-                                                      "e.g. [train.seed, train.noise.seed]", raw))
+                                                 "e.g. [train.seed, train.noise.seed]", raw))
         return []
     if not seeds:
         problems.append(Problem(("seed_paths",), "seed_paths: given without seeds; add 'seeds' or drop it", raw))
@@ -276,12 +276,12 @@ def _check_path(path: Any, stages: list[dict[str, Any]], loc: Loc, where: str, p
     stage = names.get(stage_name)
     if stage is None:
         problems.append(Problem(loc, f"{where}: no stage named {stage_name!r}; the base has {sorted(names)}",
-                                     path))
+                                path))
         return False
     if not rest:
         if not allow_drop:
             problems.append(Problem(loc, f"{where}: names a whole stage; set a field ('{stage_name}.steps'), or "
-                                              f"drop the stage in a variant with '{stage_name}: null'", path))
+                                         f"drop the stage in a variant with '{stage_name}: null'", path))
         return allow_drop
     parts = rest.split(".")
     if parts[0] == "inputs":
@@ -294,14 +294,14 @@ def _check_path(path: Any, stages: list[dict[str, Any]], loc: Loc, where: str, p
         if tp is None:
             done = ".".join(parts[:i])
             problems.append(Problem(loc, f"{where}: {stage_name}.{done} is a value, not a mapping; "
-                                              f"set '{stage_name}.{done}' itself", path))
+                                         f"set '{stage_name}.{done}' itself", path))
             return False
         hints = typing.get_type_hints(tp)
         fields = [f.name for f in dataclasses.fields(tp) if f.init]
         if part not in fields:
             prefix = ".".join([stage_name, *parts[:i]])
             problems.append(Problem(loc, f"{where}: {part!r} is not a field of {prefix} ({tp.__name__}); "
-                                              f"known fields: {sorted(fields)}", path))
+                                         f"known fields: {sorted(fields)}", path))
             return False
         tp = hints[part]
     return True
@@ -325,12 +325,12 @@ def _check_conflicts(variants: dict[str, dict[str, Any]], grid: dict[str, list[A
         for other in seed_paths:
             if overlaps(path, other):
                 problems.append(Problem(("grid", path), f"grid.{path}: overlaps seed path {other!r}; seeds set "
-                                                             "it (drop the axis, or set seed_paths)", path))
+                                                        "it (drop the axis, or set seed_paths)", path))
         for name, overrides in variants.items():
             for key in overrides:
                 if overlaps(path, key):
                     problems.append(Problem(("variants", name, key), f"variants.{name}.{key}: also a grid axis "
-                                                 f"({path!r}); set it in one place only", key))
+                                            f"({path!r}); set it in one place only", key))
     for name, overrides in variants.items():
         for key, value in overrides.items():
             if "." not in key and value is None:  # drops a stage: its seeds no longer matter, nothing to clash
@@ -338,7 +338,7 @@ def _check_conflicts(variants: dict[str, dict[str, Any]], grid: dict[str, list[A
             for other in seed_paths:
                 if overlaps(key, other):
                     problems.append(Problem(("variants", name, key), f"variants.{name}.{key}: overlaps seed path "
-                                                 f"{other!r}; seeds set it (drop it, or set seed_paths)", key))
+                                            f"{other!r}; seeds set it (drop it, or set seed_paths)", key))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def _expand(stages: list[dict[str, Any]], variants: dict[str, dict[str, Any]], g
                 label = _label(variant, params, seed)
                 if cell_id in seen:
                     problems.append(Problem((), f"cells {seen[cell_id]} and {label} resolve to the same pipeline; "
-                                                     "a variant or grid value changes nothing: remove it", label))
+                                                "a variant or grid value changes nothing: remove it", label))
                     continue
                 seen[cell_id] = label
                 cells.append(Cell(cell_id=cell_id, position=len(cells), variant=variant, params=params, seed=seed,
@@ -408,13 +408,13 @@ def _resolve(stages: list[dict[str, Any]], sources: list[tuple[str, Any, Loc]],
             if parent in dropped:
                 loc = dropped[parent]
                 problems.append(Problem(loc, f"{loc[0]}.{loc[1]}: drops stage {parent!r}, but "
-                                                  f"{name}.inputs.{role} still names it; re-point it in the same "
-                                                  f"variant, e.g. '{name}.inputs.{role}: <another stage>'", None))
+                                             f"{name}.inputs.{role} still names it; re-point it in the same "
+                                             f"variant, e.g. '{name}.inputs.{role}: <another stage>'", None))
                 ok = False
             elif parent not in order[:order.index(name)]:
                 src = _source_of(sources, f"{name}.inputs.{role}") or ("base",)
                 problems.append(Problem(src, f"{name}.inputs.{role}={parent!r}: must name an earlier stage of "
-                                                  f"the cell; have {order[:order.index(name)]}", parent))
+                                             f"the cell; have {order[:order.index(name)]}", parent))
                 ok = False
         try:
             spec = from_dict(STAGE_SPECS[stage["kind"]], stage["spec"])

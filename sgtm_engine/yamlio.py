@@ -39,7 +39,7 @@ _Loader.add_implicit_resolver(
 def loads(text: str, source: str = "<text>") -> Any:
     """Parse YAML text; a syntax error is one `ConfigError` line: `source:line:column: what is wrong`."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no Python objects from YAML
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
@@ -61,7 +61,8 @@ def load_file(path: str | Path) -> Any:
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
     """`["train.optim.lr=1e-3", "train.model={n_layer: 2}"]` -> `{"train.optim.lr": 0.001, "train.model":
-    {"n_layer": 2}}`; values are YAML (numbers, true/false, null, lists, flow mappings)."""
+    {"n_layer": 2}}`; values are YAML (numbers, true/false, null, lists, flow mappings); `key=` is the empty
+    string."""
     out: dict[str, Any] = {}
     problems: list[Problem] = []
     for pair in pairs:
