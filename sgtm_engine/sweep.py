@@ -59,6 +59,7 @@ from sgtm_engine.config import (
     STAGE_NAME_PATTERN,
     STAGE_SPECS,
     StageKind,
+    did_you_mean,
     from_dict,
     parse_stages,
     set_path,
@@ -275,8 +276,9 @@ def _check_path(path: Any, stages: list[dict[str, Any]], loc: Loc, where: str, p
     stage_name, _, rest = path.partition(".")
     stage = names.get(stage_name)
     if stage is None:
-        problems.append(Problem(loc, f"{where}: no stage named {stage_name!r}; the base has {sorted(names)}",
-                                path))
+        guess = did_you_mean(stage_name, names)
+        hint = f"did you mean {guess!r}?" if guess else f"the base has {sorted(names)}"
+        problems.append(Problem(loc, f"{where}: no stage named {stage_name!r}; {hint}", path))
         return False
     if not rest:
         if not allow_drop:
@@ -300,8 +302,10 @@ def _check_path(path: Any, stages: list[dict[str, Any]], loc: Loc, where: str, p
         fields = [f.name for f in dataclasses.fields(tp) if f.init]
         if part not in fields:
             prefix = ".".join([stage_name, *parts[:i]])
-            problems.append(Problem(loc, f"{where}: {part!r} is not a field of {prefix} ({tp.__name__}); "
-                                         f"known fields: {sorted(fields)}", path))
+            guess = did_you_mean(part, fields)
+            hint = f"did you mean {guess!r}?" if guess else f"known fields: {sorted(fields)}"
+            problems.append(Problem(loc, f"{where}: {part!r} is not a field of {prefix} ({tp.__name__}); {hint}",
+                                    path))
             return False
         tp = hints[part]
     return True

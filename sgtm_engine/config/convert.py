@@ -36,7 +36,7 @@ def from_dict(cls: type[T], data: Any, loc: Loc = ()) -> T:
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str | None:
     """The closest of `choices` to a mistyped `word`, or None when nothing is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.7)  # 0.6 pairs nope with noise
     return close[0] if close else None
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sgtm_engine.config.convert import did_you_mean, from_dict
+from sgtm_engine.config.convert import did_you_mean, from_dict, unknown_key
 from sgtm_engine.config.overrides import set_path
 from sgtm_engine.config.stages import STAGE_SPECS
 from sgtm_engine.config.vocabulary import Device, StageKind
@@ -75,7 +75,7 @@ def parse_recipe(data: Any, overrides: Mapping[str, Any] | None = None, *,
     if not isinstance(data, dict):
         raise ConfigError(Problem.at((), "a recipe is a mapping with a 'stages' list: {name, stages: [{name, kind, "
                                          "spec, inputs}]}"))
-    problems = [_unknown((), str(k), RECIPE_KEYS) for k in data if k not in RECIPE_KEYS]
+    problems = [unknown_key((), str(k), RECIPE_KEYS, "a recipe") for k in data if k not in RECIPE_KEYS]
     name = data.get("name", "recipe")
     if not isinstance(name, str) or not _NAME.match(name):
         problems.append(Problem.at(("name",), _NAME_RULE, name))
@@ -154,12 +154,6 @@ def parse_stages(stages: Any, overrides: Mapping[str, Any] | None = None, *,
 _NAME_RULE = "use 1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter"
 
 
-def _unknown(loc: Loc, key: str, allowed: tuple[str, ...]) -> Problem:
-    guess = did_you_mean(key, allowed)
-    hint = f"did you mean {guess!r}?" if guess else f"allowed: {list(allowed)}"
-    return Problem.at(loc + (key,), f"unknown key; {hint}")
-
-
 def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: set[str],
                  external: Callable[[str], bool] | None, validate_spec: bool, problems: list[Problem]
                  ) -> Stage | None:
@@ -167,7 +161,7 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
         problems.append(Problem.at(loc, "expected a mapping {name, kind, spec, inputs}", raw))
         return None
     unknown = [str(k) for k in raw if k not in STAGE_KEYS]
-    problems += [_unknown(loc, k, STAGE_KEYS) for k in unknown]
+    problems += [unknown_key(loc, k, STAGE_KEYS, "a stage") for k in unknown]
     meant = {did_you_mean(k, STAGE_KEYS) for k in unknown}  # a typo'd key is not also a missing one
     name, kind = raw.get("name"), raw.get("kind")
     if not isinstance(name, str) or not _NAME.match(name):

@@ -126,7 +126,7 @@ def test_cross_field_checks_still_run_when_their_fields_are_fine() -> None:
 def test_stage_typos_get_a_did_you_mean_without_follow_on_errors() -> None:
     with pytest.raises(ConfigError) as e:
         load_recipe({"stages": [{"name": "train", "knd": "train"}]})
-    assert problems(e) == ["stages[0].knd: unknown key; did you mean 'kind'?"]
+    assert problems(e) == ["stages[0].knd: unknown field of a stage; did you mean 'kind'?"]
     with pytest.raises(ConfigError) as e:
         load_recipe({"stages": [{"name": "train", "kind": "trian"}]})
     assert problems(e) == ["stages[0].kind='trian': must be one of ['train', 'ablate', 'evaluate', 'attack', "
