@@ -75,14 +75,17 @@ def parse_recipe(data: Any, overrides: Mapping[str, Any] | None = None, *,
     if not isinstance(data, dict):
         raise ConfigError(Problem.at((), "a recipe is a mapping with a 'stages' list: {name, stages: [{name, kind, "
                                          "spec, inputs}]}"))
-    problems = [unknown_key((), str(k), RECIPE_KEYS, "a recipe") for k in data if k not in RECIPE_KEYS]
+    unknown = [str(k) for k in data if k not in RECIPE_KEYS]
+    problems = [unknown_key((), k, RECIPE_KEYS, "a recipe") for k in unknown]
     name = data.get("name", "recipe")
     if not isinstance(name, str) or not _NAME.match(name):
         problems.append(Problem.at(("name",), _NAME_RULE, name))
-    try:
-        stages = parse_stages(data.get("stages"), overrides, external=external)
-    except ConfigError as e:
-        problems += e.problems
+    stages: list[Stage] = []
+    if "stages" in data or "stages" not in {did_you_mean(k, RECIPE_KEYS) for k in unknown}:  # no follow-on error
+        try:
+            stages = parse_stages(data.get("stages"), overrides, external=external)
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
     return Recipe(name, tuple(stages), str(data.get("description") or ""), data.get("experiment"))

@@ -128,6 +128,9 @@ def test_stage_typos_get_a_did_you_mean_without_follow_on_errors() -> None:
         load_recipe({"stages": [{"name": "train", "knd": "train"}]})
     assert problems(e) == ["stages[0].knd: unknown field of a stage; did you mean 'kind'?"]
     with pytest.raises(ConfigError) as e:
+        load_recipe({"stagse": RECIPE["stages"]})
+    assert problems(e) == ["stagse: unknown field of a recipe; did you mean 'stages'?"]
+    with pytest.raises(ConfigError) as e:
         load_recipe({"stages": [{"name": "train", "kind": "trian"}]})
     assert problems(e) == ["stages[0].kind='trian': must be one of ['train', 'ablate', 'evaluate', 'attack', "
                            "'rmu']; did you mean 'train'?"]
