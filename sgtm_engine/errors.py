@@ -32,11 +32,13 @@ def render_loc(loc: Loc) -> str:
 
 
 def render_value(value: Any) -> str:
+    """How a message shows a value: enums by their value, tuples as lists, anything long cut to 80 characters."""
     if isinstance(value, enum.Enum):
         return str(value.value)
     if isinstance(value, tuple):
-        return repr([render_value(v) if isinstance(v, enum.Enum) else v for v in value])
-    return repr(value)
+        value = [v.value if isinstance(v, enum.Enum) else v for v in value]
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,7 +84,8 @@ class Checks:
 
 
 def _within(value: Any, ge: float | None, gt: float | None, le: float | None, lt: float | None) -> bool:
-    return (value is not None and math.isfinite(value) and (ge is None or value >= ge) and (gt is None or value > gt)
+    finite = isinstance(value, int) or (value is not None and math.isfinite(value))  # ints: no float overflow
+    return (finite and (ge is None or value >= ge) and (gt is None or value > gt)
             and (le is None or value <= le) and (lt is None or value < lt))
 
 

@@ -86,7 +86,11 @@ def _convert(tp: Any, data: Any, loc: Loc, problems: list[Problem]) -> Any:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
             problems.append(Problem.at(loc, "expected a number", data))
             return data
-        return float(data)
+        try:
+            return float(data)
+        except OverflowError:
+            problems.append(Problem.at(loc, "too large for a float", data))
+            return data
     if tp is str:
         if not isinstance(data, str):
             problems.append(Problem.at(loc, "expected a string", data))
