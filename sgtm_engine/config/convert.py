@@ -23,6 +23,7 @@ from sgtm_engine.config.checks import suspect_fields
 from sgtm_engine.errors import ConfigError, Loc, Problem
 
 T = TypeVar("T")
+_PLAIN: dict[Any, str] = {bool: "expected true or false", str: "expected a string"}
 
 
 def from_dict(cls: type[T], data: Any, loc: Loc = ()) -> T:
@@ -72,9 +73,9 @@ def _convert(tp: Any, data: Any, loc: Loc, problems: list[Problem]) -> Any:
             hint = f"; did you mean {guess!r}?" if guess else ""
             problems.append(Problem.at(loc, f"must be one of {values}{hint}", data))
             return None
-    if tp is bool:
-        if not isinstance(data, bool):
-            problems.append(Problem.at(loc, "expected true or false", data))
+    if tp in _PLAIN:  # taken as they are: no bool is read from 0/1, no string from a number
+        if not isinstance(data, tp):
+            problems.append(Problem.at(loc, _PLAIN[tp], data))
         return data
     if tp is int:
         if isinstance(data, float) and data.is_integer():
@@ -91,10 +92,6 @@ def _convert(tp: Any, data: Any, loc: Loc, problems: list[Problem]) -> Any:
         except OverflowError:
             problems.append(Problem.at(loc, "too large for a float", data))
             return data
-    if tp is str:
-        if not isinstance(data, str):
-            problems.append(Problem.at(loc, "expected a string", data))
-        return data
     if tp is Any:
         return data
     problems.append(Problem.at(loc, f"unsupported field type {tp}"))
