@@ -18,20 +18,23 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from sgtm_engine.config import STAGE_SPECS, StageKind, apply_overrides, apply_stage_overrides, from_dict, to_dict
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.recipe import RECIPE_DIR, find_recipe, load_recipe, recipe_data
+from sgtm_engine.yamlio import dump_yaml, load_file, parse_sets
 
 service_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Job service: serve, submit, follow.")
 console = Console()
 err = Console(stderr=True)
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
 
@@ -103,15 +106,25 @@ def worker(queues: Annotated[str | None, typer.Option(help="comma-separated: gpu
 @service_app.command()
 def submit(recipe: Annotated[str, typer.Argument(help="a recipe/job YAML file, or a recipe name in recipes/")],
            watch: Annotated[bool, typer.Option("--watch", help="follow progress until it finishes")] = False,
-           set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value (YAML value)")] = None,
+           set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value (a YAML value; a "
+                                                                       "mapping merges into the block)")] = None,
+           print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved body (YAML, every "
+                                                                             "default filled in); send nothing")]
+           = False,
            experiment: Annotated[str | None, typer.Option(help="MLflow experiment")] = None,
            idempotency_key: Annotated[str | None, typer.Option(help="default: a fresh key (safe retries)")] = None,
            url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
     """Submit a recipe (`stages:` → a pipeline) or one job (`kind:`); with --watch, exit 0/1/3 on
     succeeded/failed/cancelled."""
-    body = _load_body(recipe, set_ or [])
-    if experiment:
-        body["experiment"] = experiment
+    try:
+        body = _load_body(recipe, set_ or [])
+        if experiment:
+            body["experiment"] = experiment
+        if print_config:
+            typer.echo(dump_yaml(_resolved(body)), nl=False)
+            return
+    except ConfigError as e:
+        _invalid(e)
     path = "/api/v1/pipelines" if "stages" in body else "/api/v1/jobs"
     with _client(url, token, data_root) as client:
         r = _request(client, "POST", path, json=body,
@@ -186,7 +199,10 @@ def sweep(recipe: Annotated[str, typer.Argument(help="a sweep YAML (kind: sweep)
           idempotency_key: Annotated[str | None, typer.Option(help="default: a fresh key (safe retries)")] = None,
           url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
     """Submit a sweep: cells that already succeeded are reused, running ones attached, failed ones rerun."""
-    body = _load_sweep(recipe, set_ or [])
+    try:
+        body = _load_sweep(recipe, set_ or [])
+    except ConfigError as e:
+        _invalid(e)
     if experiment:
         body["experiment"] = experiment
     with _client(url, token, data_root) as client:
@@ -261,25 +277,24 @@ def report(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
 
 
 def _load_sweep(recipe: str, overrides: list[str]) -> dict[str, Any]:
-    path = Path(recipe)
-    if not path.exists():
-        candidates = [RECIPE_DIR / "sweeps" / recipe, RECIPE_DIR / "sweeps" / f"{recipe}.yaml", RECIPE_DIR / recipe,
-                      RECIPE_DIR / f"{recipe}.yaml"]
-        path = next((p for p in candidates if p.exists()), path)
-    if not path.exists():
-        raise typer.BadParameter(f"{recipe!r}: no such file, nor a sweep in {RECIPE_DIR / 'sweeps'}")
-    data = yaml.safe_load(path.read_text())
+    """A sweep file with `--set` applied: top-level keys (`seeds=[0, 1]`) directly, `STAGE.field=value` to the base
+    pipeline's stages."""
+    try:
+        path = find_recipe(recipe, RECIPE_DIR / "sweeps")
+    except ConfigError:
+        path = find_recipe(recipe)
+    data = load_file(path)
     if not isinstance(data, dict) or data.get("kind") != "sweep":
-        raise typer.BadParameter(f"{path}: expected a sweep (kind: sweep, base, grid, seeds)")
-    for pair in overrides:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set {pair!r}: expected key=value")
-        key, value = key.strip(), yaml.safe_load(raw)
+        raise ConfigError(f"{path}: expected a sweep (kind: sweep, base, grid, seeds)")
+    stage_sets = {}
+    for key, value in parse_sets(overrides).items():
         if key in ("name", "experiment", "seeds", "seed_paths", "grid", "variants", "description"):
             data[key] = value
         else:
-            _apply_override(data.setdefault("base", {}), key, value)
+            stage_sets[key] = value
+    if stage_sets:
+        base = data.get("base") if isinstance(data.get("base"), dict) else {}
+        data["base"] = {**base, "stages": apply_stage_overrides(base.get("stages"), stage_sets)}
     return data
 
 
@@ -342,37 +357,36 @@ def _follow(client: httpx.Client, job_ids: list[str]) -> int:
 
 
 def _load_body(recipe: str, overrides: list[str]) -> dict[str, Any]:
-    path = Path(recipe)
-    if not path.exists():
-        path = next((p for p in (RECIPE_DIR / recipe, RECIPE_DIR / f"{recipe}.yaml") if p.exists()), path)
-    if not path.exists():
-        raise typer.BadParameter(f"{recipe!r}: no such file, nor a recipe in {RECIPE_DIR}")
-    data = yaml.safe_load(path.read_text())
+    """A recipe (`stages:`) or a single job (`kind:`) with `--set` applied: `train.steps=5` sets stage `train`'s
+    spec.steps in a recipe, `steps=5` the spec of a single job."""
+    path = find_recipe(recipe)
+    data = load_file(path)
     if not isinstance(data, dict) or not ("stages" in data or "kind" in data):
-        raise typer.BadParameter(f"{path}: expected a recipe (a 'stages' list) or a job (a 'kind')")
-    data.pop("description", None)  # recipes may describe themselves; the API takes only what it runs
-    for pair in overrides:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set {pair!r}: expected key=value")
-        _apply_override(data, key.strip(), yaml.safe_load(raw))
+        raise ConfigError(f"{path}: expected a recipe (a 'stages' list) or a job (a 'kind')")
+    sets = parse_sets(overrides)
+    if "stages" in data:
+        data["stages"] = apply_stage_overrides(data["stages"], sets)
+    else:
+        data.pop("description", None)  # a job file may describe itself; JobCreate takes only what runs
+        data["spec"] = apply_overrides(data.get("spec") or {}, sets)
     return data
 
 
-def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """`train.steps=5` sets stage `train`'s spec.steps in a recipe; `steps=5` sets spec.steps of a single job."""
-    parts = dotted.split(".")
-    if "stages" in data:
-        stage = next((s for s in data["stages"] if s.get("name") == parts[0]), None)
-        if stage is None or len(parts) < 2:
-            raise typer.BadParameter(f"--set {dotted}: no stage named {parts[0]!r}")
-        node, parts = stage.setdefault("spec", {}) or {}, parts[1:]
-        stage["spec"] = node
-    else:
-        node = data.setdefault("spec", {})
-    for key in parts[:-1]:
-        node = node.setdefault(key, {})
-    node[parts[-1]] = value
+def _resolved(body: dict[str, Any]) -> dict[str, Any]:
+    """What the service will run: the body validated by the engine's schema, every default filled in."""
+    if "stages" in body:
+        return recipe_data(load_recipe(body))
+    try:
+        kind = StageKind(body.get("kind"))
+    except ValueError:
+        raise ConfigError(f"kind={body.get('kind')!r}: must be one of {[k.value for k in StageKind]}") from None
+    return {**body, "kind": kind.value, "spec": to_dict(from_dict(STAGE_SPECS[kind], body.get("spec") or {}))}
+
+
+def _invalid(exc: ConfigError) -> NoReturn:
+    """Bad input is one line per problem, no traceback; exit 2 (the engine's config-error code)."""
+    typer.echo(exc.report(), err=True)
+    raise typer.Exit(exc.exit_code)
 
 
 def _ensure_token(data_root: Path) -> str:

@@ -6,7 +6,6 @@ No handler ever returns a traceback. Validation problems use FastAPI's own shape
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any
@@ -18,19 +17,17 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.db.jobs import IllegalTransition, JobNotFound
+from sgtm_engine.errors import Problem
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    loc: tuple[str | int, ...]
-    msg: str
-    input: Any = None
+__all__ = ["Conflict", "InvalidRequest", "NotFound", "Problem", "Unauthorized", "Unavailable", "install_handlers"]
 
 
 class InvalidRequest(Exception):
-    """A body that parsed but does not describe a runnable job: a bad spec field, an unknown parent, …"""
+    """A body that parsed but does not describe a runnable job: a bad spec field, an unknown parent, … Its problems
+    are located in the request (`("body", "stages", 0, "spec", "steps")`) and become 422 detail entries as they are:
+    loc, msg (the whole readable line) and input (the offending value)."""
 
     def __init__(self, problems: list[Problem]):
         super().__init__("; ".join(p.msg for p in problems))
@@ -79,7 +76,7 @@ async def _http(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _invalid(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidRequest)
-    detail = [{"type": "value_error", "loc": list(p.loc), "msg": p.msg, "input": _jsonable(p.input)}
+    detail = [{"type": "value_error", "loc": list(p.loc), "msg": p.msg, "input": _jsonable(p.value)}
               for p in exc.problems]
     return JSONResponse({"detail": detail}, status_code=422)
 

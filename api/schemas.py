@@ -12,13 +12,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.db.status import JobStatus
-from sgtm_engine.config import StageKind
+from sgtm_engine.config import INPUT_NAME_PATTERN, MAX_STAGES, STAGE_NAME_PATTERN, StageKind
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 JobId = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
-StageName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
-"""A stage's name inside a pipeline (at most 32 characters, so it can never be mistaken for a 36-character job id)."""
-InputName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+StageName = Annotated[str, StringConstraints(pattern=STAGE_NAME_PATTERN)]
+"""A stage's name inside a pipeline (at most 32 characters, so it can never be mistaken for a 36-character job id);
+the engine's rule (`sgtm_engine.config.stage_list`), so `sgtm run` and the API accept the same recipes."""
+InputName = Annotated[str, StringConstraints(pattern=INPUT_NAME_PATTERN)]
 RegistryName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 Queue = Literal["gpu", "cpu"]
@@ -60,11 +61,13 @@ class StageCreate(_Body):
 
 class PipelineCreate(_Body):
     """Several stages in one request: a chain (train → ablate → evaluate) or a sweep (independent stages).
-    A stage runs when all its parents have succeeded; if one fails, its descendants fail without running."""
+    A stage runs when all its parents have succeeded; if one fails, its descendants fail without running.
+    A recipe file that `sgtm run` accepts is a valid body as it is (the same stage-list rules apply)."""
 
     name: StageName = "pipeline"
+    description: str | None = Field(None, max_length=4000, description="Free text; not stored with the jobs.")
     experiment: RegistryName | None = None
-    stages: list[StageCreate] = Field(min_length=1, max_length=64)
+    stages: list[StageCreate] = Field(min_length=1, max_length=MAX_STAGES)
 
 
 class SweepCreate(_Body):

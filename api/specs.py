@@ -1,8 +1,8 @@
 """Turn a REST stage spec into the engine's typed spec, or into 422 problems that name the field, value and fix.
 
 Choices made here:
-- The engine's `from_dict` is the validator (one schema for CLI, YAML and REST); its dotted problem paths become
-  FastAPI-style `loc` lists under `body.spec`.
+- The engine's `from_dict` is the validator (one schema for CLI, YAML and REST); its problems, located by field
+  path, are placed under the spec's location in the body (`("body", "spec", "model", "n_layer")`).
 - Before that, every string in the spec must look like a registry name, an enum value, a category name or a parameter
   pattern: letters (any script), digits, spaces and `_ . + - * , ' ( ) & [ ]` only; no `/`, `\\`, `:`, `;`, `$`,
   quotes other than `'`, or `..`. Category names have spaces and commas ('Geografía, historia', 'Biology and health
@@ -20,27 +20,12 @@ import math
 import re
 from typing import Any
 
-from api.errors import Problem
+from api.errors import InvalidRequest, Problem
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, method_name, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
 
 SAFE_STRING = re.compile(r"^(?! )[\w .+*,'()&\[\]-]{1,128}(?<! )$")  # \w: letters and digits of any script, and _
 MAX_SPEC_BYTES = 64 * 1024
-
-#: Inputs each stage kind reads from its parents: (required, optional). `model` is the model the stage starts from;
-#: an attack's optional `baseline` is the no-filter run whose forget loss defines "recovered" (AttackSpec).
-STAGE_INPUTS: dict[StageKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    StageKind.TRAIN: ((), ()),
-    StageKind.ABLATE: (("model",), ()),
-    StageKind.EVALUATE: (("model",), ()),
-    StageKind.ATTACK: (("model",), ("baseline",)),
-    StageKind.RMU: (("model",), ()),
-}
-#: Kinds whose output is a model (may feed a `model` input).
-MODEL_PRODUCERS = frozenset({StageKind.TRAIN, StageKind.ABLATE, StageKind.ATTACK, StageKind.RMU})
-
-_PATH = re.compile(r"^([A-Za-z_][\w.\[\]]*)")
-
 
 @dataclasses.dataclass(frozen=True)
 class ValidSpec:
@@ -54,7 +39,7 @@ class ValidSpec:
 
 
 def validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) -> ValidSpec:
-    """Validate `data` as the spec of `kind`; raises `InvalidRequest`-ready problems via `SpecProblems`."""
+    """Validate `data` as the spec of `kind`; raises `InvalidRequest` with every problem, located under `loc`."""
     problems = list(_unsafe_values(data, loc))
     if len(json.dumps(data, default=str)) > MAX_SPEC_BYTES:
         problems.append(Problem(loc, f"spec is larger than {MAX_SPEC_BYTES} bytes of JSON; send only the fields "
@@ -66,40 +51,23 @@ def validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) 
                                                       f"'{kind.value}' stage yet; available kinds: {available}",
                                 kind.value))
     if problems:
-        raise SpecProblems(problems)
+        raise InvalidRequest(problems)
     try:
         spec = from_dict(cls, data)
     except ConfigError as e:
-        raise SpecProblems([_problem(message, loc) for message in e.problems]) from None
+        raise InvalidRequest([p.nested(loc, label="spec") for p in e.problems]) from None
     except (ArithmeticError, TypeError, ValueError, RecursionError) as e:
         # e.g. an integer too large for a float field; the engine's validator reports most things, not this
         message = f"spec: a value cannot be represented ({e.__class__.__name__}: {e})"
-        raise SpecProblems([Problem(loc, message)]) from None
+        raise InvalidRequest([Problem(loc, message)]) from None
     canonical = to_dict(spec)
     return ValidSpec(spec=canonical, hash=spec_hash(spec), method=_method(kind, spec), seed=_seed(canonical),
                      wants_cpu=(canonical.get("runtime") or {}).get("device") == "cpu")
 
 
-class SpecProblems(Exception):
-    def __init__(self, problems: list[Problem]):
-        super().__init__("; ".join(p.msg for p in problems))
-        self.problems = problems
-
-
 def check_strings(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:
     """Every string in `value` must be a registry name or enum value; every number finite (see the module doc)."""
     return _unsafe_values(value, loc)
-
-
-def _problem(message: str, loc: tuple[str | int, ...]) -> Problem:
-    """'model.n_layer=0: must be >= 1' → loc (..., 'model', 'n_layer'); '<root>…' stays at the spec itself."""
-    match = _PATH.match(message)
-    parts: list[str | int] = []
-    if match:
-        for piece in re.split(r"\.|\[(\d+)\]", match.group(1)):
-            if piece:
-                parts.append(int(piece) if piece.isdigit() else piece)
-    return Problem(loc + tuple(parts), f"spec.{message}" if parts else f"spec: {message}")
 
 
 def _unsafe_values(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:

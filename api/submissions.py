@@ -27,8 +27,9 @@ from api.db.status import JobStatus
 from api.errors import Conflict, InvalidRequest, Problem
 from api.queue import Enqueuer
 from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
-from api.specs import MODEL_PRODUCERS, STAGE_INPUTS, SpecProblems, ValidSpec, validate
-from sgtm_engine.config import StageKind
+from api.specs import ValidSpec, validate
+from sgtm_engine.config import MODEL_PRODUCERS, StageKind, input_role_problems, parse_stages
+from sgtm_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,11 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
         if existing is not None:
             return existing, False
 
-    valid = _validate(body.kind, body.spec, ("body", "spec"))
-    parents = _check_parents(session, kind=body.kind, inputs=body.inputs, loc=("body", "inputs"))
+    valid = validate(body.kind, body.spec, ("body", "spec"))
+    roles = input_role_problems(body.kind, body.inputs)  # the engine's rule, as for a pipeline's stages
+    if roles:
+        raise InvalidRequest([p.nested(("body",), label="") for p in roles])
+    parents = _check_parents(session, inputs=body.inputs, loc=("body", "inputs"))
     job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
                              parents=list(parents.values()), loc=("body",))
     ready = all(p.status == JobStatus.SUCCEEDED for p in parents.values())
@@ -69,40 +73,31 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
         if existing is not None:
             return existing, False
 
+    try:  # the engine's stage-list rules, the ones `sgtm run` applies to a recipe
+        parse_stages(body.model_dump(mode="json")["stages"], external=lambda ref: bool(re.match(UUID_PATTERN, ref)))
+    except ConfigError as e:
+        raise InvalidRequest([p.nested(("body",), label="") for p in e.problems]) from None
     problems: list[Problem] = []
-    names: dict[str, int] = {}
-    for i, stage in enumerate(body.stages):
-        if stage.name in names:
-            problems.append(Problem(("body", "stages", i, "name"), f"stages[{i}].name={stage.name!r}: "
-                                    f"already used by stages[{names[stage.name]}]; stage names must be unique",
-                                    stage.name))
-        names.setdefault(stage.name, i)
-    if problems:
-        raise InvalidRequest(problems)
+    names = {stage.name: i for i, stage in enumerate(body.stages)}
 
     experiment = body.experiment or settings.mlflow_experiment
     plans: list[tuple[Any, ValidSpec, dict[str, Any]]] = []  # (stage, valid spec, {input: stage index | Job})
     for i, stage in enumerate(body.stages):
         loc = ("body", "stages", i)
         try:
-            valid = _validate(stage.kind, stage.spec, loc + ("spec",))
+            valid = validate(stage.kind, stage.spec, loc + ("spec",))
         except InvalidRequest as e:
             problems += e.problems
             continue
         resolved: dict[str, Any] = {}
         external: dict[str, str] = {}
         for name, ref in stage.inputs.items():
-            if ref in names and names[ref] < i:
+            if ref in names:  # an earlier stage: parse_stages refused later ones
                 resolved[name] = names[ref]
-            elif ref in names:
-                problems.append(Problem(loc + ("inputs", name), f"stages[{i}].inputs.{name}={ref!r}: names a later "
-                                        "stage (or itself); list stages in the order they run", ref))
             else:
                 external[name] = ref
         try:
-            resolved.update(_check_parents(session, kind=stage.kind, inputs=external, loc=loc + ("inputs",),
-                                           internal=set(resolved), stage_kinds={n: body.stages[j].kind
-                                                                                for n, j in resolved.items()}))
+            resolved.update(_check_parents(session, inputs=external, loc=loc + ("inputs",)))
         except InvalidRequest as e:
             problems += e.problems
         plans.append((stage, valid, resolved))
@@ -163,35 +158,12 @@ def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Jo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) -> ValidSpec:
-    try:
-        return validate(kind, data, loc)
-    except SpecProblems as e:
-        raise InvalidRequest(e.problems) from None
-
-
-def _check_parents(session: Session, *, kind: StageKind, inputs: dict[str, str], loc: tuple[str | int, ...],
-                   internal: set[str] | None = None, stage_kinds: dict[str, StageKind] | None = None
-                   ) -> dict[str, Job]:
-    """Existing-job inputs must name jobs that exist, produce what the input needs, and have not failed."""
+def _check_parents(session: Session, *, inputs: dict[str, str], loc: tuple[str | int, ...]) -> dict[str, Job]:
+    """Existing-job inputs (whose roles the engine's rules already checked) must name jobs that exist, produce what
+    the input needs, and have not failed."""
     problems: list[Problem] = []
-    required, optional = STAGE_INPUTS[kind]
-    expected = set(required) | set(optional)
-    given = set(inputs) | (internal or set())
-    for name in sorted(set(required) - given):
-        problems.append(Problem(loc + (name,), f"inputs.{name}: a {kind.value} stage needs its '{name}' input "
-                                               "(the id of a job, or the name of an earlier stage, that produced it)"))
-    for name in sorted(given - expected):
-        problems.append(Problem(loc + (name,), f"inputs.{name}: a {kind.value} stage takes no '{name}' input; "
-                                               f"it takes {sorted(expected) or 'none'}", name))
-    for name, stage_kind in (stage_kinds or {}).items():
-        if name == "model" and stage_kind not in MODEL_PRODUCERS:
-            problems.append(Problem(loc + (name,), f"inputs.{name}: an {stage_kind.value} stage produces no model; "
-                                                   f"use a {sorted(k.value for k in MODEL_PRODUCERS)} stage"))
     found: dict[str, Job] = {}
     for name, job_id in inputs.items():
-        if name not in expected:
-            continue
         job = repo.get(session, job_id=job_id) if re.match(UUID_PATTERN, job_id) else None
         if job is None:
             problems.append(Problem(loc + (name,), f"inputs.{name}={job_id!r}: no such job (nor an earlier stage "

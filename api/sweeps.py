@@ -28,7 +28,7 @@ from api.db.models import Job, Pipeline, Sweep
 from api.db.status import ACTIVE
 from api.errors import InvalidRequest, Problem
 from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCreate, SweepRead, SweepSummary
-from api.specs import SpecProblems, ValidSpec, check_strings, validate
+from api.specs import ValidSpec, check_strings, validate
 from api.submissions import _hash, create_pipeline_rows, replay
 from sgtm_engine.config import StageKind
 from sgtm_engine.sweep import Cell, SweepError, parse_sweep
@@ -62,7 +62,7 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
     try:
         definition = parse_sweep(data)
     except SweepError as e:
-        raise InvalidRequest([Problem(("body",) + p.loc, p.msg, p.input) for p in e.sweep_problems]) from None
+        raise InvalidRequest([Problem(("body",) + p.loc, p.msg, p.value) for p in e.problems]) from None
     plans = {cell.cell_id: _cell_plans(cell) for cell in definition.cells}
     experiment = body.experiment or settings.mlflow_experiment
     spec = definition.to_dict() | {"base": data["base"]}
@@ -200,7 +200,7 @@ def _cell_plans(cell: Cell) -> list[Plan]:
         loc = ("body", "cells", cell.position, stage["name"])
         try:
             valid = validate(kind, stage["spec"], loc + ("spec",))
-        except SpecProblems as e:
+        except InvalidRequest as e:
             problems += e.problems
             continue
         create = StageCreate(name=stage["name"], kind=kind, spec={}, inputs=stage["inputs"], queue=stage["queue"],

@@ -11,7 +11,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -23,11 +23,9 @@ log = logging.getLogger("sgtm")
 DEFAULT_CACHE = Path.home() / ".cache" / "sgtm"
 
 
-def _fail(exc: BaseException) -> None:
+def _fail(exc: BaseException) -> NoReturn:
     if isinstance(exc, ConfigError):
-        typer.echo("invalid configuration:", err=True)
-        for p in exc.problems:
-            typer.echo(f"  - {p}", err=True)
+        typer.echo(exc.report(), err=True)
     else:
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
     raise typer.Exit(exc.exit_code if isinstance(exc, SgtmError) else EXIT_UNEXPECTED)
@@ -85,19 +83,30 @@ def run_stage_cmd(
 def run_cmd(
     recipe: Annotated[str, typer.Argument(help="a recipe file or the name of one in recipes/")],
     workdir: Annotated[Path, typer.Option(help="where stages write (one folder per stage)")] = Path("runs/latest"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value, repeatable")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value (a YAML value; a mapping merges "
+                                                                 "into the block), repeatable")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved recipe (YAML, every "
+                                                                      "default filled in) and run nothing")] = False,
     mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
     no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
 ) -> None:
     """Run every stage of a recipe in this process and write WORKDIR/result.json."""
-    from sgtm_engine.recipe import load_recipe, parse_overrides
+    from sgtm_engine.recipe import load_recipe, recipe_data
+    from sgtm_engine.yamlio import dump_yaml, parse_sets
+
+    try:
+        parsed = load_recipe(recipe, parse_sets(set_ or []))
+    except SgtmError as exc:
+        _fail(exc)
+    if print_config:
+        typer.echo(dump_yaml(recipe_data(parsed)), nl=False)
+        return
     from sgtm_engine.runner import run_recipe
     from sgtm_engine.runtime import setup_logging
 
     setup_logging()
     try:
-        parsed = load_recipe(recipe, parse_overrides(set_ or []))
         results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
                              cache_dir=cache_dir)
     except SgtmError as exc:
@@ -152,8 +161,8 @@ def attack_matrix_cmd(
         with_overrides,
         write_report,
     )
-    from sgtm_engine.recipe import parse_overrides
     from sgtm_engine.runtime import setup_logging
+    from sgtm_engine.yamlio import parse_sets
 
     setup_logging()
     started = time.perf_counter()
@@ -161,7 +170,7 @@ def attack_matrix_cmd(
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
         row_list = tuple(r.strip() for r in rows.split(",")) if rows else None
         spec = with_overrides(MatrixSpec(seeds=seed_list, corpus=corpus, rows=row_list),
-                              parse_overrides(set_ or []))
+                              parse_sets(set_ or []))
         if dump_recipe is not None:
             dump_recipe.write_text(recipe_yaml(recipe_as_data(matrix_recipe(spec))))
             typer.echo(f"wrote {dump_recipe}")

@@ -1,4 +1,5 @@
-"""The engine's small exception family and the exit codes of `python -m sgtm_engine run-stage`.
+"""The engine's small exception family, the one problem type (`Problem`, carried by `ConfigError`) and the exit
+codes of `python -m sgtm_engine run-stage`.
 
 Stdlib only: the API and the worker parent import this module to map a child's exit code to a job state without
 importing torch. Retryable failures (infrastructure: a killed child, a lost worker) are told apart from final ones
@@ -6,6 +7,75 @@ importing torch. Retryable failures (infrastructure: a killed child, a lost work
 """
 
 from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+Loc = tuple[str | int, ...]
+
+class _NoValue:
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+
+NO_VALUE: Any = _NoValue()
+"""Marks a problem that has no offending value to show (an unknown key, a missing section)."""
+
+
+def render_loc(loc: Loc) -> str:
+    """('train', 'betas', 1) -> 'train.betas[1]'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def render_value(value: Any) -> str:
+    """How a message shows a value: enums by their value, tuples as lists, anything long cut to 80 characters."""
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, tuple):
+        value = [v.value if isinstance(v, enum.Enum) else v for v in value]
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config, a recipe, a sweep or a request body.
+
+    `loc` is the path to the offending field (`("masking", "forget_mlp_dim")`, `("stages", 2, "kind")`); `msg` is the
+    whole readable line, `"masking.forget_mlp_dim=-1: must be >= 0"`, so `str(problem)` needs nothing else; `value`
+    is the offending value (None when there is none). Callers that nest a document inside another prefix both the
+    location and the text with `nested`, so nothing ever re-parses a message to find where it points.
+    """
+
+    loc: Loc
+    msg: str
+    value: Any = None
+
+    def __str__(self) -> str:
+        return self.msg
+
+    @classmethod
+    def at(cls, loc: Loc, what: str, value: Any = NO_VALUE) -> Problem:
+        """`Problem.at(("model", "n_layer"), "must be >= 1", 0)` reads `model.n_layer=0: must be >= 1`."""
+        shown = "" if value is NO_VALUE else f"={render_value(value)}"
+        msg = f"{render_loc(loc)}{shown}: {what}" if loc else what
+        return cls(tuple(loc), msg, None if value is NO_VALUE else value)
+
+    def nested(self, prefix: Loc, label: str | None = None) -> Problem:
+        """The same problem seen from a document that holds this one at `prefix` (label: how to write the prefix
+        in the message; default its dotted path)."""
+        label = render_loc(prefix) if label is None else label
+        if not label:
+            msg = self.msg
+        elif not self.loc:
+            msg = f"{label}: {self.msg}"
+        else:
+            msg = f"{label}{'' if isinstance(self.loc[0], int) else '.'}{self.msg}"
+        return Problem(tuple(prefix) + self.loc, msg, self.value)
 
 
 class SgtmError(Exception):
@@ -15,13 +85,21 @@ class SgtmError(Exception):
 
 
 class ConfigError(SgtmError, ValueError):
-    """A spec is invalid. `problems` lists every problem found, each naming the field, the value and the fix."""
+    """A spec is invalid. `problems` lists every problem found (`Problem`), each naming the field, the value and the
+    fix; a plain string becomes a problem without a location."""
 
     exit_code = 2
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("; ".join(self.problems))
+    def __init__(self, problems: list[Problem] | list[str] | list[Problem | str] | Problem | str):
+        items = [problems] if isinstance(problems, (str, Problem)) else list(problems)
+        self.problems: list[Problem] = [p if isinstance(p, Problem) else Problem((), p) for p in items]
+        super().__init__("; ".join(p.msg for p in self.problems))
+
+    def report(self) -> str:
+        """What a command line prints: one line for one problem, else one line per problem under a heading."""
+        if len(self.problems) == 1:
+            return f"invalid configuration: {self.problems[0]}"
+        return "\n".join(["invalid configuration:", *(f"  - {p}" for p in self.problems)])
 
 
 class DataError(SgtmError):

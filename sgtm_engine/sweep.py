@@ -38,7 +38,7 @@ A cell's id is the `spec_hash` of its resolved pipeline (stage names, kinds, inp
 filled in) and its seed: two sweeps that share a cell share its id, which is how the service dedupes reruns. Two cells
 of one sweep that resolve to the same pipeline are an error (a variant or axis value that changes nothing).
 
-Choices made here: stdlib only (the API imports this module); every problem is reported at once as a `SweepProblem`
+Choices made here: stdlib only (the API imports this module); every problem is reported at once as a `Problem`
 with a location (`("grid", "train.noise.recall", 3)`), and a message naming the field, the value and the fix. Cross-cell
 pipelines (one cell's stage feeding another cell) are not supported: an attack's baseline is given as
 `reference_forget_loss`, or runs as its own sweep.
@@ -55,33 +55,30 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash, to_dict
-from sgtm_engine.errors import ConfigError
+from sgtm_engine.config import (
+    STAGE_NAME_PATTERN,
+    STAGE_SPECS,
+    StageKind,
+    did_you_mean,
+    from_dict,
+    parse_stages,
+    set_path,
+    spec_hash,
+    to_dict,
+)
+from sgtm_engine.errors import ConfigError, Problem
 
 TOP_KEYS = ("kind", "name", "description", "experiment", "base", "variants", "grid", "seeds", "seed_paths")
-STAGE_KEYS = ("name", "kind", "spec", "inputs", "queue", "gpus")
-NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+NAME = re.compile(STAGE_NAME_PATTERN)
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 MAX_CELLS = 2000
-_PATH = re.compile(r"^([A-Za-z_][\w.\[\]]*)")
 
 Loc = tuple[str | int, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepProblem:
-    loc: Loc
-    """Where in the sweep document: ("grid", "train.noise.recall", 3), ("variants", "sgtm", "train.steps"), …"""
-    msg: str
-    input: Any = None
-
-
 class SweepError(ConfigError):
-    """The sweep is invalid; `sweep_problems` has every problem with its location (`problems` the messages)."""
-
-    def __init__(self, problems: list[SweepProblem]):
-        super().__init__([p.msg for p in problems])
-        self.sweep_problems = problems
+    """The sweep is invalid; `problems` has every problem with its location in the sweep document:
+    ("grid", "train.noise.recall", 3), ("variants", "sgtm", "train.steps"), …"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,24 +115,24 @@ class Sweep:
 
 def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
     """Validate a sweep document and expand it into cells. Raises `SweepError` listing every problem."""
-    problems: list[SweepProblem] = []
+    problems: list[Problem] = []
     if not isinstance(data, dict):
-        raise SweepError([SweepProblem((), f"sweep={_short(data)}: expected a mapping with 'base', 'grid', 'seeds'")])
+        raise SweepError([Problem((), f"sweep={_short(data)}: expected a mapping with 'base', 'grid', 'seeds'")])
     for key in data:
         if key not in TOP_KEYS:
-            problems.append(SweepProblem((str(key),), f"{key}: unknown key of a sweep; allowed: {list(TOP_KEYS)}",
-                                         key))
+            problems.append(Problem((str(key),), f"{key}: unknown key of a sweep; allowed: {list(TOP_KEYS)}",
+                                    key))
     if data.get("kind", "sweep") != "sweep":
-        problems.append(SweepProblem(("kind",), f"kind={data['kind']!r}: a sweep document has kind 'sweep'",
-                                     data["kind"]))
+        problems.append(Problem(("kind",), f"kind={data['kind']!r}: a sweep document has kind 'sweep'",
+                                data["kind"]))
     name = data.get("name", "sweep")
     if not isinstance(name, str) or not NAME.match(name):
-        problems.append(SweepProblem(("name",), f"name={_short(name)}: use 1-32 characters: lowercase letters, "
-                                                "digits, '_' or '-', starting with a letter", name))
+        problems.append(Problem(("name",), f"name={_short(name)}: use 1-32 characters: lowercase letters, "
+                                           "digits, '_' or '-', starting with a letter", name))
     experiment = data.get("experiment")
     if experiment is not None and (not isinstance(experiment, str) or not VARIANT_NAME.match(experiment)):
-        problems.append(SweepProblem(("experiment",), f"experiment={_short(experiment)}: a registry-style name "
-                                                      "(letters, digits, '_', '-', '.', '+')", experiment))
+        problems.append(Problem(("experiment",), f"experiment={_short(experiment)}: a registry-style name "
+                                                 "(letters, digits, '_', '-', '.', '+')", experiment))
     stages = _parse_base(data.get("base"), problems)
     variants = _parse_variants(data.get("variants"), stages, problems)
     grid = _parse_grid(data.get("grid"), stages, problems)
@@ -147,8 +144,8 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
     _check_conflicts(variants, grid, seed_paths, problems)
     n = max(len(variants), 1) * _product_size(grid) * max(len(seeds), 1)
     if n > max_cells:
-        problems.append(SweepProblem((), f"the sweep has {n} cells; at most {max_cells} per sweep: split it, or drop "
-                                         "axis values", n))
+        problems.append(Problem((), f"the sweep has {n} cells; at most {max_cells} per sweep: split it, or drop "
+                                    "axis values", n))
     cells: list[Cell] = []
     if len(problems) == before:  # conflicts and size checked; bad paths were left out of the axes, so go on
         cells = _expand(stages, variants, grid, seeds, seed_paths, problems)
@@ -158,82 +155,43 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
                  cells=cells)
 
 
-def _parse_base(base: Any, problems: list[SweepProblem]) -> list[dict[str, Any]] | None:
+def _parse_base(base: Any, problems: list[Problem]) -> list[dict[str, Any]] | None:
     if not isinstance(base, dict) or not isinstance(base.get("stages"), list) or not base["stages"]:
-        problems.append(SweepProblem(("base",), f"base={_short(base)}: needs a non-empty 'stages' list (a pipeline "
-                                                "recipe: [{name, kind, spec, inputs}])", base))
+        problems.append(Problem(("base",), f"base={_short(base)}: needs a non-empty 'stages' list (a pipeline "
+                                           "recipe: [{name, kind, spec, inputs}])", base))
         return None
     for key in base:
         if key not in ("stages", "name", "description"):
-            problems.append(SweepProblem(("base", str(key)), f"base.{key}: unknown key; the base holds 'stages'", key))
-    stages: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    before = len(problems)
-    for i, raw in enumerate(base["stages"]):
-        loc: Loc = ("base", "stages", i)
-        if not isinstance(raw, dict):
-            problems.append(SweepProblem(loc, f"base.stages[{i}]={_short(raw)}: expected {{name, kind, spec}}", raw))
-            continue
-        for key in raw:
-            if key not in STAGE_KEYS:
-                problems.append(SweepProblem(loc + (str(key),), f"base.stages[{i}].{key}: unknown key; allowed: "
-                                                                f"{list(STAGE_KEYS)}", key))
-        name, kind = raw.get("name"), raw.get("kind")
-        if not isinstance(name, str) or not NAME.match(name) or name in seen:
-            problems.append(SweepProblem(loc + ("name",), f"base.stages[{i}].name={_short(name)}: every stage needs a "
-                                                          "unique name (lowercase letters, digits, '_', '-')", name))
-            continue
-        try:
-            kind = StageKind(kind)
-        except ValueError:
-            problems.append(SweepProblem(loc + ("kind",), f"base.stages[{i}].kind={_short(kind)}: one of "
-                                                          f"{[k.value for k in STAGE_SPECS]}", kind))
-            continue
-        spec, inputs = raw.get("spec") or {}, raw.get("inputs") or {}
-        if not isinstance(spec, dict):
-            problems.append(SweepProblem(loc + ("spec",), f"{name}.spec={_short(spec)}: expected a mapping", spec))
-            continue
-        if not isinstance(inputs, dict) or not all(isinstance(v, str) for v in inputs.values()):
-            problems.append(SweepProblem(loc + ("inputs",), f"{name}.inputs={_short(inputs)}: expected "
-                                                            "{input name: earlier stage name}", inputs))
-            continue
-        for role, parent in inputs.items():
-            if parent not in seen:
-                problems.append(SweepProblem(loc + ("inputs", role), f"{name}.inputs.{role}={parent!r}: must name an "
-                                                                     f"earlier stage of the base; have {sorted(seen)}",
-                                             parent))
-        queue, gpus = raw.get("queue"), raw.get("gpus", 1)
-        if queue not in (None, "gpu", "cpu"):
-            problems.append(SweepProblem(loc + ("queue",), f"{name}.queue={_short(queue)}: 'gpu', 'cpu' or null "
-                                                           "(cpu when spec.runtime.device is cpu)", queue))
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 8:
-            problems.append(SweepProblem(loc + ("gpus",), f"{name}.gpus={_short(gpus)}: an integer in [1, 8]", gpus))
-        seen.add(name)
-        stages.append({"name": name, "kind": kind, "spec": copy.deepcopy(spec), "inputs": dict(inputs),
-                       "queue": raw.get("queue"), "gpus": raw.get("gpus", 1)})
-    return stages if len(problems) == before else None
+            problems.append(Problem(("base", str(key)), f"base.{key}: unknown key; the base holds 'stages'", key))
+    try:  # the one stage-list parser; specs are validated per cell, after the overrides
+        parsed = parse_stages(base["stages"], validate_specs=False)
+    except ConfigError as e:
+        problems += [p.nested(("base",)) for p in e.problems]
+        return None
+    return [{"name": s.name, "kind": s.kind, "spec": copy.deepcopy(s.spec), "inputs": dict(s.inputs),
+             "queue": s.queue, "gpus": s.gpus} for s in parsed]
 
 
 def _parse_variants(raw: Any, stages: list[dict[str, Any]] | None,
-                    problems: list[SweepProblem]) -> dict[str, dict[str, Any]]:
+                    problems: list[Problem]) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict) or not raw:
-        problems.append(SweepProblem(("variants",), f"variants={_short(raw)}: expected a mapping "
-                                                    "{name: {dotted path: value}}", raw))
+        problems.append(Problem(("variants",), f"variants={_short(raw)}: expected a mapping "
+                                               "{name: {dotted path: value}}", raw))
         return {}
     out: dict[str, dict[str, Any]] = {}
     for name, overrides in raw.items():
         loc: Loc = ("variants", str(name))
         if not isinstance(name, str) or not VARIANT_NAME.match(name):
-            problems.append(SweepProblem(loc, f"variants.{name}: a variant name uses letters, digits, '_', '-', '.', "
-                                              "'+' (at most 64)", name))
+            problems.append(Problem(loc, f"variants.{name}: a variant name uses letters, digits, '_', '-', '.', "
+                                         "'+' (at most 64)", name))
             continue
         if overrides is None:
             overrides = {}  # a variant that is the base as is
         if not isinstance(overrides, dict):
-            problems.append(SweepProblem(loc, f"variants.{name}={_short(overrides)}: expected a mapping "
-                                              "{dotted path: value}", overrides))
+            problems.append(Problem(loc, f"variants.{name}={_short(overrides)}: expected a mapping "
+                                         "{dotted path: value}", overrides))
             continue
         kept = {}
         for path, value in overrides.items():
@@ -245,52 +203,52 @@ def _parse_variants(raw: Any, stages: list[dict[str, Any]] | None,
     return out
 
 
-def _parse_grid(raw: Any, stages: list[dict[str, Any]] | None, problems: list[SweepProblem]) -> dict[str, list[Any]]:
+def _parse_grid(raw: Any, stages: list[dict[str, Any]] | None, problems: list[Problem]) -> dict[str, list[Any]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        problems.append(SweepProblem(("grid",), f"grid={_short(raw)}: expected a mapping {{dotted path: [values]}}",
-                                     raw))
+        problems.append(Problem(("grid",), f"grid={_short(raw)}: expected a mapping {{dotted path: [values]}}",
+                                raw))
         return {}
     out: dict[str, list[Any]] = {}
     for path, values in raw.items():
         loc: Loc = ("grid", str(path))
         if not isinstance(values, list) or not values:
-            problems.append(SweepProblem(loc, f"grid.{path}={_short(values)}: expected a non-empty list of values, "
-                                              f"e.g. [1.0, 0.9]", values))
+            problems.append(Problem(loc, f"grid.{path}={_short(values)}: expected a non-empty list of values, "
+                                         f"e.g. [1.0, 0.9]", values))
             continue
         keys = [_canonical_json(v) for v in values]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
-            problems.append(SweepProblem(loc, f"grid.{path}: values {dupes} repeat; list each value once", values))
+            problems.append(Problem(loc, f"grid.{path}: values {dupes} repeat; list each value once", values))
         elif stages is not None and _check_path(path, stages, loc, f"grid.{path}", problems, allow_drop=False):
             out[str(path)] = list(values)
     return out
 
 
-def _parse_seeds(raw: Any, problems: list[SweepProblem]) -> list[int]:
+def _parse_seeds(raw: Any, problems: list[Problem]) -> list[int]:
     if raw is None:
         return []
     if (not isinstance(raw, list) or not raw
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in raw)):
-        problems.append(SweepProblem(("seeds",), f"seeds={_short(raw)}: expected a non-empty list of integers >= 0, "
-                                                 "e.g. [0, 1, 2]", raw))
+        problems.append(Problem(("seeds",), f"seeds={_short(raw)}: expected a non-empty list of integers >= 0, "
+                                            "e.g. [0, 1, 2]", raw))
         return []
     if len(set(raw)) != len(raw):
-        problems.append(SweepProblem(("seeds",), f"seeds={raw}: each seed once", raw))
+        problems.append(Problem(("seeds",), f"seeds={raw}: each seed once", raw))
     return list(dict.fromkeys(raw))
 
 
 def _parse_seed_paths(raw: Any, stages: list[dict[str, Any]] | None, seeds: list[int],
-                      problems: list[SweepProblem]) -> list[str]:
+                      problems: list[Problem]) -> list[str]:
     if raw is None:
         return default_seed_paths(stages or []) if seeds else []
     if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
-        problems.append(SweepProblem(("seed_paths",), f"seed_paths={_short(raw)}: expected a list of dotted paths, "
-                                                      "e.g. [train.seed, train.noise.seed]", raw))
+        problems.append(Problem(("seed_paths",), f"seed_paths={_short(raw)}: expected a list of dotted paths, "
+                                                 "e.g. [train.seed, train.noise.seed]", raw))
         return []
     if not seeds:
-        problems.append(SweepProblem(("seed_paths",), "seed_paths: given without seeds; add 'seeds' or drop it", raw))
+        problems.append(Problem(("seed_paths",), "seed_paths: given without seeds; add 'seeds' or drop it", raw))
     return [path for i, path in enumerate(raw) if stages is not None
             and _check_path(path, stages, ("seed_paths", i), f"seed_paths[{i}]={path!r}", problems, allow_drop=False)]
 
@@ -307,44 +265,47 @@ def default_seed_paths(stages: Iterable[dict[str, Any]]) -> list[str]:
     return paths
 
 
-def _check_path(path: Any, stages: list[dict[str, Any]], loc: Loc, where: str, problems: list[SweepProblem],
+def _check_path(path: Any, stages: list[dict[str, Any]], loc: Loc, where: str, problems: list[Problem],
                 *, allow_drop: bool) -> bool:
     """The path names a stage of the base and, below it, `inputs.<name>` or a field of the stage's spec class.
     Returns whether it does (else a problem was added)."""
     names = {s["name"]: s for s in stages}
     if not isinstance(path, str) or not path:
-        problems.append(SweepProblem(loc, f"{where}: a path is text '<stage>.<field>', e.g. 'train.steps'", path))
+        problems.append(Problem(loc, f"{where}: a path is text '<stage>.<field>', e.g. 'train.steps'", path))
         return False
     stage_name, _, rest = path.partition(".")
     stage = names.get(stage_name)
     if stage is None:
-        problems.append(SweepProblem(loc, f"{where}: no stage named {stage_name!r}; the base has {sorted(names)}",
-                                     path))
+        guess = did_you_mean(stage_name, names)
+        hint = f"did you mean {guess!r}?" if guess else f"the base has {sorted(names)}"
+        problems.append(Problem(loc, f"{where}: no stage named {stage_name!r}; {hint}", path))
         return False
     if not rest:
         if not allow_drop:
-            problems.append(SweepProblem(loc, f"{where}: names a whole stage; set a field ('{stage_name}.steps'), or "
-                                              f"drop the stage in a variant with '{stage_name}: null'", path))
+            problems.append(Problem(loc, f"{where}: names a whole stage; set a field ('{stage_name}.steps'), or "
+                                         f"drop the stage in a variant with '{stage_name}: null'", path))
         return allow_drop
     parts = rest.split(".")
     if parts[0] == "inputs":
         if len(parts) != 2:
-            problems.append(SweepProblem(loc, f"{where}: an input is set as '{stage_name}.inputs.<name>'", path))
+            problems.append(Problem(loc, f"{where}: an input is set as '{stage_name}.inputs.<name>'", path))
         return len(parts) == 2
     tp: Any = STAGE_SPECS[StageKind(stage["kind"])]
     for i, part in enumerate(parts):
         tp = _dataclass_of(tp)
         if tp is None:
             done = ".".join(parts[:i])
-            problems.append(SweepProblem(loc, f"{where}: {stage_name}.{done} is a value, not a mapping; "
-                                              f"set '{stage_name}.{done}' itself", path))
+            problems.append(Problem(loc, f"{where}: {stage_name}.{done} is a value, not a mapping; "
+                                         f"set '{stage_name}.{done}' itself", path))
             return False
         hints = typing.get_type_hints(tp)
         fields = [f.name for f in dataclasses.fields(tp) if f.init]
         if part not in fields:
             prefix = ".".join([stage_name, *parts[:i]])
-            problems.append(SweepProblem(loc, f"{where}: {part!r} is not a field of {prefix} ({tp.__name__}); "
-                                              f"known fields: {sorted(fields)}", path))
+            guess = did_you_mean(part, fields)
+            hint = f"did you mean {guess!r}?" if guess else f"known fields: {sorted(fields)}"
+            problems.append(Problem(loc, f"{where}: {part!r} is not a field of {prefix} ({tp.__name__}); {hint}",
+                                    path))
             return False
         tp = hints[part]
     return True
@@ -360,28 +321,28 @@ def _dataclass_of(tp: Any) -> Any:
 
 
 def _check_conflicts(variants: dict[str, dict[str, Any]], grid: dict[str, list[Any]], seed_paths: list[str],
-                     problems: list[SweepProblem]) -> None:
+                     problems: list[Problem]) -> None:
     def overlaps(a: str, b: str) -> bool:
         return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
     for path in grid:
         for other in seed_paths:
             if overlaps(path, other):
-                problems.append(SweepProblem(("grid", path), f"grid.{path}: overlaps seed path {other!r}; seeds set "
-                                                             "it (drop the axis, or set seed_paths)", path))
+                problems.append(Problem(("grid", path), f"grid.{path}: overlaps seed path {other!r}; seeds set "
+                                                        "it (drop the axis, or set seed_paths)", path))
         for name, overrides in variants.items():
             for key in overrides:
                 if overlaps(path, key):
-                    problems.append(SweepProblem(("variants", name, key), f"variants.{name}.{key}: also a grid axis "
-                                                 f"({path!r}); set it in one place only", key))
+                    problems.append(Problem(("variants", name, key), f"variants.{name}.{key}: also a grid axis "
+                                            f"({path!r}); set it in one place only", key))
     for name, overrides in variants.items():
         for key, value in overrides.items():
             if "." not in key and value is None:  # drops a stage: its seeds no longer matter, nothing to clash
                 continue
             for other in seed_paths:
                 if overlaps(key, other):
-                    problems.append(SweepProblem(("variants", name, key), f"variants.{name}.{key}: overlaps seed path "
-                                                 f"{other!r}; seeds set it (drop it, or set seed_paths)", key))
+                    problems.append(Problem(("variants", name, key), f"variants.{name}.{key}: overlaps seed path "
+                                            f"{other!r}; seeds set it (drop it, or set seed_paths)", key))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -389,7 +350,7 @@ def _check_conflicts(variants: dict[str, dict[str, Any]], grid: dict[str, list[A
 
 
 def _expand(stages: list[dict[str, Any]], variants: dict[str, dict[str, Any]], grid: dict[str, list[Any]],
-            seeds: list[int], seed_paths: list[str], problems: list[SweepProblem]) -> list[Cell]:
+            seeds: list[int], seed_paths: list[str], problems: list[Problem]) -> list[Cell]:
     variant_items: list[tuple[str | None, dict[str, Any]]] = list(variants.items()) or [(None, {})]
     axes = list(grid)
     combos = list(itertools.product(*(range(len(grid[a])) for a in axes)))
@@ -410,8 +371,8 @@ def _expand(stages: list[dict[str, Any]], variants: dict[str, dict[str, Any]], g
                 params = {a: grid[a][i] for a, i in zip(axes, combo, strict=True)}
                 label = _label(variant, params, seed)
                 if cell_id in seen:
-                    problems.append(SweepProblem((), f"cells {seen[cell_id]} and {label} resolve to the same pipeline; "
-                                                     "a variant or grid value changes nothing: remove it", label))
+                    problems.append(Problem((), f"cells {seen[cell_id]} and {label} resolve to the same pipeline; "
+                                                "a variant or grid value changes nothing: remove it", label))
                     continue
                 seen[cell_id] = label
                 cells.append(Cell(cell_id=cell_id, position=len(cells), variant=variant, params=params, seed=seed,
@@ -420,7 +381,7 @@ def _expand(stages: list[dict[str, Any]], variants: dict[str, dict[str, Any]], g
 
 
 def _resolve(stages: list[dict[str, Any]], sources: list[tuple[str, Any, Loc]],
-             problems: list[SweepProblem]) -> list[dict[str, Any]] | None:
+             problems: list[Problem]) -> list[dict[str, Any]] | None:
     """Apply the overrides to a copy of the base, drop stages, check inputs, validate every spec."""
     work = {s["name"]: copy.deepcopy(s) for s in stages}
     dropped: dict[str, Loc] = {}
@@ -433,22 +394,16 @@ def _resolve(stages: list[dict[str, Any]], sources: list[tuple[str, Any, Loc]],
         if parts[0] == "inputs":
             work[stage_name]["inputs"][parts[1]] = value
             continue
-        node = work[stage_name]["spec"]
-        for key in parts[:-1]:
-            child = node.get(key)
-            if not isinstance(child, dict):
-                child = node[key] = {}
-            node = child
-        leaf = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf] = _merge(node[leaf], value)
-        else:
-            node[leaf] = copy.deepcopy(value)
+        try:
+            set_path(work[stage_name]["spec"], parts, value)
+        except ConfigError as e:
+            problems += [Problem(loc, f"{path}: {p.msg}", value) for p in e.problems]
+            return None
     ok = True
     order = [s["name"] for s in stages if s["name"] not in dropped]
     if not order:
         loc = next(iter(dropped.values()))
-        problems.append(SweepProblem(loc, f"{loc[0]}.{loc[1]}: drops every stage; keep at least one", None))
+        problems.append(Problem(loc, f"{loc[0]}.{loc[1]}: drops every stage; keep at least one", None))
         return None
     out: list[dict[str, Any]] = []
     for name in order:
@@ -456,20 +411,20 @@ def _resolve(stages: list[dict[str, Any]], sources: list[tuple[str, Any, Loc]],
         for role, parent in stage["inputs"].items():
             if parent in dropped:
                 loc = dropped[parent]
-                problems.append(SweepProblem(loc, f"{loc[0]}.{loc[1]}: drops stage {parent!r}, but "
-                                                  f"{name}.inputs.{role} still names it; re-point it in the same "
-                                                  f"variant, e.g. '{name}.inputs.{role}: <another stage>'", None))
+                problems.append(Problem(loc, f"{loc[0]}.{loc[1]}: drops stage {parent!r}, but "
+                                             f"{name}.inputs.{role} still names it; re-point it in the same "
+                                             f"variant, e.g. '{name}.inputs.{role}: <another stage>'", None))
                 ok = False
             elif parent not in order[:order.index(name)]:
                 src = _source_of(sources, f"{name}.inputs.{role}") or ("base",)
-                problems.append(SweepProblem(src, f"{name}.inputs.{role}={parent!r}: must name an earlier stage of "
-                                                  f"the cell; have {order[:order.index(name)]}", parent))
+                problems.append(Problem(src, f"{name}.inputs.{role}={parent!r}: must name an earlier stage of "
+                                             f"the cell; have {order[:order.index(name)]}", parent))
                 ok = False
         try:
             spec = from_dict(STAGE_SPECS[stage["kind"]], stage["spec"])
         except ConfigError as e:
-            for message in e.problems:
-                problems.append(_attribute(name, message, sources, stages))
+            for problem in e.problems:
+                problems.append(_attribute(name, problem, sources, stages))
             ok = False
             continue
         stage["spec"] = to_dict(spec)
@@ -478,19 +433,17 @@ def _resolve(stages: list[dict[str, Any]], sources: list[tuple[str, Any, Loc]],
     return out if ok else None
 
 
-def _attribute(stage: str, message: str, sources: list[tuple[str, Any, Loc]],
-               stages: list[dict[str, Any]]) -> SweepProblem:
+def _attribute(stage: str, problem: Problem, sources: list[tuple[str, Any, Loc]],
+               stages: list[dict[str, Any]]) -> Problem:
     """Blame the override that set the field a problem names (grid value, variant key, seed); else the base."""
-    match = _PATH.match(message)
-    field_path = f"{stage}.{match.group(1)}" if match else stage
+    field_path = ".".join([stage, *(str(p) for p in problem.loc if not isinstance(p, int))])
     for path, value, loc in sources:
         if field_path == path or field_path.startswith(path + ".") or path.startswith(field_path + "."):
             where = ".".join(str(p) for p in loc if not isinstance(p, int))
             index = next((f"[{p}]" for p in loc if isinstance(p, int)), "")
-            return SweepProblem(loc, f"{where}{index}: {stage}.{message}", value)
+            return Problem(loc, f"{where}{index}: {stage}.{problem.msg}", value)
     i = next(i for i, s in enumerate(stages) if s["name"] == stage)
-    parts = tuple(int(p) if p.isdigit() else p for p in re.split(r"\.|\[(\d+)\]", match.group(1)) if p) if match else ()
-    return SweepProblem(("base", "stages", i, "spec") + parts, f"base: {stage}.{message}")
+    return Problem(("base", "stages", i, "spec") + problem.loc, f"base: {stage}.{problem.msg}")
 
 
 def _source_of(sources: list[tuple[str, Any, Loc]], path: str) -> Loc | None:
@@ -501,14 +454,6 @@ def _identity(stage: dict[str, Any]) -> dict[str, Any]:
     """What a cell's pipeline is, for its hash: where it runs (queue, gpus) is not part of it."""
     return {"name": stage["name"], "kind": stage["kind"], "inputs": dict(sorted(stage["inputs"].items())),
             "spec": stage["spec"]}
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else copy.deepcopy(value)
-    return out
 
 
 def _label(variant: str | None, params: dict[str, Any], seed: int | None) -> str:
@@ -534,7 +479,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _unique(problems: list[SweepProblem]) -> list[SweepProblem]:
+def _unique(problems: list[Problem]) -> list[Problem]:
     seen: set[tuple[Loc, str]] = set()
     out = []
     for p in problems:

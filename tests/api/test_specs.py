@@ -1,9 +1,12 @@
-"""The API's spec layer agrees with the engine: method labels, and every shipped recipe is a valid pipeline."""
+"""The API's spec layer agrees with the engine: method labels, every shipped recipe is a valid pipeline, and a
+recipe `sgtm run` accepts is one `POST /api/v1/pipelines` accepts, and the other way round."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +16,9 @@ from api.config import Settings
 from api.main import create_app
 from api.specs import _method
 from sgtm_engine.config import StageKind, TrainSpec, from_dict, method_name
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.recipe import load_recipe
+from sgtm_engine.yamlio import load_file
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
 
@@ -42,3 +48,58 @@ def test_every_shipped_recipe_is_a_valid_pipeline(sqlite_client: TestClient, rec
     body = _load_body(str(RECIPE_DIR / recipe), [])
     r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 202, r.text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One stage-list parser: what `sgtm run` accepts, POST /api/v1/pipelines accepts, and the other way round
+
+
+def _stage(name: str, kind: str = "train", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": kind, "spec": {"steps": 3}, **extra} if kind == "train" else \
+        {"name": name, "kind": kind, **extra}
+
+
+EDGE_CASES: dict[str, dict[str, Any]] = {
+    "one-letter-name": {"stages": [_stage("a")]},
+    "name-of-32": {"stages": [_stage("t" * 32)]},
+    "name-of-33": {"stages": [_stage("t" * 33)]},
+    "upper-case-name": {"stages": [_stage("Train")]},
+    "digit-first-name": {"stages": [_stage("1train")]},
+    "dotted-name": {"stages": [_stage("train.x")]},
+    "dashes-and-underscores": {"stages": [_stage("train_1-b")]},
+    "recipe-name-with-space": {"name": "my recipe", "stages": [_stage("train")]},
+    "description-and-experiment": {"name": "r", "description": "free text", "experiment": "exp",
+                                   "stages": [_stage("train")]},
+    "unknown-top-level-key": {"stages": [_stage("train")], "stagez": []},
+    "queue-and-gpus": {"stages": [_stage("train", queue="gpu", gpus=2)]},
+    "too-many-gpus": {"stages": [_stage("train", gpus=9)]},
+    "cpu-queue-with-gpus": {"stages": [_stage("train", queue="cpu", gpus=2)]},
+    "unknown-stage-key": {"stages": [_stage("train", spce={})]},
+    "evaluate-without-model": {"stages": [_stage("train"), _stage("evaluate", "evaluate")]},
+    "input-names-a-later-stage": {"stages": [_stage("evaluate", "evaluate", inputs={"model": "train"}),
+                                             _stage("train")]},
+    "duplicate-names": {"stages": [_stage("train"), _stage("train")]},
+    "unknown-input-role": {"stages": [_stage("train"), _stage("ev", "evaluate", inputs={"model": "train",
+                                                                                        "victim": "train"})]},
+    "upper-case-input-role": {"stages": [_stage("train"), _stage("ev", "evaluate", inputs={"Model": "train"})]},
+    "model-from-an-evaluation": {"stages": [_stage("train"), _stage("ev", "evaluate", inputs={"model": "train"}),
+                                            _stage("ab", "ablate", inputs={"model": "ev"})]},
+    "attack-with-baseline": {"stages": [_stage("base"), _stage("train"),
+                                        _stage("attack", "attack", inputs={"model": "train", "baseline": "base"})]},
+    "spec-typo": {"stages": [{"name": "train", "kind": "train", "spec": {"stepz": 3}}]},
+    "unknown-kind": {"stages": [_stage("bake", "bake")]},
+    "no-stages": {"stages": []},
+}
+SHIPPED = {p.stem: load_file(p) for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+@pytest.mark.parametrize("body", [*SHIPPED.values(), *EDGE_CASES.values()], ids=[*SHIPPED, *EDGE_CASES])
+def test_sgtm_run_and_the_api_accept_the_same_recipes(sqlite_client: TestClient, body: dict[str, Any]) -> None:
+    try:
+        load_recipe(copy.deepcopy(body))
+        runs = True
+    except ConfigError:
+        runs = False
+    r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code in (202, 422), r.text
+    assert runs == (r.status_code == 202), r.text

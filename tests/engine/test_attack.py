@@ -124,7 +124,7 @@ def test_the_baseline_attacked_recovers_at_step_zero_and_bad_references_are_refu
     with pytest.raises(ConfigError, match="data_spec.seed=1") as e:
         run_stage("attack", ATTACK, stages / "att_other", inputs={"model": stages / "base",
                                                                    "baseline": stages / "other"}, cache_dir=cache)
-    assert any("context=64" in p for p in e.value.problems)
+    assert any("context=64" in str(p) for p in e.value.problems)
     with pytest.raises(ConfigError, match="reference"):
         run_stage("attack", ATTACK, stages / "att_noref", inputs={"model": stages / "base"}, cache_dir=cache)
     far = run_stage("attack", {**ATTACK, "reference_forget_loss": 0.5}, stages / "att_far",

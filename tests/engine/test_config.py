@@ -25,7 +25,7 @@ def test_every_problem_is_reported_at_once_with_field_paths():
     with pytest.raises(ConfigError) as e:
         from_dict(TrainSpec, {"steps": 0, "model": {"d_model": 100, "bogus": 1},
                               "masking": {"strategy": "sgtmm", "forget_mlp_dim": -1}})
-    text = "\n".join(e.value.problems)
+    text = "\n".join(map(str, e.value.problems))
     for fragment in ("steps=0", "model.d_model=100", "model.bogus: unknown field", "masking.strategy='sgtmm'",
                      "masking.forget_mlp_dim=-1"):
         assert fragment in text

@@ -31,6 +31,6 @@ def test_bad_recipe_lists_every_problem():
         load_recipe({"stages": [{"name": "a", "kind": "train", "spec": {"steps": -1}},
                                 {"name": "b", "kind": "evaluate", "inputs": {"model": "zzz"}},
                                 {"name": "c", "kind": "bake"}]}, overrides={"nope.steps": 3})
-    text = " | ".join(e.value.problems)
+    text = " | ".join(map(str, e.value.problems))
     assert "a.steps=-1" in text and "b.inputs.model='zzz'" in text and "stages[2].kind='bake'" in text
     assert "nope.steps" in text

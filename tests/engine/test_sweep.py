@@ -34,7 +34,7 @@ VARIANTS = {"sgtm": {"train.masking.strategy": "sgtm", "train.noise.retain_retai
 def problems_of(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     with pytest.raises(SweepError) as info:
         parse_sweep(data)
-    return [(p.loc, p.msg) for p in info.value.sweep_problems]
+    return [(p.loc, p.msg) for p in info.value.problems]
 
 
 def test_cells_are_variants_times_grid_times_seeds_in_a_fixed_order() -> None:
