@@ -1,7 +1,9 @@
-"""`sgtm`: run recipes and stages in-process, the demo, and export. Service commands plug in as entry points.
+"""`sgtm`: run recipes, stages and sweeps in-process, the demo, and export. Service commands plug in as entry points.
 
 Engine commands live here; `serve`, `worker`, `submit`, `jobs`, `cancel`, `watch` come from the service package
-through the `sgtm.commands` entry-point group, so the engine never imports the service (architecture.md).
+through the `sgtm.commands` entry-point group, so the engine never imports the service (architecture.md). `sweep` is
+the engine's: `--local` runs the cells here, and without it the command hands over to the service's own `sweep`
+(found through the same entry point), so one command serves both.
 """
 
 from __future__ import annotations
@@ -106,75 +108,135 @@ def run_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# demo and export
+# sweep (local, or submitted to the service), and its aliases demo and attack-matrix
+
+#: `sgtm demo --quick`: recipes/sweeps/demo.yaml with these overrides (a check that everything runs, ~2 min).
+DEMO_QUICK = ("name=demo-quick", "reference.steps=40", "train.steps=40", "reference.eval_every=null",
+              "train.eval_every=null", "reference.eval.max_batches=1", "train.eval.max_batches=1",
+              "evaluate.calibrate.steps=10", "evaluate.eval.max_batches=2", "evaluate.eval.n_samples=8",
+              "attack.steps=20", "attack.eval_every=10")
+#: Corpora with an adjacent split: only there does a strict filter train a different model than the weak one.
+CORPORA_WITH_ADJACENT = ("wiki-bio", "wikipedia-ores")
+
+
+@app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep_cmd(
+    ctx: typer.Context,
+    sweep: Annotated[str, typer.Argument(help="a sweep YAML (kind: sweep), or its name in recipes/sweeps/")],
+    local: Annotated[bool, typer.Option("--local", help="run the cells here (resumable) instead of submitting "
+                                                        "them to the service")] = False,
+    jobs: Annotated[int, typer.Option(help="with --local: stages run at once, each in its own process")] = 1,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value or a top-level key "
+                                                                 "(seeds=\\[0], variants=\\[a,b]), repeatable")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="with --local (default runs/<sweep name>)")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="with --local: do not log to MLflow")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print every cell's resolved stages, "
+                                                                      "run nothing")] = False,
+    mlflow_uri: Annotated[str | None, typer.Option(help="with --local (default: a SQLite store in the "
+                                                        "workdir)")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+) -> None:
+    """Run a sweep: --local runs its cells here; without it, the service runs them (options such as --wait, --url,
+    --token pass through to the service's submit)."""
+    if not local and not print_config:
+        _submit_sweep([sweep, *(a for pair in set_ or [] for a in ("--set", pair)), *ctx.args])
+        return
+    if ctx.args:
+        _fail(ConfigError(f"{ctx.args}: not options of `sgtm sweep --local`"))
+    from sgtm_engine.local_sweep import cells_yaml, load_sweep
+    from sgtm_engine.recipe import parse_overrides
+
+    try:
+        parsed = load_sweep(sweep, parse_overrides(set_ or []))
+    except SgtmError as exc:
+        _fail(exc)
+    if print_config:
+        typer.echo(cells_yaml(parsed), nl=False)
+        return
+    _run_local(parsed, workdir or Path("runs") / parsed.name, jobs, no_track, mlflow_uri, cache_dir)
+
+
+def _run_local(sweep, workdir: Path, jobs: int, no_track: bool, mlflow_uri: str | None, cache_dir: Path) -> None:
+    import time
+
+    from sgtm_engine.local_sweep import run_sweep
+    from sgtm_engine.report import report_markdown
+    from sgtm_engine.runtime import setup_logging
+    from sgtm_engine.tracking import local_tracking_uri
+
+    setup_logging(level=logging.WARNING)
+    started = time.perf_counter()
+    uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
+    try:
+        report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir, echo=typer.echo)
+    except SgtmError as exc:
+        _fail(exc)
+    typer.echo("\n" + report_markdown(report))
+    typer.echo(f"figures: {', '.join(report['figures'].values()) or 'none'}; all numbers: {workdir / 'report.json'}")
+    if uri:
+        typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    typer.echo(f"took {(time.perf_counter() - started) / 60:.1f} min")
+    raise typer.Exit(0 if report["n_succeeded"] == report["n_cells"] else 1)
+
+
+def _submit_sweep(args: list[str]) -> None:
+    """The service's `sweep` command (a `sgtm.commands` plugin, shadowed by this one) submits the sweep."""
+    submit = _SHADOWED.get("sweep")
+    if submit is None:
+        _fail(ConfigError("sgtm sweep without --local submits to the service, which is not installed here; "
+                          "add --local to run the cells on this machine"))
+    shadow = typer.Typer()
+    shadow.registered_commands.append(submit)
+    typer.main.get_command(shadow)(args, prog_name="sgtm sweep")
 
 
 @app.command("demo")
 def demo_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="a 2-minute version")] = False,
     workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+    jobs: Annotated[int, typer.Option(help="stages run at once, each in its own process")] = 1,
+    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
 ) -> None:
-    """Filter vs gradient routing vs SGTM on wiki-bilingual with 2% of the Spanish unlabelled."""
-    from sgtm_engine.demo import run_demo
-    from sgtm_engine.runtime import setup_logging
+    """Filter vs gradient routing vs SGTM on wiki-bilingual with 2% of the Spanish unlabelled (`sgtm sweep demo
+    --local`)."""
+    from sgtm_engine.local_sweep import load_sweep
+    from sgtm_engine.recipe import parse_overrides
 
-    setup_logging(level=logging.WARNING)
     try:
-        run_demo(workdir, quick=quick, cache_dir=cache_dir)
+        sweep = load_sweep("demo", parse_overrides(list(DEMO_QUICK) if quick else []))
     except SgtmError as exc:
         _fail(exc)
+    _run_local(sweep, workdir, jobs, no_track, None, cache_dir)
 
 
 @app.command("attack-matrix")
 def attack_matrix_cmd(
-    workdir: Annotated[Path, typer.Option(help="one folder per stage, plus the table and plot")] = Path(
+    workdir: Annotated[Path, typer.Option(help="stage folders, the table and the figures")] = Path(
         "runs/attack_matrix"),
-    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
-    corpus: Annotated[str, typer.Option(help="wiki-bilingual or wiki-bio (which adds the strict filter)")] = (
+    corpus: Annotated[str, typer.Option(help="wiki-bilingual, or wiki-bio (which adds the strict filter)")] = (
         "wiki-bilingual"),
-    rows: Annotated[str | None, typer.Option(help="comma-separated rows (default: all)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="train.|attack.|rmu.FIELD=value, repeatable")] = None,
-    jobs: Annotated[int, typer.Option(help="seeds run in parallel processes")] = 1,
-    report_only: Annotated[bool, typer.Option("--report-only", help="only redraw the table and plot")] = False,
-    dump_recipe: Annotated[Path | None, typer.Option(help="write the matrix as a recipe YAML and exit")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="as `sgtm sweep --set`: STAGE.field=value, "
+                                                                 "seeds=\\[0,1], variants=\\[no_filter,sgtm_zero]")
+                    ] = None,
+    jobs: Annotated[int, typer.Option(help="stages run at once, each in its own process")] = 1,
+    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
 ) -> None:
-    """Attack every method with the same fine-tuning attack over several seeds; one table and one plot."""
-    import time
-
-    from sgtm_engine.matrix import (
-        MatrixSpec,
-        matrix_recipe,
-        recipe_as_data,
-        recipe_yaml,
-        run_matrix,
-        with_overrides,
-        write_report,
-    )
+    """Attack every method with the same fine-tuning attack over several seeds (`sgtm sweep attack-matrix --local`)."""
+    from sgtm_engine.local_sweep import apply_overrides, read_sweep
     from sgtm_engine.recipe import parse_overrides
-    from sgtm_engine.runtime import setup_logging
+    from sgtm_engine.sweep import parse_sweep
 
-    setup_logging()
-    started = time.perf_counter()
     try:
-        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-        row_list = tuple(r.strip() for r in rows.split(",")) if rows else None
-        spec = with_overrides(MatrixSpec(seeds=seed_list, corpus=corpus, rows=row_list),
-                              parse_overrides(set_ or []))
-        if dump_recipe is not None:
-            dump_recipe.write_text(recipe_yaml(recipe_as_data(matrix_recipe(spec))))
-            typer.echo(f"wrote {dump_recipe}")
-            return
-        if report_only:
-            report = write_report(spec, workdir)
-        else:
-            report = run_matrix(spec, workdir, cache_dir=cache_dir, jobs=jobs, emit=typer.echo)
-    except (SgtmError, ValueError) as exc:
+        data = read_sweep("attack-matrix")
+        overrides = {"reference.data.corpus": corpus, "train.data.corpus": corpus, **parse_overrides(set_ or [])}
+        if corpus not in CORPORA_WITH_ADJACENT and "variants" not in overrides:
+            overrides["variants"] = [v for v in data["variants"] if v != "strict_filter"]
+        sweep = parse_sweep(apply_overrides(data, overrides))
+    except SgtmError as exc:
         _fail(exc)
-    typer.echo("\n" + report["table"])
-    typer.echo(f"\nplot: {report['plot']}; all numbers: {workdir / 'attack_matrix.json'}; "
-               f"took {time.perf_counter() - started:.0f} s")
+    _run_local(sweep, workdir, jobs, no_track, None, cache_dir)
 
 
 @app.command("export")
@@ -195,8 +257,13 @@ def export_cmd(
     typer.echo(f"exported to {path}")
 
 
+#: Plugin commands named like an engine command: the engine's wins and may delegate (`sweep` without --local).
+_SHADOWED: dict[str, typer.models.CommandInfo] = {}
+
+
 def _load_plugins() -> None:
     """Commands other packages register under the `sgtm.commands` entry-point group (the service's)."""
+    ours = {c.name or c.callback.__name__ for c in app.registered_commands}
     for ep in entry_points(group="sgtm.commands"):
         try:
             plugin = ep.load()
@@ -204,7 +271,10 @@ def _load_plugins() -> None:
             log.debug("skipping sgtm command plugin %s: %s", ep.name, exc)
             continue
         for command in getattr(plugin, "registered_commands", []):
-            app.registered_commands.append(command)
+            if (command.name or command.callback.__name__) in ours:
+                _SHADOWED[command.name or command.callback.__name__] = command
+            else:
+                app.registered_commands.append(command)
 
 
 def main() -> None:

@@ -1,0 +1,223 @@
+"""`sgtm sweep FILE --local`: run a sweep's cells on this machine, resumably, and write its report.
+
+The cells are `sweep.parse_sweep`'s (the same expansion, cell ids and dedupe as the service's sweeps) and the report
+is `report.build_report`'s. The workdir holds:
+- `stages/<kind>-<key>/`: one folder per distinct stage, where `key` hashes the stage's kind, resolved spec and the
+  keys of its inputs. Cells that share a stage (every cell of a seed attacks against the same no-filter
+  `reference`) run it once; a stage whose folder holds a `result.json` is done, and a stage cut off mid-way
+  resumes from its checkpoint.
+- `cells/<cell id>.json`: the cell's variant, grid values, seed, stage folders and status. A cell that succeeded is
+  skipped on a rerun; a failed one runs again (its finished stages are kept).
+- `report.json`, `report.md` and the figures.
+
+Choices made here: stages run in cell order, at most `jobs` at a time (`jobs` > 1: spawned worker processes; 1: one
+worker thread, so this process stays responsive), each as soon as its inputs are done. A failed stage fails the
+cells that use it, never the sweep: the others run on. MLflow (unless `track` is off): a parent run for the sweep,
+a run per cell nested under it, the stage runs nested under the cell that first needed them (as the service does);
+the report's aggregates and files go to the sweep's run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash, to_dict
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.recipe import RECIPE_DIR, load_recipe
+from sgtm_engine.report import SUCCEEDED, build_report, flat_metrics
+from sgtm_engine.sweep import TOP_KEYS, Cell, Sweep, cell_label, parse_sweep
+
+SWEEP_DIR = RECIPE_DIR / "sweeps"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sweep document
+
+
+def read_sweep(name_or_path: str) -> dict[str, Any]:
+    """A sweep file: a path, or the name of one in `recipes/sweeps/` (with or without `.yaml`)."""
+    for path in (Path(name_or_path), SWEEP_DIR / name_or_path, SWEEP_DIR / f"{name_or_path}.yaml"):
+        if path.is_file():
+            return yaml.safe_load(path.read_text())
+    known = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+    raise ConfigError(f"sweep {name_or_path!r}: no such file, and not a sweep name; known sweeps: {known}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--set` on a sweep: a top-level key (`seeds=[0]`) replaces it, except that a list for `variants` keeps those
+    variants; `<stage>.<field>=value` sets a field of a base stage, as `sgtm run --set` does (through load_recipe)."""
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
+        if key == "variants" and isinstance(value, list):
+            known = list(data.get("variants") or {})
+            unknown = [v for v in value if v not in known]
+            if unknown:
+                raise ConfigError(f"--set variants={value}: unknown {unknown}; this sweep's variants: {known}")
+            data["variants"] = {name: data["variants"][name] for name in known if name in value}
+        elif key in TOP_KEYS:
+            data[key] = value
+    staged = {k: v for k, v in overrides.items() if k not in TOP_KEYS}
+    if staged:
+        stages = (data.get("base") or {}).get("stages") or []
+        recipe = load_recipe({"stages": [{k: s[k] for k in ("name", "kind", "spec", "inputs") if k in s}
+                                         for s in stages]}, staged)
+        for raw, stage in zip(stages, recipe.stages, strict=True):
+            raw["spec"] = to_dict(stage.spec)
+    return data
+
+
+def load_sweep(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sweep:
+    return parse_sweep(apply_overrides(read_sweep(name_or_path), overrides or {}))
+
+
+def cells_yaml(sweep: Sweep) -> str:
+    """Every cell's resolved pipeline, as YAML (`--print-config`)."""
+    cells = [{"cell": cell_label(c), "cell_id": c.cell_id, "stages": [
+        {k: s[k] for k in ("name", "kind", "inputs", "spec")} for s in c.stages]} for c in sweep.cells]
+    return yaml.safe_dump({"sweep": sweep.name, "cells": cells}, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One distinct stage: what `runner.run_tracked_stage` needs, plus the keys of the stages it waits for."""
+
+    key: str
+    kind: str
+    spec: dict[str, Any]
+    folder: Path
+    inputs: dict[str, Path]
+    after: tuple[str, ...]
+    name: str
+    cell_run_id: str | None
+    tags: dict[str, str]
+
+
+def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
+    """Stage name -> its folder `stages/<kind>-<key>`; equal stages of different cells get the same folder."""
+    keys: dict[str, str] = {}
+    for stage in cell.stages:
+        inputs = {role: keys[parent] for role, parent in sorted(stage["inputs"].items())}
+        keys[stage["name"]] = spec_hash({"kind": stage["kind"], "spec": stage["spec"], "inputs": inputs})[:16]
+    return {s["name"]: workdir / "stages" / f"{s['kind']}-{keys[s['name']]}" for s in cell.stages}
+
+
+def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | None = None,
+              cache_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.
+    `mlflow_uri` None: no tracking."""
+    from sgtm_engine.pipeline import write_json
+    from sgtm_engine.runner import open_run
+    from sgtm_engine.runtime import code_version
+
+    workdir = Path(workdir)
+    (workdir / "cells").mkdir(parents=True, exist_ok=True)
+    todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED]
+    echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
+         f"{workdir}")
+    experiment = sweep.experiment or sweep.name
+    parent = open_run(mlflow_uri, experiment, sweep.name, tags={"kind": "sweep", "sgtm.sweep": sweep.name,
+                                                                "sgtm.code_version": code_version()})
+    tasks: dict[str, _Task] = {}
+    cell_runs = {}
+    for cell in todo:
+        tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "", "seed": str(cell.seed)}
+        tags.update({f"sgtm.param.{k}": str(v) for k, v in cell.params.items()})
+        cell_runs[cell.cell_id] = run = open_run(mlflow_uri, experiment, cell_label(cell),
+                                                 parent_run_id=parent.run_id, tags=tags)
+        folders = stage_folders(cell, workdir)
+        for stage in cell.stages:
+            folder = folders[stage["name"]]
+            if folder.name not in tasks and not (folder / "result.json").exists():
+                tasks[folder.name] = _Task(folder.name, stage["kind"], stage["spec"], folder,
+                                           {r: folders[p] for r, p in stage["inputs"].items()},
+                                           tuple(folders[p].name for p in stage["inputs"].values()),
+                                           f"{stage['name']} {cell_label(cell)}", run.run_id, tags)
+    errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
+    for cell in todo:
+        folders = stage_folders(cell, workdir)
+        failed = [errors[f.name] for f in folders.values() if f.name in errors]
+        status = SUCCEEDED if all((f / "result.json").exists() for f in folders.values()) else "failed"
+        write_json(workdir / "cells" / f"{cell.cell_id}.json", {
+            "cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
+            "status": status, "stages": {n: str(f.relative_to(workdir)) for n, f in folders.items()},
+            "error": failed[0] if failed else None})
+        cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
+    report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
+    parent.log_metrics(flat_metrics(report), step=0)
+    for path in [workdir / "report.md", workdir / "report.json", *report["figures"].values()]:
+        parent.log_artifact(path)
+    parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
+    return report
+
+
+def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: str, cache_dir: Path | None,
+               echo: Callable[[str], None]) -> dict[str, str]:
+    """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {key: error} of the failed
+    ones (a task whose input failed fails without running)."""
+    pool: Executor = (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1
+                      else ThreadPoolExecutor(1))
+    pending, done, errors = list(tasks.values()), set(), {}
+    running: dict[Future, tuple[_Task, float]] = {}
+    with pool:
+        while pending or running:
+            for task in list(pending):
+                blocked = [k for k in task.after if k in errors]
+                if blocked:
+                    errors[task.key] = f"input {blocked[0]} failed"
+                    pending.remove(task)
+                elif all(k in done or k not in tasks for k in task.after) and len(running) < jobs:
+                    running[pool.submit(_run_task, task, uri, experiment, cache_dir)] = (task, time.perf_counter())
+                    pending.remove(task)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task, started = running.pop(future)
+                if future.exception() is None:
+                    done.add(task.key)
+                    echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
+                else:
+                    errors[task.key] = f"{type(future.exception()).__name__}: {future.exception()}"
+                    echo(f"{task.name}: FAILED ({errors[task.key]})")
+    return errors
+
+
+def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None) -> None:
+    from sgtm_engine.runner import run_tracked_stage
+
+    kind = StageKind(task.kind)
+    run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
+                      experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,
+                      cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The workdir's records
+
+
+def _cell_status(workdir: Path, cell: Cell) -> str:
+    path = workdir / "cells" / f"{cell.cell_id}.json"
+    return json.loads(path.read_text())["status"] if path.exists() else "pending"
+
+
+def _record(workdir: Path, cell: Cell) -> dict[str, Any]:
+    """The report's record of a cell: its stages' results from their folders."""
+    stages = {}
+    for name, folder in stage_folders(cell, workdir).items():
+        if (folder / "result.json").exists():
+            stages[name] = json.loads((folder / "result.json").read_text())
+    return {"cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
+            "status": _cell_status(workdir, cell), "stages": stages}
+
