@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
@@ -119,55 +120,94 @@ DEMO_QUICK = ("name=demo-quick", "reference.steps=40", "train.steps=40", "refere
 CORPORA_WITH_ADJACENT = ("wiki-bio", "wikipedia-ores")
 
 
+JobsOpt = Annotated[int, typer.Option(help="stages run at once (above 1: each in its own process)")]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
+CacheOpt = Annotated[Path, typer.Option(help="content-addressed data cache")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value, or a top-level key: seeds=\\[0], "
+                                                                "variants=\\[a,b] (keeps those); repeatable")]
+
+
 @app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sweep_cmd(
     ctx: typer.Context,
     sweep: Annotated[str, typer.Argument(help="a sweep YAML (kind: sweep), or its name in recipes/sweeps/")],
-    local: Annotated[bool, typer.Option("--local", help="run the cells here (resumable) instead of submitting "
-                                                        "them to the service")] = False,
-    jobs: Annotated[int, typer.Option(help="with --local: stages run at once, each in its own process")] = 1,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value or a top-level key "
-                                                                 "(seeds=\\[0], variants=\\[a,b]), repeatable")] = None,
-    workdir: Annotated[Path | None, typer.Option(help="with --local (default runs/<sweep name>)")] = None,
-    no_track: Annotated[bool, typer.Option("--no-track", help="with --local: do not log to MLflow")] = False,
-    print_config: Annotated[bool, typer.Option("--print-config", help="print every cell's resolved stages, "
-                                                                      "run nothing")] = False,
-    mlflow_uri: Annotated[str | None, typer.Option(help="with --local (default: a SQLite store in the "
-                                                        "workdir)")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+    local: Annotated[bool, typer.Option("--local", help="run the cells here, resumably")] = False,
+    set_: SetOpt = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the cells' resolved stages, run "
+                                                                      "nothing")] = False,
+    jobs: JobsOpt = 1,
+    workdir: Annotated[Path | None, typer.Option(help="default: runs/<sweep name>")] = None,
+    no_track: NoTrackOpt = False,
+    mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
+    cache_dir: CacheOpt = DEFAULT_CACHE,
 ) -> None:
-    """Run a sweep: --local runs its cells here; without it, the service runs them (options such as --wait, --url,
-    --token pass through to the service's submit)."""
+    """Run a sweep: with --local, its cells run here; without, the service runs them (--wait, --url, --token and the
+    service's other `sweep` options pass through)."""
     if not local and not print_config:
-        _submit_sweep([sweep, *(a for pair in set_ or [] for a in ("--set", pair)), *ctx.args])
-        return
+        submit = _SHADOWED.get("sweep")  # the service's own `sweep` command
+        if submit is None:
+            _fail(ConfigError("sgtm sweep without --local submits to the service, which is not installed here; "
+                              "add --local to run the cells on this machine"))
+        shadow = typer.Typer()
+        shadow.registered_commands.append(submit)
+        typer.main.get_command(shadow)([sweep, *(a for p in set_ or [] for a in ("--set", p)), *ctx.args],
+                                       prog_name="sgtm sweep")  # exits with the service command's code
     if ctx.args:
         _fail(ConfigError(f"{ctx.args}: not options of `sgtm sweep --local`"))
-    from sgtm_engine.local_sweep import cells_yaml, load_sweep
-    from sgtm_engine.recipe import parse_overrides
-
-    try:
-        parsed = load_sweep(sweep, parse_overrides(set_ or []))
-    except SgtmError as exc:
-        _fail(exc)
-    if print_config:
-        typer.echo(cells_yaml(parsed), nl=False)
-        return
-    _run_local(parsed, workdir or Path("runs") / parsed.name, jobs, no_track, mlflow_uri, cache_dir)
+    _sweep_local(sweep, set_ or [], workdir, jobs, no_track, mlflow_uri, cache_dir, print_config=print_config)
 
 
-def _run_local(sweep, workdir: Path, jobs: int, no_track: bool, mlflow_uri: str | None, cache_dir: Path) -> None:
+@app.command("demo")
+def demo_cmd(
+    quick: Annotated[bool, typer.Option("--quick", help="a 2-minute version")] = False,
+    workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+    set_: SetOpt = None, jobs: JobsOpt = 1, no_track: NoTrackOpt = False, cache_dir: CacheOpt = DEFAULT_CACHE,
+) -> None:
+    """Filter vs gradient routing vs SGTM on wiki-bilingual, 2% of the Spanish unlabelled (sweep file `demo`)."""
+    _sweep_local("demo", [*(DEMO_QUICK if quick else ()), *(set_ or [])], workdir, jobs, no_track, None, cache_dir)
+
+
+@app.command("attack-matrix")
+def attack_matrix_cmd(
+    workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/attack_matrix"),
+    corpus: Annotated[str, typer.Option(help="wiki-bilingual, or wiki-bio (adds the strict filter)")] = (
+        "wiki-bilingual"),
+    set_: SetOpt = None, jobs: JobsOpt = 1, no_track: NoTrackOpt = False, cache_dir: CacheOpt = DEFAULT_CACHE,
+) -> None:
+    """Every method, then the same fine-tuning attack, over several seeds (sweep file `attack-matrix`)."""
+    def defaults(data: dict) -> dict:
+        out = {"reference.data.corpus": corpus, "train.data.corpus": corpus}
+        if corpus not in CORPORA_WITH_ADJACENT:
+            out["variants"] = [v for v in data["variants"] if v != "strict_filter"]
+        return out
+
+    _sweep_local("attack-matrix", set_ or [], workdir, jobs, no_track, None, cache_dir, defaults=defaults)
+
+
+def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: int, no_track: bool,
+                 mlflow_uri: str | None, cache_dir: Path, *, defaults: Callable[[dict], dict] = lambda data: {},
+                 print_config: bool = False) -> None:
+    """Expand the sweep file with the overrides (`defaults` first, then `--set`), then print or run its cells."""
     import time
 
-    from sgtm_engine.local_sweep import run_sweep
+    from sgtm_engine.local_sweep import apply_overrides, cells_yaml, read_sweep, run_sweep
+    from sgtm_engine.recipe import parse_overrides
     from sgtm_engine.report import report_markdown
-    from sgtm_engine.runtime import setup_logging
+    from sgtm_engine.sweep import parse_sweep
     from sgtm_engine.tracking import local_tracking_uri
 
-    setup_logging(level=logging.WARNING)
     started = time.perf_counter()
-    uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
     try:
+        data = read_sweep(name)
+        sweep = parse_sweep(apply_overrides(data, {**defaults(data), **parse_overrides(list(pairs))}))
+        if print_config:
+            typer.echo(cells_yaml(sweep), nl=False)
+            return
+        from sgtm_engine.runtime import setup_logging
+
+        setup_logging(level=logging.WARNING)
+        workdir = workdir or Path("runs") / sweep.name
+        uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
         report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir, echo=typer.echo)
     except SgtmError as exc:
         _fail(exc)
@@ -177,66 +217,6 @@ def _run_local(sweep, workdir: Path, jobs: int, no_track: bool, mlflow_uri: str 
         typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
     typer.echo(f"took {(time.perf_counter() - started) / 60:.1f} min")
     raise typer.Exit(0 if report["n_succeeded"] == report["n_cells"] else 1)
-
-
-def _submit_sweep(args: list[str]) -> None:
-    """The service's `sweep` command (a `sgtm.commands` plugin, shadowed by this one) submits the sweep."""
-    submit = _SHADOWED.get("sweep")
-    if submit is None:
-        _fail(ConfigError("sgtm sweep without --local submits to the service, which is not installed here; "
-                          "add --local to run the cells on this machine"))
-    shadow = typer.Typer()
-    shadow.registered_commands.append(submit)
-    typer.main.get_command(shadow)(args, prog_name="sgtm sweep")
-
-
-@app.command("demo")
-def demo_cmd(
-    quick: Annotated[bool, typer.Option("--quick", help="a 2-minute version")] = False,
-    workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
-    jobs: Annotated[int, typer.Option(help="stages run at once, each in its own process")] = 1,
-    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
-    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
-) -> None:
-    """Filter vs gradient routing vs SGTM on wiki-bilingual with 2% of the Spanish unlabelled (`sgtm sweep demo
-    --local`)."""
-    from sgtm_engine.local_sweep import load_sweep
-    from sgtm_engine.recipe import parse_overrides
-
-    try:
-        sweep = load_sweep("demo", parse_overrides(list(DEMO_QUICK) if quick else []))
-    except SgtmError as exc:
-        _fail(exc)
-    _run_local(sweep, workdir, jobs, no_track, None, cache_dir)
-
-
-@app.command("attack-matrix")
-def attack_matrix_cmd(
-    workdir: Annotated[Path, typer.Option(help="stage folders, the table and the figures")] = Path(
-        "runs/attack_matrix"),
-    corpus: Annotated[str, typer.Option(help="wiki-bilingual, or wiki-bio (which adds the strict filter)")] = (
-        "wiki-bilingual"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="as `sgtm sweep --set`: STAGE.field=value, "
-                                                                 "seeds=\\[0,1], variants=\\[no_filter,sgtm_zero]")
-                    ] = None,
-    jobs: Annotated[int, typer.Option(help="stages run at once, each in its own process")] = 1,
-    no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
-    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
-) -> None:
-    """Attack every method with the same fine-tuning attack over several seeds (`sgtm sweep attack-matrix --local`)."""
-    from sgtm_engine.local_sweep import apply_overrides, read_sweep
-    from sgtm_engine.recipe import parse_overrides
-    from sgtm_engine.sweep import parse_sweep
-
-    try:
-        data = read_sweep("attack-matrix")
-        overrides = {"reference.data.corpus": corpus, "train.data.corpus": corpus, **parse_overrides(set_ or [])}
-        if corpus not in CORPORA_WITH_ADJACENT and "variants" not in overrides:
-            overrides["variants"] = [v for v in data["variants"] if v != "strict_filter"]
-        sweep = parse_sweep(apply_overrides(data, overrides))
-    except SgtmError as exc:
-        _fail(exc)
-    _run_local(sweep, workdir, jobs, no_track, None, cache_dir)
 
 
 @app.command("export")

@@ -10,21 +10,23 @@ is `report.build_report`'s. The workdir holds:
   skipped on a rerun; a failed one runs again (its finished stages are kept).
 - `report.json`, `report.md` and the figures.
 
-Choices made here: stages run in cell order, at most `jobs` at a time (`jobs` > 1: spawned worker processes; 1: one
-worker thread, so this process stays responsive), each as soon as its inputs are done. A failed stage fails the
-cells that use it, never the sweep: the others run on. MLflow (unless `track` is off): a parent run for the sweep,
-a run per cell nested under it, the stage runs nested under the cell that first needed them (as the service does);
-the report's aggregates and files go to the sweep's run.
+Choices made here: stages run in cell order, at most `jobs` at a time (`jobs` > 1: spawned worker processes, one
+stage each; 1: in this process, so Ctrl-C stops it at once), each as soon as its inputs are done. A failed stage
+fails the cells that use it, never the sweep: the others run on. MLflow (when a tracking URI is given): a parent
+run for the sweep, a run per cell nested under it, the stage runs nested under the cell that first needed them (as
+the service does); the report's aggregates and files go to the sweep's run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import multiprocessing
 import time
+import traceback
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,11 +170,10 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                echo: Callable[[str], None]) -> dict[str, str]:
     """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {key: error} of the failed
     ones (a task whose input failed fails without running)."""
-    pool: Executor = (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1
-                      else ThreadPoolExecutor(1))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
     pending, done, errors = list(tasks.values()), set(), {}
     running: dict[Future, tuple[_Task, float]] = {}
-    with pool:
+    with pool or contextlib.nullcontext():
         while pending or running:
             for task in list(pending):
                 blocked = [k for k in task.after if k in errors]
@@ -180,7 +181,8 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                     errors[task.key] = f"input {blocked[0]} failed"
                     pending.remove(task)
                 elif all(k in done or k not in tasks for k in task.after) and len(running) < jobs:
-                    running[pool.submit(_run_task, task, uri, experiment, cache_dir)] = (task, time.perf_counter())
+                    started = time.perf_counter()
+                    running[_submit(pool, task, uri, experiment, cache_dir)] = (task, started)
                     pending.remove(task)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -189,9 +191,22 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                     done.add(task.key)
                     echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
                 else:
-                    errors[task.key] = f"{type(future.exception()).__name__}: {future.exception()}"
-                    echo(f"{task.name}: FAILED ({errors[task.key]})")
+                    exc = future.exception()
+                    errors[task.key] = "".join(traceback.format_exception(exc))  # kept in the cell's file
+                    echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
     return errors
+
+
+def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
+    """The task in a worker process, or run here at once (its future done when this returns)."""
+    if pool is not None:
+        return pool.submit(_run_task, *args)
+    future: Future = Future()
+    try:
+        future.set_result(_run_task(*args))
+    except Exception as exc:  # noqa: BLE001 - a failed stage fails its cells, not the sweep
+        future.set_exception(exc)
+    return future
 
 
 def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None) -> None:

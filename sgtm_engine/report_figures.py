@@ -73,8 +73,8 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     if not views:
         return None
     points = list(dict.fromkeys(json.dumps(g.params, sort_keys=True, default=str) for g in groups))
-    fig, axes = plt.subplots(len(points), len(views), figsize=(5.5 * len(views), 4.2 * len(points)), squeeze=False,
-                             layout="constrained")  # constrained: the suptitle gets its own space
+    fig, axes = plt.subplots(len(points), len(views), figsize=(max(5.5 * len(views), 7.0), 4.2 * len(points)),
+                             squeeze=False, layout="constrained")  # constrained: the suptitle gets its own space
     colors = _colors(groups)
     for row, point in enumerate(points):
         for col, view in enumerate(views):
@@ -194,7 +194,7 @@ def attack_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     ax_b.set_xticks(xs)
     ax_b.set_xticklabels([b[0] for b in bars], rotation=30, ha="right", fontsize=7)
     ax_b.set_ylabel("attack steps to recover the reference")
-    ax_b.set_title("steps to recovery (k/n seeds recovered; hatched: not recovered)")
+    ax_b.set_title("steps to recovery (k/n recovered; hatched: none did)")
     ax_b.grid(alpha=0.3, axis="y")
     fig.suptitle("Fine-tuning attack (mean ± sample std over seeds)")
     return fig

@@ -76,15 +76,40 @@ def test_attack_matrix_sweep_attacks_every_row_against_its_seeds_no_filter_model
     assert len(attacks) == 1  # the same attack for every row
 
 
-def test_attack_matrix_alias_leaves_out_the_strict_filter_without_an_adjacent_split():
-    runner = CliRunner()
+@pytest.fixture
+def ran(monkeypatch):
+    """The sweeps the CLI hands to the executor (which is replaced by a recorder here)."""
+    import sgtm_engine.local_sweep
+
+    seen = []
+
+    def record(sweep, workdir, **_):
+        seen.append(sweep)
+        return {"n_cells": 0, "n_succeeded": 0, "n_failed": 0, "statuses": {}, "tables": [], "figures": {}}
+
+    monkeypatch.setattr(sgtm_engine.local_sweep, "run_sweep", record)
+    return seen
+
+
+def test_the_aliases_run_their_sweep_files(ran, tmp_path):
     from sgtm_engine.cli import app
 
-    bilingual = runner.invoke(app, ["sweep", "attack-matrix", "--print-config", "--set", "seeds=[0]"])
-    assert bilingual.exit_code == 0 and "variant=strict_filter" in bilingual.output  # the file has every row
+    runner = CliRunner()
+    for args in (["attack-matrix"], ["attack-matrix", "--corpus", "wiki-bio", "--set", "seeds=[1]"],
+                 ["demo", "--quick"]):
+        result = runner.invoke(app, [*args, "--no-track", "--workdir", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+    bilingual, bio, quick = ran
+    assert "strict_filter" not in {c.variant for c in bilingual.cells} and len(bilingual.cells) == 9 * 3
+    assert len(bio.cells) == 10 and {c.seed for c in bio.cells} == {1}
+    assert {s["spec"]["data"]["corpus"] for c in bio.cells for s in c.stages if s["kind"] == "train"} == {"wiki-bio"}
+    assert quick.name == "demo-quick" and len(quick.cells) == 4
+
+
+def test_sweep_overrides_pick_variants_in_file_order_and_set_base_fields():
     data = read_sweep("attack-matrix")
     kept = apply_overrides(data, {"variants": ["sgtm_zero", "no_filter"], "train.steps": 7})
-    assert list(kept["variants"]) == ["no_filter", "sgtm_zero"]  # file order
+    assert list(kept["variants"]) == ["no_filter", "sgtm_zero"]
     assert kept["base"]["stages"][1]["spec"]["steps"] == 7 and kept["base"]["stages"][0]["spec"]["steps"] == 600
     with pytest.raises(ConfigError, match="unknown.*'sgtm'"):
         apply_overrides(data, {"variants": ["sgtm"]})
