@@ -106,8 +106,10 @@ def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def attack_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
-    """`<attack stage>/steps_to_recovery` (None if not recovered), `/recovered` (0/1), `/forget_tokens_to_recovery`,
-    `/start_forget_loss`, `/end_forget_loss`, `/reference_forget_loss`, `/attack_steps` per attack stage."""
+    """Per attack stage: `<stage>/steps_to_recovery` (None if not recovered), `/recovered` (0/1),
+    `/forget_tokens_to_recovery`, `/start_forget_loss`, `/end_forget_loss`, `/start_retain_loss`, `/end_gap` (end
+    forget loss minus this seed's reference), `/reference_forget_loss`, `/forget_prefix_loss` (conditional models'
+    zero-step attack) and `/attack_steps`."""
     out: dict[str, float | None] = {}
     for name, res in stages_of(record, "attack"):
         summary = res.get("summary") or {}
