@@ -220,3 +220,27 @@ def test_the_report_pairs_each_final_metric_with_its_unablated_value():
     md = report_markdown(build_report(records))
     assert "| retain loss (unablated) | forget loss (unablated) | forget_es_share (unablated) |" in md
     assert "| no_filter | 1/1 | 6.000 (6.100) | 8.300 (6.200) | 0.000 (0.650) |" in md
+
+
+def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, tmp_path):
+    import sgtm_engine.local_sweep as local
+
+    ran = []
+
+    def run(task, *_):
+        ran.append(task.key)
+        if task.key == "train-a":
+            raise RuntimeError("out of memory")
+
+    def task(key, after=()):
+        return local._Task(key, "train", {}, tmp_path / key, {}, after, key, None, {})
+
+    monkeypatch.setattr(local, "_run_task", run)
+    tasks = {t.key: t for t in (task("train-a"), task("attack-a", ("train-a",)), task("train-b"),
+                                task("attack-b", ("train-b", "train-done-before")))}
+    lines: list[str] = []
+    errors = local._run_tasks(tasks, 1, None, "x", None, lines.append)
+    assert ran == ["train-a", "train-b", "attack-b"]  # a stage done in an earlier run counts as done
+    assert set(errors) == {"train-a", "attack-a"} and errors["attack-a"] == "input train-a failed"
+    assert "RuntimeError: out of memory" in errors["train-a"] and "Traceback" in errors["train-a"]
+    assert "train-a: FAILED (RuntimeError: out of memory)" in lines
