@@ -144,6 +144,9 @@ def sweep_cmd(
     """Run a sweep: with --local, its cells run here; without, the service runs them (--wait, --url, --token and the
     service's other `sweep` options pass through)."""
     if not local and not print_config:
+        if jobs != 1 or workdir or no_track or mlflow_uri:
+            _fail(ConfigError("--jobs, --workdir, --no-track and --mlflow-uri apply to --local runs; the service "
+                              "decides these for submitted sweeps"))
         submit = _SHADOWED.get("sweep")  # the service's own `sweep` command
         if submit is None:
             _fail(ConfigError("sgtm sweep without --local submits to the service, which is not installed here; "

@@ -148,7 +148,12 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
                                            {r: folders[p] for r, p in stage["inputs"].items()},
                                            tuple(folders[p].name for p in stage["inputs"].values()),
                                            f"{stage['name']} {cell_label(cell)}", run.run_id, tags)
-    errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
+    try:
+        errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
+    except BaseException:  # interrupted: no run stays RUNNING; a rerun continues from the finished stages
+        for run in [*cell_runs.values(), parent]:
+            run.close("KILLED")
+        raise
     for cell in todo:
         folders = stage_folders(cell, workdir)
         failed = [errors[f.name] for f in folders.values() if f.name in errors]
