@@ -28,7 +28,8 @@ from rich.table import Table
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, apply_overrides, apply_stage_overrides, from_dict, to_dict
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.recipe import RECIPE_DIR, find_recipe, load_recipe, recipe_data
+from sgtm_engine.recipe import find_recipe, load_recipe, read_sweep, recipe_data
+from sgtm_engine.sweep import apply_sweep_overrides
 from sgtm_engine.yamlio import dump_yaml, load_file, parse_sets
 
 service_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Job service: serve, submit, follow.")
@@ -277,25 +278,8 @@ def report(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
 
 
 def _load_sweep(recipe: str, overrides: list[str]) -> dict[str, Any]:
-    """A sweep file with `--set` applied: top-level keys (`seeds=[0, 1]`) directly, `STAGE.field=value` to the base
-    pipeline's stages."""
-    try:
-        path = find_recipe(recipe, RECIPE_DIR / "sweeps")
-    except ConfigError:
-        path = find_recipe(recipe)
-    data = load_file(path)
-    if not isinstance(data, dict) or data.get("kind") != "sweep":
-        raise ConfigError(f"{path}: expected a sweep (kind: sweep, base, grid, seeds)")
-    stage_sets = {}
-    for key, value in parse_sets(overrides).items():
-        if key in ("name", "experiment", "seeds", "seed_paths", "grid", "variants", "description"):
-            data[key] = value
-        else:
-            stage_sets[key] = value
-    if stage_sets:
-        base = data.get("base") if isinstance(data.get("base"), dict) else {}
-        data["base"] = {**base, "stages": apply_stage_overrides(base.get("stages"), stage_sets)}
-    return data
+    """A sweep file (a path or a name in recipes/sweeps/) with `--set` applied."""
+    return apply_sweep_overrides(read_sweep(recipe), parse_sets(overrides))
 
 
 def _wait_sweep(client: httpx.Client, sweep_id: str) -> int:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from sgtm_engine.config import TrainSpec, from_dict
 from sgtm_engine.data.prepare import prepare_data
-from sgtm_engine.demo import demo_recipe
+from sgtm_engine.local_sweep import load_sweep
 from sgtm_engine.runtime import Runtime
 from sgtm_engine.tracking import MlflowTracker, NullTracker, local_tracking_uri
 from sgtm_engine.train import train
@@ -32,9 +33,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sgtm")
     args = ap.parse_args()
-    stage = next(s for s in demo_recipe(quick=False).stages if s.name == "train_sgtm")
-    spec = dataclasses.replace(stage.spec, steps=args.steps, eval_every=None, checkpoint_every=None,
-                               eval_ablated=False, eval=dataclasses.replace(stage.spec.eval, max_batches=1))
+    cell = next(c for c in load_sweep("demo").cells if c.variant == "sgtm")  # recipes/sweeps/demo.yaml
+    base = from_dict(TrainSpec, next(s for s in cell.stages if s["name"] == "train")["spec"])
+    spec = dataclasses.replace(base, steps=args.steps, eval_every=None, checkpoint_every=None,
+                               eval_ablated=False, eval=dataclasses.replace(base.eval, max_batches=1))
     data = prepare_data(spec.data, spec.model.context, args.cache_dir, spec.noise, spec.filter)
     runtime = Runtime(torch.device("cpu"), "fp32")
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))

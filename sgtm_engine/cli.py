@@ -1,7 +1,9 @@
-"""`sgtm`: run recipes and stages in-process, the demo, and export. Service commands plug in as entry points.
+"""`sgtm`: run recipes, stages and sweeps in-process, the demo, and export. Service commands plug in as entry points.
 
 Engine commands live here; `serve`, `worker`, `submit`, `jobs`, `cancel`, `watch` come from the service package
-through the `sgtm.commands` entry-point group, so the engine never imports the service (architecture.md).
+through the `sgtm.commands` entry-point group, so the engine never imports the service (architecture.md). `sweep` is
+the engine's: `--local` runs the cells here, and without it the command hands over to the service's own `sweep`
+(found through the same entry point), so one command serves both.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -115,75 +118,118 @@ def run_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# demo and export
+# sweep (local, or submitted to the service), and its aliases demo and attack-matrix
+
+#: `sgtm demo --quick`: recipes/sweeps/demo.yaml with these overrides (a check that everything runs, ~2 min).
+DEMO_QUICK = ("name=demo-quick", "reference.steps=40", "train.steps=40", "reference.eval_every=null",
+              "train.eval_every=null", "reference.eval.max_batches=1", "train.eval.max_batches=1",
+              "evaluate.calibrate.steps=10", "evaluate.eval.max_batches=2", "evaluate.eval.n_samples=8",
+              "attack.steps=20", "attack.eval_every=10")
+#: Corpora with an adjacent split: only there does a strict filter train a different model than the weak one.
+CORPORA_WITH_ADJACENT = ("wiki-bio", "wikipedia-ores")
+
+
+JobsOpt = Annotated[int, typer.Option(help="stages run at once (above 1: each in its own process)")]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
+CacheOpt = Annotated[Path, typer.Option(help="content-addressed data cache")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value, or a top-level key: seeds=\\[0], "
+                                                                "variants=\\[a,b] (keeps those); repeatable")]
+
+
+@app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep_cmd(
+    ctx: typer.Context,
+    sweep: Annotated[str, typer.Argument(help="a sweep YAML (kind: sweep), or its name in recipes/sweeps/")],
+    local: Annotated[bool, typer.Option("--local", help="run the cells here, resumably")] = False,
+    set_: SetOpt = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the cells' resolved stages, run "
+                                                                      "nothing")] = False,
+    jobs: JobsOpt = 1,
+    workdir: Annotated[Path | None, typer.Option(help="default: runs/<sweep name>")] = None,
+    no_track: NoTrackOpt = False,
+    mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
+    cache_dir: CacheOpt = DEFAULT_CACHE,
+) -> None:
+    """Run a sweep: with --local, its cells run here; without, the service runs them (--wait, --url, --token and the
+    service's other `sweep` options pass through)."""
+    if not local and not print_config:
+        if jobs != 1 or workdir or no_track or mlflow_uri:
+            _fail(ConfigError("--jobs, --workdir, --no-track and --mlflow-uri apply to --local runs; the service "
+                              "decides these for submitted sweeps"))
+        submit = _SHADOWED.get("sweep")  # the service's own `sweep` command
+        if submit is None:
+            _fail(ConfigError("sgtm sweep without --local submits to the service, which is not installed here; "
+                              "add --local to run the cells on this machine"))
+        shadow = typer.Typer()
+        shadow.registered_commands.append(submit)
+        typer.main.get_command(shadow)([sweep, *(a for p in set_ or [] for a in ("--set", p)), *ctx.args],
+                                       prog_name="sgtm sweep")  # exits with the service command's code
+    if ctx.args:
+        _fail(ConfigError(f"{ctx.args}: not options of `sgtm sweep --local`"))
+    _sweep_local(sweep, set_ or [], workdir, jobs, no_track, mlflow_uri, cache_dir, print_config=print_config)
 
 
 @app.command("demo")
 def demo_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="a 2-minute version")] = False,
     workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
-    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+    set_: SetOpt = None, jobs: JobsOpt = 1, no_track: NoTrackOpt = False, cache_dir: CacheOpt = DEFAULT_CACHE,
 ) -> None:
-    """Filter vs gradient routing vs SGTM on wiki-bilingual with 2% of the Spanish unlabelled."""
-    from sgtm_engine.demo import run_demo
-    from sgtm_engine.runtime import setup_logging
-
-    setup_logging(level=logging.WARNING)
-    try:
-        run_demo(workdir, quick=quick, cache_dir=cache_dir)
-    except SgtmError as exc:
-        _fail(exc)
+    """Filter vs gradient routing vs SGTM on wiki-bilingual, 2% of the Spanish unlabelled (sweep file `demo`)."""
+    _sweep_local("demo", [*(DEMO_QUICK if quick else ()), *(set_ or [])], workdir, jobs, no_track, None, cache_dir)
 
 
 @app.command("attack-matrix")
 def attack_matrix_cmd(
-    workdir: Annotated[Path, typer.Option(help="one folder per stage, plus the table and plot")] = Path(
-        "runs/attack_matrix"),
-    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
-    corpus: Annotated[str, typer.Option(help="wiki-bilingual or wiki-bio (which adds the strict filter)")] = (
+    workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/attack_matrix"),
+    corpus: Annotated[str, typer.Option(help="wiki-bilingual, or wiki-bio (adds the strict filter)")] = (
         "wiki-bilingual"),
-    rows: Annotated[str | None, typer.Option(help="comma-separated rows (default: all)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="train.|attack.|rmu.FIELD=value, repeatable")] = None,
-    jobs: Annotated[int, typer.Option(help="seeds run in parallel processes")] = 1,
-    report_only: Annotated[bool, typer.Option("--report-only", help="only redraw the table and plot")] = False,
-    dump_recipe: Annotated[Path | None, typer.Option(help="write the matrix as a recipe YAML and exit")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+    set_: SetOpt = None, jobs: JobsOpt = 1, no_track: NoTrackOpt = False, cache_dir: CacheOpt = DEFAULT_CACHE,
 ) -> None:
-    """Attack every method with the same fine-tuning attack over several seeds; one table and one plot."""
+    """Every method, then the same fine-tuning attack, over several seeds (sweep file `attack-matrix`)."""
+    def defaults(data: dict) -> dict:
+        out = {"reference.data.corpus": corpus, "train.data.corpus": corpus}
+        if corpus not in CORPORA_WITH_ADJACENT:
+            out["variants"] = [v for v in data["variants"] if v != "strict_filter"]
+        return out
+
+    _sweep_local("attack-matrix", set_ or [], workdir, jobs, no_track, None, cache_dir, defaults=defaults)
+
+
+def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: int, no_track: bool,
+                 mlflow_uri: str | None, cache_dir: Path, *, defaults: Callable[[dict], dict] = lambda data: {},
+                 print_config: bool = False) -> None:
+    """Expand the sweep file with the overrides (`defaults` first, then `--set`), then print or run its cells."""
     import time
 
-    from sgtm_engine.matrix import (
-        MatrixSpec,
-        matrix_recipe,
-        recipe_as_data,
-        recipe_yaml,
-        run_matrix,
-        with_overrides,
-        write_report,
-    )
-    from sgtm_engine.runtime import setup_logging
+    from sgtm_engine.local_sweep import cells_yaml, run_sweep
+    from sgtm_engine.recipe import read_sweep
+    from sgtm_engine.report import report_markdown
+    from sgtm_engine.sweep import apply_sweep_overrides, parse_sweep
+    from sgtm_engine.tracking import local_tracking_uri
     from sgtm_engine.yamlio import parse_sets
 
-    setup_logging()
     started = time.perf_counter()
     try:
-        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-        row_list = tuple(r.strip() for r in rows.split(",")) if rows else None
-        spec = with_overrides(MatrixSpec(seeds=seed_list, corpus=corpus, rows=row_list),
-                              parse_sets(set_ or []))
-        if dump_recipe is not None:
-            dump_recipe.write_text(recipe_yaml(recipe_as_data(matrix_recipe(spec))))
-            typer.echo(f"wrote {dump_recipe}")
+        data = read_sweep(name)
+        sweep = parse_sweep(apply_sweep_overrides(data, {**defaults(data), **parse_sets(list(pairs))}))
+        if print_config:
+            typer.echo(cells_yaml(sweep), nl=False)
             return
-        if report_only:
-            report = write_report(spec, workdir)
-        else:
-            report = run_matrix(spec, workdir, cache_dir=cache_dir, jobs=jobs, emit=typer.echo)
-    except (SgtmError, ValueError) as exc:
+        from sgtm_engine.runtime import setup_logging
+
+        setup_logging(level=logging.WARNING)
+        workdir = workdir or Path("runs") / sweep.name
+        uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
+        report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir, echo=typer.echo)
+    except SgtmError as exc:
         _fail(exc)
-    typer.echo("\n" + report["table"])
-    typer.echo(f"\nplot: {report['plot']}; all numbers: {workdir / 'attack_matrix.json'}; "
-               f"took {time.perf_counter() - started:.0f} s")
+    typer.echo("\n" + report_markdown(report))
+    typer.echo(f"figures: {', '.join(report['figures'].values()) or 'none'}; all numbers: {workdir / 'report.json'}")
+    if uri:
+        typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    typer.echo(f"took {(time.perf_counter() - started) / 60:.1f} min")
+    raise typer.Exit(0 if report["n_succeeded"] == report["n_cells"] else 1)
 
 
 @app.command("export")
@@ -204,8 +250,13 @@ def export_cmd(
     typer.echo(f"exported to {path}")
 
 
+#: Plugin commands named like an engine command: the engine's wins and may delegate (`sweep` without --local).
+_SHADOWED: dict[str, typer.models.CommandInfo] = {}
+
+
 def _load_plugins() -> None:
     """Commands other packages register under the `sgtm.commands` entry-point group (the service's)."""
+    ours = {c.name or c.callback.__name__ for c in app.registered_commands}
     for ep in entry_points(group="sgtm.commands"):
         try:
             plugin = ep.load()
@@ -213,7 +264,10 @@ def _load_plugins() -> None:
             log.debug("skipping sgtm command plugin %s: %s", ep.name, exc)
             continue
         for command in getattr(plugin, "registered_commands", []):
-            app.registered_commands.append(command)
+            if (command.name or command.callback.__name__) in ours:
+                _SHADOWED[command.name or command.callback.__name__] = command
+            else:
+                app.registered_commands.append(command)
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.yamlio import load_file
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SWEEP_DIR = RECIPE_DIR / "sweeps"
 
-__all__ = ["RECIPE_DIR", "Recipe", "Stage", "find_recipe", "load_recipe", "recipe_data"]
+__all__ = ["RECIPE_DIR", "SWEEP_DIR", "Recipe", "Stage", "find_recipe", "load_recipe", "read_sweep", "recipe_data"]
 
 
 def find_recipe(name_or_path: str, folder: Path = RECIPE_DIR) -> Path:
@@ -39,13 +40,23 @@ def find_recipe(name_or_path: str, folder: Path = RECIPE_DIR) -> Path:
         if candidate.exists():
             return candidate
     known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.exists() else []
-    raise ConfigError(f"recipe {name_or_path!r}: no such file, and not a recipe name; known recipes: {known}")
+    what = "sweep" if folder == SWEEP_DIR else "recipe"
+    raise ConfigError(f"{what} {name_or_path!r}: no such file, and not a {what} name; known {what}s: {known}")
 
 
 def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, override and validate a recipe."""
     data = source if isinstance(source, dict) else load_file(find_recipe(str(source)))
     return parse_recipe(data, overrides)
+
+
+def read_sweep(name_or_path: str) -> dict[str, Any]:
+    """A sweep document as plain data: a path, or the name of a file in `recipes/sweeps/`."""
+    path = find_recipe(name_or_path, SWEEP_DIR)
+    data = load_file(path)
+    if not isinstance(data, dict) or data.get("kind") != "sweep":
+        raise ConfigError(f"{path}: expected a sweep (kind: sweep, base, variants, grid, seeds)")
+    return data
 
 
 def recipe_data(recipe: Recipe) -> dict[str, Any]:

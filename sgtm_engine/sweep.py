@@ -59,6 +59,7 @@ from sgtm_engine.config import (
     STAGE_NAME_PATTERN,
     STAGE_SPECS,
     StageKind,
+    apply_stage_overrides,
     did_you_mean,
     from_dict,
     parse_stages,
@@ -107,6 +108,34 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "experiment": self.experiment, "variants": self.variants, "grid": self.grid,
                 "seeds": self.seeds, "seed_paths": self.seed_paths}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Overrides (`--set` on a sweep, for `sgtm sweep` both local and submitted)
+
+
+def apply_sweep_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a sweep document with `--set` overrides applied: a top-level key (`seeds=[0]`) replaces its value,
+    except that a list for `variants` keeps just those variants; `<stage>.<field>=value` sets a field of a base stage
+    as `sgtm run --set` does (a mapping merges into the block)."""
+    data = copy.deepcopy(data)
+    staged = {}
+    for key, value in overrides.items():
+        if key == "variants" and isinstance(value, list):
+            known = list(data.get("variants") or {})
+            unknown = [v for v in value if v not in known]
+            if unknown:
+                raise SweepError([Problem(("--set", "variants"), f"--set variants={value}: unknown {unknown}; this "
+                                                                 f"sweep's variants: {known}", value)])
+            data["variants"] = {name: data["variants"][name] for name in known if name in value}
+        elif key in TOP_KEYS:
+            data[key] = value
+        else:
+            staged[key] = value
+    if staged:
+        base = data.get("base") if isinstance(data.get("base"), dict) else {}
+        data["base"] = {**base, "stages": apply_stage_overrides(base.get("stages"), staged)}
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,17 +12,12 @@ import matplotlib.pyplot as plt
 import pytest
 
 from sgtm_engine.report import (
-    align_curves,
-    attack_figure,
     build_report,
     format_stat,
-    load_runs,
-    main,
     mean_std,
     report_markdown,
-    tradeoff_figure,
-    undiscovered_figure,
 )
+from sgtm_engine.report_figures import align_curves, attack_figure, tradeoff_figure, undiscovered_figure
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "report"
 
@@ -89,7 +84,8 @@ def test_groups_aggregate_over_succeeded_seeds_and_count_the_rest():
     assert report["metrics"]["sgtm/n_succeeded"] == 3.0
     assert "recall_filter/eval_calibrated/forget/loss/std" not in report["metrics"]
     md = report_markdown(report)
-    assert "| sgtm | 3/5 | " in md and "7.000 ± 1.000 (n=3)" in md
+    # n is shown only where a metric has fewer values than the group has succeeded cells
+    assert "| sgtm | 3/5 | 5.250 ± 0.354 (n=2) | 7.000 ± 1.000 |" in md
     assert "seed 3: failed" in md and "seed 4: running" in md
 
 
@@ -120,7 +116,10 @@ def test_attack_statistics_are_over_recovered_seeds_with_k_of_n():
         assert row["stats"]["attack/recovered"]["mean"] == len(recovered) / 2
     assert attack["rows"][1]["stats"]["attack/steps_to_recovery"] == {"mean": 15.0, "std": None, "n": 1}
     tokens = summaries[("weak_filter", 0)]["forget_tokens_to_recovery"]
-    assert f"| weak_filter | 2/2 | 1/2 | 15 (n=1) | {tokens:,} (n=1) |" in report_markdown(report)
+    start = mean_std(r["stages"]["attack"]["history"][0]["metrics"]["forget/loss"] for r in records
+                     if r["variant"] == "weak_filter").mean
+    assert f"| weak_filter | 2/2 | {start:.3f} ± " in report_markdown(report)
+    assert f"| 1/2 | 15 | {tokens:,} | " in report_markdown(report)
 
 
 def test_attack_markdown_says_not_recovered():
@@ -185,9 +184,14 @@ def test_undiscovered_figure_needs_a_recall_axis():
 def test_attack_figure_has_bands_reference_and_recovery_bars():
     records = _load("attack")
     fig = attack_figure(records)
-    curves, bars = fig.axes[:2]
+    curves, retain, bars = fig.axes[:3]
     labels = [line.get_label() for line in curves.get_lines()]
-    assert labels == ["sgtm", "weak_filter", "reference (no filter)"]
+    assert labels == ["sgtm", "weak_filter", "reference (the baseline, same seed)"]
+    gaps = [r["stages"]["attack"]["history"][0]["metrics"]["forget/loss"]
+            - r["stages"]["attack"]["summary"]["reference_forget_loss"] for r in records if r["variant"] == "sgtm"]
+    assert curves.get_lines()[0].get_ydata()[0] == pytest.approx(sum(gaps) / len(gaps))  # against each seed's own
+    assert [line.get_label() for line in retain.get_lines()] == ["sgtm", "weak_filter"]
+    assert retain.get_ylabel().startswith("retain loss")
     assert curves.get_xlabel() == "attack step" and curves.get_ylabel().startswith("forget loss")
     assert list(curves.get_lines()[0].get_xdata()) == list(range(0, 41, 5))  # evaluations every 5 attack steps
     assert len(curves.collections) == 2  # a ±std band per method (two seeds)
@@ -208,21 +212,6 @@ def test_build_report_writes_figures_markdown_and_json(tmp_path):
     assert (tmp_path / "report.md").read_text().count("![") == 3
     assert json.loads((tmp_path / "report.json").read_text())["n_failed"] == 1
     assert report["n_cells"] == len(records) + 1
-
-
-def test_local_report_from_run_folders(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    for rec in _load("undiscovered")[:4]:
-        for stage, result in rec["stages"].items():
-            (runs / rec["cell_id"][:8] / stage).mkdir(parents=True)
-            (runs / rec["cell_id"][:8] / stage / "result.json").write_text(json.dumps(result))
-    # resolved specs are trimmed from the fixtures: a cell.json gives the grid values instead
-    (runs / rec["cell_id"][:8] / "cell.json").write_text(json.dumps({"variant": "x", "params": {"p": 1}}))
-    records = load_runs(runs)
-    assert len(records) == 4 and all(r["status"] == "succeeded" for r in records)
-    assert {r["variant"] for r in records} == {"sgtm", "x"}  # the train stage's method when there is no cell.json
-    assert main([str(runs), "--out", str(tmp_path / "out")]) == 0
-    assert "| sgtm |" in capsys.readouterr().out and (tmp_path / "out" / "tradeoff.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

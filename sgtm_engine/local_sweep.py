@@ -1,0 +1,205 @@
+"""`sgtm sweep FILE --local`: run a sweep's cells on this machine, resumably, and write its report.
+
+The cells are `sweep.parse_sweep`'s (the same expansion, cell ids and dedupe as the service's sweeps) and the report
+is `report.build_report`'s. The workdir holds:
+- `stages/<kind>-<key>/`: one folder per distinct stage, where `key` hashes the stage's kind, resolved spec and the
+  keys of its inputs. Cells that share a stage (every cell of a seed attacks against the same no-filter
+  `reference`) run it once; a stage whose folder holds a `result.json` is done, and a stage cut off mid-way
+  resumes from its checkpoint.
+- `cells/<cell id>.json`: the cell's variant, grid values, seed, stage folders and status. A cell that succeeded is
+  skipped on a rerun; a failed one runs again (its finished stages are kept).
+- `report.json`, `report.md` and the figures.
+
+Choices made here: stages run in cell order, at most `jobs` at a time (`jobs` > 1: spawned worker processes, one
+stage each; 1: in this process, so Ctrl-C stops it at once), each as soon as its inputs are done. A failed stage
+fails the cells that use it, never the sweep: the others run on. MLflow (when a tracking URI is given): a parent
+run for the sweep, a run per cell nested under it, the stage runs nested under the cell that first needed them (as
+the service does); the report's aggregates and files go to the sweep's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
+from sgtm_engine.recipe import read_sweep
+from sgtm_engine.report import SUCCEEDED, build_report, flat_metrics
+from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
+from sgtm_engine.yamlio import dump_yaml
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sweep document
+
+
+def load_sweep(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sweep:
+    return parse_sweep(apply_sweep_overrides(read_sweep(name_or_path), overrides or {}))
+
+
+def cells_yaml(sweep: Sweep) -> str:
+    """Every cell's resolved pipeline, as YAML (`--print-config`)."""
+    cells = [{"cell": cell_label(c), "cell_id": c.cell_id, "stages": [
+        {k: s[k] for k in ("name", "kind", "inputs", "spec")} for s in c.stages]} for c in sweep.cells]
+    return dump_yaml({"sweep": sweep.name, "cells": cells})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One distinct stage: what `runner.run_tracked_stage` needs, plus the keys of the stages it waits for."""
+
+    key: str
+    kind: str
+    spec: dict[str, Any]
+    folder: Path
+    inputs: dict[str, Path]
+    after: tuple[str, ...]
+    name: str
+    cell_run_id: str | None
+    tags: dict[str, str]
+
+
+def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
+    """Stage name -> its folder `stages/<kind>-<key>`; equal stages of different cells get the same folder."""
+    keys: dict[str, str] = {}
+    for stage in cell.stages:
+        inputs = {role: keys[parent] for role, parent in sorted(stage["inputs"].items())}
+        keys[stage["name"]] = spec_hash({"kind": stage["kind"], "spec": stage["spec"], "inputs": inputs})[:16]
+    return {s["name"]: workdir / "stages" / f"{s['kind']}-{keys[s['name']]}" for s in cell.stages}
+
+
+def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | None = None,
+              cache_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.
+    `mlflow_uri` None: no tracking."""
+    from sgtm_engine.pipeline import write_json
+    from sgtm_engine.runner import open_run
+    from sgtm_engine.runtime import code_version
+
+    workdir = Path(workdir)
+    (workdir / "cells").mkdir(parents=True, exist_ok=True)
+    todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED]
+    echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
+         f"{workdir}")
+    experiment = sweep.experiment or sweep.name
+    parent = open_run(mlflow_uri, experiment, sweep.name, tags={"kind": "sweep", "sgtm.sweep": sweep.name,
+                                                                "sgtm.code_version": code_version()})
+    tasks: dict[str, _Task] = {}
+    cell_runs = {}
+    for cell in todo:
+        tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "", "seed": str(cell.seed)}
+        tags.update({f"sgtm.param.{k}": str(v) for k, v in cell.params.items()})
+        cell_runs[cell.cell_id] = run = open_run(mlflow_uri, experiment, cell_label(cell),
+                                                 parent_run_id=parent.run_id, tags=tags)
+        folders = stage_folders(cell, workdir)
+        for stage in cell.stages:
+            folder = folders[stage["name"]]
+            if folder.name not in tasks and not (folder / "result.json").exists():
+                tasks[folder.name] = _Task(folder.name, stage["kind"], stage["spec"], folder,
+                                           {r: folders[p] for r, p in stage["inputs"].items()},
+                                           tuple(folders[p].name for p in stage["inputs"].values()),
+                                           f"{stage['name']} {cell_label(cell)}", run.run_id, tags)
+    try:
+        errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
+    except BaseException:  # interrupted: no run stays RUNNING; a rerun continues from the finished stages
+        for run in [*cell_runs.values(), parent]:
+            run.close("KILLED")
+        raise
+    for cell in todo:
+        folders = stage_folders(cell, workdir)
+        failed = [errors[f.name] for f in folders.values() if f.name in errors]
+        status = SUCCEEDED if all((f / "result.json").exists() for f in folders.values()) else "failed"
+        write_json(workdir / "cells" / f"{cell.cell_id}.json", {
+            "cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
+            "status": status, "stages": {n: str(f.relative_to(workdir)) for n, f in folders.items()},
+            "error": failed[0] if failed else None})
+        cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
+    report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
+    parent.log_metrics(flat_metrics(report), step=0)
+    for path in [workdir / "report.md", workdir / "report.json", *report["figures"].values()]:
+        parent.log_artifact(path)
+    parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
+    return report
+
+
+def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: str, cache_dir: Path | None,
+               echo: Callable[[str], None]) -> dict[str, str]:
+    """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {key: error} of the failed
+    ones (a task whose input failed fails without running)."""
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    pending, done, errors = list(tasks.values()), set(), {}
+    running: dict[Future, tuple[_Task, float]] = {}
+    with pool or contextlib.nullcontext():
+        while pending or running:
+            for task in list(pending):
+                blocked = [k for k in task.after if k in errors]
+                if blocked:
+                    errors[task.key] = f"input {blocked[0]} failed"
+                    pending.remove(task)
+                elif all(k in done or k not in tasks for k in task.after) and len(running) < jobs:
+                    started = time.perf_counter()
+                    running[_submit(pool, task, uri, experiment, cache_dir)] = (task, started)
+                    pending.remove(task)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task, started = running.pop(future)
+                if future.exception() is None:
+                    done.add(task.key)
+                    echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
+                else:
+                    exc = future.exception()
+                    errors[task.key] = "".join(traceback.format_exception(exc))  # kept in the cell's file
+                    echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
+    return errors
+
+
+def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
+    """The task in a worker process, or run here at once (its future done when this returns)."""
+    if pool is not None:
+        return pool.submit(_run_task, *args)
+    future: Future = Future()
+    try:
+        future.set_result(_run_task(*args))
+    except Exception as exc:  # noqa: BLE001 - a failed stage fails its cells, not the sweep
+        future.set_exception(exc)
+    return future
+
+
+def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None) -> None:
+    from sgtm_engine.runner import run_tracked_stage
+
+    kind = StageKind(task.kind)
+    run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
+                      experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,
+                      cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The workdir's records
+
+
+def _cell_status(workdir: Path, cell: Cell) -> str:
+    path = workdir / "cells" / f"{cell.cell_id}.json"
+    return json.loads(path.read_text())["status"] if path.exists() else "pending"
+
+
+def _record(workdir: Path, cell: Cell) -> dict[str, Any]:
+    """The report's record of a cell: its stages' results from their folders."""
+    stages = {}
+    for name, folder in stage_folders(cell, workdir).items():
+        if (folder / "result.json").exists():
+            stages[name] = json.loads((folder / "result.json").read_text())
+    return {"cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
+            "status": _cell_status(workdir, cell), "stages": stages}
+

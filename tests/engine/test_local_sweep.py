@@ -1,0 +1,247 @@
+"""The local sweep executor and the sweep files it runs for `sgtm demo` and `sgtm attack-matrix`: expansion into the
+expected cells, stages shared between cells, resuming (succeeded cells skipped by id, failed ones rerun), the same
+results with one or two worker processes, MLflow runs nested as the service nests them, and the report's tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.local_sweep import load_sweep, run_sweep, stage_folders
+from sgtm_engine.recipe import read_sweep
+from sgtm_engine.report import report_markdown
+from sgtm_engine.sweep import apply_sweep_overrides, parse_sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: The attack matrix at test size: every trained model shrunk the same way, so `reference` and a clean `train` stay
+#: one stage.
+TINY = {f"{stage}.{k}": v for stage in ("reference", "train") for k, v in {
+    "model": {"n_layer": 2, "d_model": 64, "n_head": 8, "context": 32},
+    "data.vocab_size": 512, "data.max_docs_per_split": 40, "data.test_docs_per_category": 2,
+    "optim.warmup_steps": 1, "steps": 4, "batch_size": 4, "log_every": 2}.items()}
+TINY.update({"attack.steps": 4, "attack.eval_every": 2, "attack.batch_size": 4, "attack.optim.warmup_steps": 1,
+             "seeds": [0], "variants": ["no_filter", "weak_filter", "sgtm_zero"]})
+
+
+def _folders(cell, root=Path("w")):
+    return {name: path.name for name, path in stage_folders(cell, root).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sweep files
+
+
+def test_demo_sweep_is_four_methods_and_two_attacks_against_the_no_filter_model():
+    sweep = load_sweep("demo")
+    cells = {c.variant: c for c in sweep.cells}
+    assert list(cells) == ["no_filter", "recall_filter", "gradient_routing", "sgtm"] and sweep.seeds == []
+    assert [s["name"] for s in cells["no_filter"].stages] == ["train", "evaluate"]
+    assert [s["name"] for s in cells["sgtm"].stages] == ["reference", "train", "evaluate", "attack"]
+    no_filter = _folders(cells["no_filter"])["train"]
+    assert _folders(cells["sgtm"])["reference"] == _folders(cells["recall_filter"])["reference"] == no_filter
+    train = {v: c.stages[-1 if v in ("no_filter", "gradient_routing") else 1] for v, c in cells.items()}
+    assert train["recall_filter"]["spec"]["filter"]["kind"] == "weak"
+    assert train["sgtm"]["spec"]["noise"]["recall"] == 0.98 and train["sgtm"]["spec"]["steps"] == 300
+
+
+def test_demo_quick_overrides_keep_the_reference_shared():
+    from sgtm_engine.cli import DEMO_QUICK
+    from sgtm_engine.yamlio import parse_sets
+
+    sweep = load_sweep("demo", parse_sets(list(DEMO_QUICK)))
+    cells = {c.variant: c for c in sweep.cells}
+    assert sweep.name == "demo-quick" and cells["sgtm"].stages[1]["spec"]["steps"] == 40
+    assert _folders(cells["sgtm"])["reference"] == _folders(cells["no_filter"])["train"]
+
+
+def test_attack_matrix_sweep_attacks_every_row_against_its_seeds_no_filter_model():
+    sweep = load_sweep("attack-matrix")
+    assert len(sweep.cells) == 10 * 3 and sweep.seeds == [0, 1, 2]
+    cell = {(c.variant, c.seed): c for c in sweep.cells}
+    for (_, seed), c in cell.items():
+        attack = c.stages[-1]
+        assert attack["inputs"]["baseline"] == "reference" and attack["spec"]["seed"] == seed
+        assert _folders(c)["reference"] == _folders(cell["no_filter", seed])["train"]
+    assert [s["name"] for s in cell["rmu", 1].stages] == ["reference", "rmu", "attack"]
+    assert cell["rmu", 1].stages[-1]["inputs"]["model"] == "rmu"
+    assert _folders(cell["sgtm_zero", 2])["train"] == _folders(cell["sgtm_reinit", 2])["train"]  # trained once
+    assert cell["sgtm_reinit", 2].stages[-1]["spec"]["ablate"] == {"kind": "reinit", "seed": 2}
+    assert cell["recall_filter", 0].stages[1]["spec"]["noise"]["recall"] == 0.9
+    attacks = {json.dumps({k: v for k, v in c.stages[-1]["spec"].items() if k not in ("seed", "ablate")},
+                          sort_keys=True) for c in sweep.cells}
+    assert len(attacks) == 1  # the same attack for every row
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """The sweeps the CLI hands to the executor (which is replaced by a recorder here)."""
+    import sgtm_engine.local_sweep
+
+    seen = []
+
+    def record(sweep, workdir, **_):
+        seen.append(sweep)
+        return {"n_cells": 0, "n_succeeded": 0, "n_failed": 0, "statuses": {}, "tables": [], "figures": {}}
+
+    monkeypatch.setattr(sgtm_engine.local_sweep, "run_sweep", record)
+    return seen
+
+
+def test_the_aliases_run_their_sweep_files(ran, tmp_path):
+    from sgtm_engine.cli import app
+
+    runner = CliRunner()
+    for args in (["attack-matrix"], ["attack-matrix", "--corpus", "wiki-bio", "--set", "seeds=[1]"],
+                 ["demo", "--quick"]):
+        result = runner.invoke(app, [*args, "--no-track", "--workdir", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+    bilingual, bio, quick = ran
+    assert "strict_filter" not in {c.variant for c in bilingual.cells} and len(bilingual.cells) == 9 * 3
+    assert len(bio.cells) == 10 and {c.seed for c in bio.cells} == {1}
+    assert {s["spec"]["data"]["corpus"] for c in bio.cells for s in c.stages if s["kind"] == "train"} == {"wiki-bio"}
+    assert quick.name == "demo-quick" and len(quick.cells) == 4
+
+
+def test_sweep_overrides_pick_variants_in_file_order_and_set_base_fields():
+    data = read_sweep("attack-matrix")
+    kept = apply_sweep_overrides(data, {"variants": ["sgtm_zero", "no_filter"], "train.steps": 7})
+    assert list(kept["variants"]) == ["no_filter", "sgtm_zero"]
+    assert kept["base"]["stages"][1]["spec"]["steps"] == 7 and kept["base"]["stages"][0]["spec"]["steps"] == 600
+    with pytest.raises(ConfigError, match="unknown.*'sgtm'"):
+        apply_sweep_overrides(data, {"variants": ["sgtm"]})
+
+
+def test_sweep_print_config_prints_resolved_cells_and_runs_nothing(tmp_path):
+    from sgtm_engine.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", "demo", "--local", "--print-config", "--workdir", str(tmp_path),
+                                      "--set", "variants=[sgtm]"])
+    assert result.exit_code == 0, result.output
+    assert "cell: (variant=sgtm)" in result.output and "n_head: 32" in result.output  # defaults filled in
+    assert not list(tmp_path.iterdir())
+
+
+def test_sweep_without_local_hands_over_to_the_service_command():
+    from sgtm_engine import cli
+
+    cli._load_plugins()
+    assert "sweep" in cli._SHADOWED  # the service's own `sweep`, reached when --local is absent
+    assert [c.name for c in cli.app.registered_commands].count("sweep") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+
+
+@pytest.fixture(scope="module")
+def tiny_matrix():
+    return parse_sweep(apply_sweep_overrides(read_sweep("attack-matrix"), TINY))
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_matrix, tmp_path_factory, engine_cache):
+    workdir = tmp_path_factory.mktemp("matrix")
+    from sgtm_engine.tracking import local_tracking_uri
+
+    lines: list[str] = []
+    report = run_sweep(tiny_matrix, workdir, mlflow_uri=local_tracking_uri(workdir), cache_dir=engine_cache,
+                       echo=lines.append)
+    return workdir, report, lines
+
+
+def test_a_sweep_runs_each_distinct_stage_once_and_reports(first_run):
+    workdir, report, lines = first_run
+    assert report["n_cells"] == report["n_succeeded"] == 3
+    # 3 trains (no filter, which is also every cell's reference; weak filter; sgtm) and 3 attacks
+    assert sorted(p.name.split("-")[0] for p in (workdir / "stages").iterdir()) == ["attack"] * 3 + ["train"] * 3
+    assert sum("done in" in line for line in lines) == 6
+    attack = next(t for t in report["tables"] if t["name"] == "attack")
+    no_filter = attack["rows"][0]
+    assert no_filter["variant"] == "no_filter" and no_filter["stats"]["attack/steps_to_recovery"]["mean"] == 0
+    md = (workdir / "report.md").read_text()
+    assert "| forget loss at step 0 | retain loss at step 0 | recovered |" in md and "| sgtm_zero | 1/1 |" in md
+    assert set(report["figures"]) >= {"attack"} and (workdir / "attack.png").stat().st_size > 0
+
+
+def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run):
+    from mlflow.tracking import MlflowClient
+
+    from sgtm_engine.tracking import local_tracking_uri
+
+    workdir, _, _ = first_run
+    client = MlflowClient(local_tracking_uri(workdir))
+    runs = client.search_runs([client.get_experiment_by_name("attack-matrix").experiment_id])
+    by_id = {r.info.run_id: r for r in runs}
+    sweep = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert len(sweep) == 1 and sweep[0].info.status == "FINISHED"
+    assert "no_filter/attack/steps_to_recovery/mean" in sweep[0].data.metrics
+    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep[0].info.run_id]
+    assert sorted(r.data.tags["sgtm.variant"] for r in cells) == ["no_filter", "sgtm_zero", "weak_filter"]
+    stages = [r for r in runs if "sgtm.stage" in r.data.tags]
+    assert len(stages) == 6 and all(by_id[r.data.tags["mlflow.parentRunId"]] in cells for r in stages)
+
+
+def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_matrix, engine_cache):
+    workdir, report, _ = first_run
+    sgtm = next(c for c in tiny_matrix.cells if c.variant == "sgtm_zero")
+    attack = stage_folders(sgtm, workdir)["attack"]
+    stamps = {p.name: (p / "result.json").stat().st_mtime for p in (workdir / "stages").iterdir()}
+    # as if the sgtm cell's attack had crashed: no result, the cell marked failed
+    (attack / "result.json").unlink()
+    cell_file = workdir / "cells" / f"{sgtm.cell_id}.json"
+    cell_file.write_text(json.dumps({**json.loads(cell_file.read_text()), "status": "failed"}))
+    assert run_sweep(tiny_matrix, workdir, cache_dir=engine_cache, echo=print)["n_succeeded"] == 2 + 1
+    after = {p.name: (p / "result.json").stat().st_mtime for p in (workdir / "stages").iterdir()}
+    assert [name for name in stamps if after[name] != stamps[name]] == [attack.name]
+    lines: list[str] = []
+    again = run_sweep(tiny_matrix, workdir, cache_dir=engine_cache, echo=lines.append)
+    assert "3 already succeeded" in lines[0] and len(lines) == 1  # nothing ran
+    assert again["tables"] == report["tables"]  # seeded: the rerun attack gives the same numbers
+
+
+def test_two_worker_processes_give_the_same_results_as_one(first_run, tiny_matrix, tmp_path, engine_cache):
+    _, report, _ = first_run
+    parallel = run_sweep(tiny_matrix, tmp_path, jobs=2, cache_dir=engine_cache, echo=print)
+    assert parallel["tables"] == report["tables"]
+
+
+def test_the_report_pairs_each_final_metric_with_its_unablated_value():
+    from sgtm_engine.report import build_report
+
+    metrics = {"eval/retain/loss": 6.1, "eval/forget/loss": 6.2, "eval_calibrated/retain/loss": 6.0,
+               "eval_calibrated/forget/loss": 8.3, "eval/capability/forget_es_share": 0.65,
+               "eval_calibrated/capability/forget_es_share": 0.0}
+    records = [{"cell_id": "a", "variant": "no_filter", "params": {}, "seed": None, "status": "succeeded",
+                "stages": {"evaluate": {"kind": "evaluate", "metrics": metrics}}}]
+    md = report_markdown(build_report(records))
+    assert "| retain loss (unablated) | forget loss (unablated) | forget_es_share (unablated) |" in md
+    assert "| no_filter | 1/1 | 6.000 (6.100) | 8.300 (6.200) | 0.000 (0.650) |" in md
+
+
+def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, tmp_path):
+    import sgtm_engine.local_sweep as local
+
+    ran = []
+
+    def run(task, *_):
+        ran.append(task.key)
+        if task.key == "train-a":
+            raise RuntimeError("out of memory")
+
+    def task(key, after=()):
+        return local._Task(key, "train", {}, tmp_path / key, {}, after, key, None, {})
+
+    monkeypatch.setattr(local, "_run_task", run)
+    tasks = {t.key: t for t in (task("train-a"), task("attack-a", ("train-a",)), task("train-b"),
+                                task("attack-b", ("train-b", "train-done-before")))}
+    lines: list[str] = []
+    errors = local._run_tasks(tasks, 1, None, "x", None, lines.append)
+    assert ran == ["train-a", "train-b", "attack-b"]  # a stage done in an earlier run counts as done
+    assert set(errors) == {"train-a", "attack-a"} and errors["attack-a"] == "input train-a failed"
+    assert "RuntimeError: out of memory" in errors["train-a"] and "Traceback" in errors["train-a"]
+    assert "train-a: FAILED (RuntimeError: out of memory)" in lines
