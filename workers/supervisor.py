@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from api.db.jobs import Lease
 from api.db.session import session_scope
 from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
+from sgtm_engine.provenance import code_version
 from workers.child import Child, build_argv, describe_exit
 from workers.events import EventTail, ProgressBuffer
 from workers.runs import LeaseLost, close_finished_pipelines, close_finished_sweeps, close_job_run, open_job_run
@@ -333,25 +333,3 @@ def _lock_workdir(workdir: Path, settings: Settings, job_id: str, attempt: int,
                     os.close(fd)
                     raise LeaseLost(job_id) from None
             time.sleep(0.5)
-
-
-def code_version() -> str:
-    """SGTM_CODE_VERSION (set at image build), else the git commit of the checkout, else the package version."""
-    explicit = os.environ.get("SGTM_CODE_VERSION")
-    if explicit:
-        return explicit[:64]
-    root = Path(__file__).resolve().parent.parent
-    if (root / ".git").exists():
-        try:
-            out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                 text=True, timeout=5, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        from importlib.metadata import version
-
-        return version("sgtm")
-    except Exception:  # noqa: BLE001
-        return "unknown"
