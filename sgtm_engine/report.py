@@ -39,12 +39,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from sgtm_engine.mlflow_keys import metric_key  # noqa: E402
+
 SUCCEEDED = "succeeded"
 RECALL = "train.noise.recall"
 VIEWS = ("eval", "eval_ablated", "eval_calibrated")
 VIEW_TITLES = {"eval": "unablated", "eval_ablated": "ablated, uncalibrated", "eval_calibrated": "calibrated"}
 _FINAL_KEY = re.compile(r"^(eval|eval_ablated|eval_calibrated)/((retain|forget|adjacent)/(loss|acc)|capability/[^/]+)$")
-_MLFLOW_INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Aggregation (shared with the attack matrix)
@@ -464,11 +465,6 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
                     if stat[field] is not None:
                         out[metric_key(f"{prefix}/{metric}/{field}")] = float(stat[field])
     return out
-
-
-def metric_key(name: str) -> str:
-    """MLflow accepts only ASCII alphanumerics and `_-. /:` in keys."""
-    return _MLFLOW_INVALID.sub("_", name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
