@@ -12,8 +12,8 @@ from api.config import Settings
 from sgtm_engine.pipeline import run_stage
 from sgtm_engine.provenance import MAX_LENGTH, code_version
 from tests.ledger_fixtures import RecordingEnqueuer
+from workers.run_store import NullRunStore
 from workers.supervisor import Supervisor
-from workers.tracking import NullTracker
 
 TINY = {
     "model": {"n_layer": 1, "d_model": 32, "context": 16},
@@ -27,7 +27,7 @@ TINY = {
 def _supervisor_tag(tmp_path: Path) -> str:
     """The value the supervisor stamps on the job's MLflow run (`open_job_run(code_version=...)`)."""
     supervisor = Supervisor(settings=Settings(data_root=tmp_path), factory=sessionmaker(), enqueuer=RecordingEnqueuer(),
-                            tracker=NullTracker())
+                            run_store=NullRunStore())
     return supervisor.code_version
 
 
