@@ -176,6 +176,7 @@ def test_matrix_recipe_attacks_every_row_with_the_same_attack_and_the_no_filter_
     assert "attack_strict_filter_s0" in {s.name for s in bio.stages}
 
 
+@pytest.mark.slow
 def test_matrix_runs_resumes_and_reports(tmp_path, engine_cache):
     from sgtm_engine.matrix import MatrixSpec, run_matrix, with_overrides
 

@@ -15,10 +15,10 @@ from tests.ledger_fixtures import RecordingEnqueuer
 from workers.run_store import NullRunStore
 from workers.supervisor import Supervisor
 
-TINY = {
-    "model": {"n_layer": 1, "d_model": 32, "context": 16},
+TINY = {  # the data of tests/engine/test_attack.py: in one session both share the prepared corpus in `engine_cache`
+    "model": {"n_layer": 1, "d_model": 32, "context": 32},
     "masking": {"forget_mlp_dim": 16, "forget_attn_heads": 2},
-    "data": {"corpus": "wiki-bilingual", "vocab_size": 300, "max_docs_per_split": 20, "test_docs_per_category": 1},
+    "data": {"corpus": "wiki-bilingual", "vocab_size": 512, "max_docs_per_split": 40, "test_docs_per_category": 2},
     "steps": 1, "batch_size": 2, "micro_batch_size": 2, "log_every": 1,
     "eval": {"max_batches": 1, "capability": False},
 }

@@ -177,6 +177,7 @@ def test_without_a_compiler_the_model_keeps_torchs_kernels(monkeypatch):
     torch.testing.assert_close(linear_cross_entropy(h, W, None, y), F.cross_entropy(h @ W.t(), y))
 
 
+@pytest.mark.slow
 def test_torch_compile_keeps_torchs_kernels_and_agrees_with_eager():
     """Compiled CPU models trace torch's SDPA and cross-entropy (a ctypes call would break the graph); the compiled
     loss and gradients equal the eager ones, which ran on the C kernels."""
