@@ -1,10 +1,11 @@
-# Quick start: `make demo` (set up + the main job) and `make test` (the whole suite). Python 3.11.
+# Quick start: `make demo` (set up + the main job) and `make test` (the whole suite; `make test-fast` while iterating).
+# Python 3.11.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv install install-dev demo demo-quick test lint bench clean
+.PHONY: venv install install-dev demo demo-quick test test-fast lint bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,12 @@ test: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
+
+# The suite without tests marked slow (torchrun, CLI subprocesses, the attack matrix, API fuzzing) or integration.
+test-fast: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/pytest -q -m "not slow and not integration"
 
 bench: install
 	$(PY) benchmarks/bench_model.py

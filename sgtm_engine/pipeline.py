@@ -40,7 +40,8 @@ from sgtm_engine.config import (
     to_dict,
 )
 from sgtm_engine.errors import ConfigError, SgtmError
-from sgtm_engine.runtime import Runtime, StopFlag, code_version, resolve_runtime
+from sgtm_engine.provenance import code_version
+from sgtm_engine.runtime import Runtime, StopFlag, resolve_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)

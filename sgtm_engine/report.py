@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from sgtm_engine.mlflow_keys import metric_key  # noqa: E402
+
 SUCCEEDED = "succeeded"
 _FINAL_KEY = re.compile(r"^(eval|eval_ablated|eval_calibrated)/((retain|forget|adjacent)/(loss|acc)|capability/[^/]+)$")
-_MLFLOW_INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Aggregation (shared with the attack matrix)
@@ -280,11 +281,6 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
                     if stat[field] is not None:
                         out[metric_key(f"{prefix}/{metric}/{field}")] = float(stat[field])
     return out
-
-
-def metric_key(name: str) -> str:
-    """MLflow accepts only ASCII alphanumerics and `_-. /:` in keys."""
-    return _MLFLOW_INVALID.sub("_", name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

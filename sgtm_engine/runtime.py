@@ -1,19 +1,17 @@
-"""Where a stage runs: device, precision, torchrun DDP, the stop flag, rank-0 logging and the code version.
+"""Where a stage runs: device, precision, torchrun DDP, the stop flag and rank-0 logging.
 
-The only module of the engine that reads environment variables, and only torchrun's RANK, LOCAL_RANK and
-WORLD_SIZE. Randomness is never global: callers build `torch.Generator`/`random.Random` objects from config seeds.
+Reads only torchrun's RANK, LOCAL_RANK and WORLD_SIZE from the environment (the one other variable the engine reads
+is the image's SGTM_CODE_VERSION, in provenance.py). Randomness is never global: callers build
+`torch.Generator`/`random.Random` objects from config seeds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import signal
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,24 +119,6 @@ class StopFlag:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=runtime.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
-
-
-def code_version() -> str:
-    """git commit (+ '-dirty-<hash of the diff>') of the checkout, or the package version outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5,
-                             check=True).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD", "--", "sgtm_engine"], cwd=root, capture_output=True,
-                              timeout=5, check=True).stdout
-        return sha + (f"-dirty-{hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return f"sgtm-{version('sgtm')}"
-        except PackageNotFoundError:
-            return "unknown"
 
 
 def setup_logging(runtime: Runtime | None = None, level: int = logging.INFO) -> None:

@@ -18,15 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from sgtm_engine.config import flat_params
+from sgtm_engine.mlflow_keys import metric_key
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +61,6 @@ class NullTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         pass
-
-
-_INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
-
-
-def metric_key(name: str) -> str:
-    """MLflow accepts only ASCII alphanumerics and `_-. /:`; category names may be Spanish ('Geografía, …')."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    return _INVALID.sub("_", ascii_name)
 
 
 flatten = flat_params  # kept as the tracker's name for it

@@ -20,8 +20,8 @@ from api.config import Settings
 from api.db import jobs as repo
 from api.db.session import session_scope
 from api.queue import NoopEnqueuer
+from workers.context import WorkerContext, build_worker_context
 from workers.reaper import reap
-from workers.runtime import Runtime, build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 class LocalExecutor:
     def __init__(self, settings: Settings, *, stop: threading.Event | None = None):
         self.stop = stop or threading.Event()
-        self.runtime: Runtime = build_runtime(settings, enqueuer=NoopEnqueuer(), shutdown=self.stop)
+        self.context: WorkerContext = build_worker_context(settings, enqueuer=NoopEnqueuer(), shutdown=self.stop)
 
     def recover(self) -> None:
         """Requeue what a previous executor left running (it is gone: we hold the data root's lock)."""
-        rt = self.runtime
-        report = reap(settings=rt.settings, factory=rt.factory, enqueuer=rt.enqueuer, tracker=rt.tracker,
+        ctx = self.context
+        report = reap(settings=ctx.settings, factory=ctx.factory, enqueuer=ctx.enqueuer, run_store=ctx.run_store,
                       stale_after_s=-1.0)
         if report.requeued or report.cancelled or report.failed:
             log.info("recovered orphans: requeued %s, cancelled %s, failed %s", report.requeued, report.cancelled,
@@ -42,13 +42,13 @@ class LocalExecutor:
 
     def run_once(self) -> bool:
         """Supervise the oldest ready job, if any. Returns whether one ran."""
-        rt = self.runtime
-        with session_scope(rt.factory) as session:
+        ctx = self.context
+        with session_scope(ctx.factory) as session:
             ready = repo.ready_jobs(session, limit=1)
             job_id = ready[0].id if ready else None
         if job_id is None:
             return False
-        rt.supervisor.run(job_id)
+        ctx.supervisor.run(job_id)
         return True
 
     def run_forever(self) -> None:
@@ -60,12 +60,12 @@ class LocalExecutor:
             except Exception:  # noqa: BLE001 - the job row already records it; keep serving the others
                 log.exception("job supervision failed")
                 ran = True
-            if time.monotonic() - last_reap > self.runtime.settings.reap_interval_s:
-                rt = self.runtime
-                reap(settings=rt.settings, factory=rt.factory, enqueuer=rt.enqueuer, tracker=rt.tracker)
+            if time.monotonic() - last_reap > self.context.settings.reap_interval_s:
+                ctx = self.context
+                reap(settings=ctx.settings, factory=ctx.factory, enqueuer=ctx.enqueuer, run_store=ctx.run_store)
                 last_reap = time.monotonic()
             if not ran:
-                self.stop.wait(self.runtime.settings.local_poll_interval_s)
+                self.stop.wait(self.context.settings.local_poll_interval_s)
 
 
 def hold_data_root(settings: Settings) -> int:

@@ -21,8 +21,8 @@ from api.db import jobs as repo
 from api.db.base import utcnow
 from api.db.session import session_scope
 from api.queue import Enqueuer
+from workers.run_store import RunStore
 from workers.runs import close_finished_pipelines, close_finished_sweeps, close_job_run
-from workers.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ReapReport:
     runs_closed: int = 0
 
 
-def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueuer, tracker: Tracker,
+def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueuer, run_store: RunStore,
          stale_after_s: float | None = None) -> ReapReport:
     report = ReapReport()
     now = utcnow()
@@ -69,15 +69,15 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
         if job_id not in requeued:
             report.resent.append(job_id)
 
-    if tracker.uri is not None:
+    if run_store.uri is not None:
         closed_before = now - dt.timedelta(seconds=settings.reconcile_after_s)
         with session_scope(factory) as session:
             unclosed = [(j.id, j.mlflow_run_id, j.status, j.result)
                         for j in repo.find_unclosed_runs(session, finished_before=closed_before)]
         for job_id, run_id, status, result in unclosed:
-            if run_id and close_job_run(tracker=tracker, factory=factory, job_id=job_id, run_id=run_id,
+            if run_id and close_job_run(run_store=run_store, factory=factory, job_id=job_id, run_id=run_id,
                                         status=status, result=result):
                 report.runs_closed += 1
-        report.runs_closed += close_finished_pipelines(tracker=tracker, factory=factory)
-        report.runs_closed += close_finished_sweeps(tracker=tracker, factory=factory)
+        report.runs_closed += close_finished_pipelines(run_store=run_store, factory=factory)
+        report.runs_closed += close_finished_sweeps(run_store=run_store, factory=factory)
     return report

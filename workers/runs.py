@@ -21,7 +21,7 @@ from api.db import jobs as repo
 from api.db import sweeps as sweep_repo
 from api.db.models import Job, SweepCell
 from api.db.session import session_scope
-from workers.tracking import RUN_STATUS, Tracker, flatten
+from workers.run_store import RUN_STATUS, RunStore, flatten
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,18 @@ class LeaseLost(Exception):
     """The ledger no longer lists this supervisor's attempt as the running one."""
 
 
-def open_job_run(*, tracker: Tracker, factory: sessionmaker[Session], job: Job, attempt: int,
+def open_job_run(*, run_store: RunStore, factory: sessionmaker[Session], job: Job, attempt: int,
                  inputs: dict[str, str], code_version: str) -> str | None:
     """The job's run id (created on the first attempt, set RUNNING again on a resume), or None without MLflow."""
-    if tracker.uri is None:
+    if run_store.uri is None:
         return None
     try:
         if job.mlflow_run_id:
-            tracker.set_running(job.mlflow_run_id)
-            tracker.set_tags(job.mlflow_run_id, {"attempt": str(attempt)})
+            run_store.set_running(job.mlflow_run_id)
+            run_store.set_tags(job.mlflow_run_id, {"attempt": str(attempt)})
             return job.mlflow_run_id
-        parent = _pipeline_run(tracker=tracker, factory=factory, pipeline_id=job.pipeline_id)
-        experiment_id = tracker.experiment_id(job.experiment)
+        parent = _pipeline_run(run_store=run_store, factory=factory, pipeline_id=job.pipeline_id)
+        experiment_id = run_store.experiment_id(job.experiment)
         tags = {"job_id": job.id, "kind": job.kind, "method": job.method, "seed": str(job.seed),
                 "spec_hash": job.spec_hash, "code_version": code_version, "attempt": str(attempt),
                 "queue": job.queue}
@@ -49,8 +49,8 @@ def open_job_run(*, tracker: Tracker, factory: sessionmaker[Session], job: Job, 
             tags.update({"pipeline_id": job.pipeline_id, "stage": job.stage_name or job.kind})
         tags.update({f"input.{name}": parent_id for name, parent_id in inputs.items()})
         name = f"{job.stage_name or job.kind}-{job.method}-s{job.seed}-{job.spec_hash[:8]}"
-        run_id = tracker.create_run(experiment_id, name=name, tags=tags, parent_run_id=parent)
-        tracker.log_params(run_id, flatten(job.spec, "spec."))
+        run_id = run_store.create_run(experiment_id, name=name, tags=tags, parent_run_id=parent)
+        run_store.log_params(run_id, flatten(job.spec, "spec."))
     except Exception as e:  # noqa: BLE001 - tracking is best effort; the job runs without a run id
         log.warning("MLflow unavailable for job %s (%s): running without tracking", job.id, e)
         return None
@@ -61,7 +61,7 @@ def open_job_run(*, tracker: Tracker, factory: sessionmaker[Session], job: Job, 
     return run_id
 
 
-def _pipeline_run(*, tracker: Tracker, factory: sessionmaker[Session], pipeline_id: str | None) -> str | None:
+def _pipeline_run(*, run_store: RunStore, factory: sessionmaker[Session], pipeline_id: str | None) -> str | None:
     """The pipeline's parent run, created by whichever of its jobs starts first (a conditional UPDATE decides).
     A sweep cell's pipeline run nests under the sweep's run and carries the cell's variant, grid values and seed."""
     if pipeline_id is None:
@@ -74,12 +74,12 @@ def _pipeline_run(*, tracker: Tracker, factory: sessionmaker[Session], pipeline_
         name, experiment, sweep_id = pipeline.name, pipeline.experiment, pipeline.sweep_id
         cell = (session.get(SweepCell, (sweep_id, pipeline.cell_id)) if sweep_id and pipeline.cell_id else None)
         cell_info = (cell.cell_id, cell.variant, dict(cell.params), cell.seed) if cell is not None else None
-    experiment_id = tracker.experiment_id(experiment)
+    experiment_id = run_store.experiment_id(experiment)
     tags = {"pipeline_id": pipeline_id, "kind": "pipeline"}
     parent = None
     params: dict[str, str] = {}
     if sweep_id is not None:
-        parent = _sweep_run(tracker=tracker, factory=factory, sweep_id=sweep_id)
+        parent = _sweep_run(run_store=run_store, factory=factory, sweep_id=sweep_id)
         tags["sgtm.sweep_id"] = sweep_id
     if cell_info is not None:
         cell_id, variant, grid, seed = cell_info
@@ -87,20 +87,20 @@ def _pipeline_run(*, tracker: Tracker, factory: sessionmaker[Session], pipeline_
         tags.update({"sgtm.cell_id": cell_id, "sgtm.variant": variant or "", "seed": str(seed)})
         tags.update({f"sgtm.param.{path}": value for path, value in params.items()})
         name = _cell_run_name(variant, grid, seed) or name
-    run_id = tracker.create_run(experiment_id, name=name, tags=tags, parent_run_id=parent)
+    run_id = run_store.create_run(experiment_id, name=name, tags=tags, parent_run_id=parent)
     with session_scope(factory) as session:
         won = repo.claim_pipeline_run(session, pipeline_id=pipeline_id, experiment_id=experiment_id, run_id=run_id)
     if won:
         if params:
-            tracker.log_params(run_id, params)
+            run_store.log_params(run_id, params)
         return run_id
-    tracker.delete_run(run_id)  # another job of the pipeline created the parent run at the same moment
+    run_store.delete_run(run_id)  # another job of the pipeline created the parent run at the same moment
     with session_scope(factory) as session:
         pipeline = repo.get_pipeline(session, pipeline_id=pipeline_id)
         return pipeline.mlflow_run_id if pipeline else None
 
 
-def close_job_run(*, tracker: Tracker, factory: sessionmaker[Session], job_id: str, run_id: str, status: str,
+def close_job_run(*, run_store: RunStore, factory: sessionmaker[Session], job_id: str, run_id: str, status: str,
                   result: dict[str, Any] | None = None) -> bool:
     """Close a finished job's run with the matching status (and its result's references), then record it."""
     try:
@@ -115,9 +115,9 @@ def close_job_run(*, tracker: Tracker, factory: sessionmaker[Session], job_id: s
                 tags["code_version"] = str(result["code_version"])
             if result.get("manifest_hash"):
                 tags["data_manifest_hash"] = str(result["manifest_hash"])
-            tracker.set_tags(run_id, tags)
-            tracker.log_dict(run_id, result, "result.json")
-        tracker.close(run_id, RUN_STATUS[status])
+            run_store.set_tags(run_id, tags)
+            run_store.log_dict(run_id, result, "result.json")
+        run_store.close(run_id, RUN_STATUS[status])
     except Exception as e:  # noqa: BLE001 - the reaper retries
         log.warning("could not close MLflow run %s of job %s (%s); the reaper will retry", run_id, job_id, e)
         return False
@@ -126,11 +126,11 @@ def close_job_run(*, tracker: Tracker, factory: sessionmaker[Session], job_id: s
     return True
 
 
-def close_finished_pipelines(*, tracker: Tracker, factory: sessionmaker[Session],
+def close_finished_pipelines(*, run_store: RunStore, factory: sessionmaker[Session],
                              pipeline_ids: Iterable[str] | None = None) -> int:
     """Close the parent run of every pipeline whose jobs have all finished: FINISHED if all succeeded, else
     FAILED (any failed) or KILLED (any cancelled)."""
-    if tracker.uri is None:
+    if run_store.uri is None:
         return 0
     closed = 0
     with session_scope(factory) as session:
@@ -141,7 +141,7 @@ def close_finished_pipelines(*, tracker: Tracker, factory: sessionmaker[Session]
                 continue
             status = repo.pipeline_status(j.status for j in repo.pipeline_jobs(session, pipeline_id=pipeline_id))
         try:
-            tracker.close(str(run_id), RUN_STATUS[status])
+            run_store.close(str(run_id), RUN_STATUS[status])
             closed += 1
         except Exception as e:  # noqa: BLE001 - reopen so the reaper retries
             log.warning("could not close pipeline run %s (%s)", run_id, e)
@@ -154,7 +154,7 @@ def close_finished_pipelines(*, tracker: Tracker, factory: sessionmaker[Session]
 # Sweeps: a parent run over the cells' pipeline runs, closed with the report once every cell has finished
 
 
-def _sweep_run(*, tracker: Tracker, factory: sessionmaker[Session], sweep_id: str) -> str | None:
+def _sweep_run(*, run_store: RunStore, factory: sessionmaker[Session], sweep_id: str) -> str | None:
     """The sweep's parent run (created by the first cell to start; RUNNING again when a resumed cell starts)."""
     with session_scope(factory) as session:
         sweep = sweep_repo.get_sweep(session, sweep_id=sweep_id)
@@ -162,27 +162,27 @@ def _sweep_run(*, tracker: Tracker, factory: sessionmaker[Session], sweep_id: st
             return None
         run_id, name, experiment, spec = sweep.mlflow_run_id, sweep.name, sweep.experiment, dict(sweep.spec)
     if run_id:
-        tracker.set_running(run_id)
+        run_store.set_running(run_id)
         return run_id
-    experiment_id = tracker.experiment_id(experiment)
-    run_id = tracker.create_run(experiment_id, name=name, tags={"sgtm.sweep_id": sweep_id, "kind": "sweep"})
+    experiment_id = run_store.experiment_id(experiment)
+    run_id = run_store.create_run(experiment_id, name=name, tags={"sgtm.sweep_id": sweep_id, "kind": "sweep"})
     with session_scope(factory) as session:
         won = sweep_repo.claim_sweep_run(session, sweep_id=sweep_id, experiment_id=experiment_id, run_id=run_id)
     if won:
-        tracker.log_dict(run_id, spec, "sweep.json")
+        run_store.log_dict(run_id, spec, "sweep.json")
         return run_id
-    tracker.delete_run(run_id)
+    run_store.delete_run(run_id)
     with session_scope(factory) as session:
         sweep = sweep_repo.get_sweep(session, sweep_id=sweep_id)
         return sweep.mlflow_run_id if sweep else None
 
 
-def close_finished_sweeps(*, tracker: Tracker, factory: sessionmaker[Session],
+def close_finished_sweeps(*, run_store: RunStore, factory: sessionmaker[Session],
                           pipeline_ids: Iterable[str] | None = None) -> int:
     """For every sweep (using one of `pipeline_ids`, or any) whose cells have all finished and whose report is not
     logged yet: render the report (`sgtm_engine.report`), log its tables, figures and aggregate metrics to the sweep's
     parent run, and close that run (FINISHED if every cell succeeded, else FAILED or KILLED)."""
-    if tracker.uri is None:
+    if run_store.uri is None:
         return 0
     with session_scope(factory) as session:
         if pipeline_ids is None:
@@ -202,11 +202,11 @@ def close_finished_sweeps(*, tracker: Tracker, factory: sessionmaker[Session],
             records = sweep_repo.report_records(session, sweep_id=sweep_id)
         status = repo.pipeline_status(r["status"] for r in records)
         try:
-            run_id = _sweep_run(tracker=tracker, factory=factory, sweep_id=sweep_id)
+            run_id = _sweep_run(run_store=run_store, factory=factory, sweep_id=sweep_id)
             if run_id is None:
                 continue
-            log_sweep_report(tracker=tracker, run_id=run_id, records=records)
-            tracker.close(run_id, RUN_STATUS[status])
+            log_sweep_report(run_store=run_store, run_id=run_id, records=records)
+            run_store.close(run_id, RUN_STATUS[status])
             closed += 1
         except Exception as e:  # noqa: BLE001 - reopen so the reaper retries
             log.warning("could not close sweep run of %s (%s)", sweep_id, e)
@@ -215,7 +215,7 @@ def close_finished_sweeps(*, tracker: Tracker, factory: sessionmaker[Session],
     return closed
 
 
-def log_sweep_report(*, tracker: Tracker, run_id: str, records: list[dict[str, Any]]) -> bool:
+def log_sweep_report(*, run_store: RunStore, run_id: str, records: list[dict[str, Any]]) -> bool:
     """Render the report into a temporary folder and log it under `report/` with its aggregate metrics. A missing
     or failing report module is logged, not raised: the run still closes."""
     try:
@@ -227,11 +227,11 @@ def log_sweep_report(*, tracker: Tracker, run_id: str, records: list[dict[str, A
     try:
         with tempfile.TemporaryDirectory(prefix="sgtm-report-") as tmp:
             report = build_report(clean, Path(tmp))
-            tracker.log_artifacts(run_id, Path(tmp), "report")
+            run_store.log_artifacts(run_id, Path(tmp), "report")
             metrics = {k: v for k, v in (report.get("metrics") or {}).items()
                        if isinstance(v, int | float) and math.isfinite(v)}
             if metrics:
-                tracker.log_metrics(run_id, metrics)
+                run_store.log_metrics(run_id, metrics)
     except Exception:  # noqa: BLE001 - a report bug must not keep the sweep's run open forever
         log.exception("sweep report failed for run %s", run_id)
         return False

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -37,10 +36,11 @@ from api.db.jobs import Lease
 from api.db.session import session_scope
 from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
+from sgtm_engine.provenance import code_version
 from workers.child import Child, build_argv, describe_exit
 from workers.events import EventTail, ProgressBuffer
+from workers.run_store import RunStore, child_env
 from workers.runs import LeaseLost, close_finished_pipelines, close_finished_sweeps, close_job_run, open_job_run
-from workers.tracking import Tracker, child_env
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ class _Watch:
 
 
 class Supervisor:
-    def __init__(self, *, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueuer, tracker: Tracker,
+    def __init__(self, *, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueuer, run_store: RunStore,
                  owner: str | None = None, shutdown: threading.Event | None = None):
         self.settings = settings
         self.factory = factory
         self.enqueuer = enqueuer
-        self.tracker = tracker
+        self.run_store = run_store
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.shutdown = shutdown or threading.Event()
         self.code_version = code_version()
@@ -116,11 +116,11 @@ class Supervisor:
         try:
             spec_path = workdir / "spec.json"
             _write_atomic(spec_path, json.dumps(job.spec, indent=2, sort_keys=True))
-            run_id = open_job_run(tracker=self.tracker, factory=self.factory, job=job, attempt=attempt,
+            run_id = open_job_run(run_store=self.run_store, factory=self.factory, job=job, attempt=attempt,
                                   inputs=inputs, code_version=self.code_version)
             argv = build_argv(self.settings, kind=job.kind, spec_path=spec_path, workdir=workdir,
                               inputs={n: self.settings.workdir(p) for n, p in inputs.items()},
-                              mlflow_uri=self.tracker.uri if run_id else None, mlflow_run_id=run_id, gpus=job.gpus)
+                              mlflow_uri=self.run_store.uri if run_id else None, mlflow_run_id=run_id, gpus=job.gpus)
             tail = EventTail(workdir / "events.jsonl", from_end=True)
             for stale in ("result.json", "error.json"):  # a result (or error) must come from this attempt
                 (workdir / stale).unlink(missing_ok=True)
@@ -213,13 +213,13 @@ class Supervisor:
         else:
             outcome = self._retry(job_id, attempt, max_attempts, code, child, workdir, watch.shutdown)
         if outcome in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED) and run_id:
-            close_job_run(tracker=self.tracker, factory=self.factory, job_id=job_id, run_id=run_id,
+            close_job_run(run_store=self.run_store, factory=self.factory, job_id=job_id, run_id=run_id,
                           status=outcome.value, result=result)
         if outcome == Outcome.SUCCEEDED:
             self._send_ready_children(job_id)
         if pipeline_id and outcome != Outcome.REQUEUED:
-            close_finished_pipelines(tracker=self.tracker, factory=self.factory, pipeline_ids=[pipeline_id])
-            close_finished_sweeps(tracker=self.tracker, factory=self.factory, pipeline_ids=[pipeline_id])
+            close_finished_pipelines(run_store=self.run_store, factory=self.factory, pipeline_ids=[pipeline_id])
+            close_finished_sweeps(run_store=self.run_store, factory=self.factory, pipeline_ids=[pipeline_id])
         log.info("job %s attempt %d: %s (%s)", job_id, attempt, outcome.value, describe_exit(code))
         return outcome
 
@@ -333,25 +333,3 @@ def _lock_workdir(workdir: Path, settings: Settings, job_id: str, attempt: int,
                     os.close(fd)
                     raise LeaseLost(job_id) from None
             time.sleep(0.5)
-
-
-def code_version() -> str:
-    """SGTM_CODE_VERSION (set at image build), else the git commit of the checkout, else the package version."""
-    explicit = os.environ.get("SGTM_CODE_VERSION")
-    if explicit:
-        return explicit[:64]
-    root = Path(__file__).resolve().parent.parent
-    if (root / ".git").exists():
-        try:
-            out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                 text=True, timeout=5, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        from importlib.metadata import version
-
-        return version("sgtm")
-    except Exception:  # noqa: BLE001
-        return "unknown"

@@ -9,26 +9,26 @@ from typing import Any
 
 from api.queue import REAP_TASK, RUN_JOB_TASK
 from workers.celery_app import app, settings
+from workers.context import WorkerContext, build_worker_context
 from workers.reaper import reap
-from workers.runtime import Runtime, build_runtime
 
 log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _runtime() -> Runtime:
+def _context() -> WorkerContext:
     # Built in the pool process on first use (never at import, never in the parent before the fork).
-    return build_runtime(settings)
+    return build_worker_context(settings)
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str) -> str:
     """Supervise one job. Returns the outcome for the worker log only; the ledger has the truth."""
-    return _runtime().supervisor.run(job_id).value
+    return _context().supervisor.run(job_id).value
 
 
 @app.task(name=REAP_TASK, acks_late=False, ignore_result=True)
 def reap_stale_jobs() -> dict[str, Any]:
-    rt = _runtime()
-    report = reap(settings=rt.settings, factory=rt.factory, enqueuer=rt.enqueuer, tracker=rt.tracker)
+    ctx = _context()
+    report = reap(settings=ctx.settings, factory=ctx.factory, enqueuer=ctx.enqueuer, run_store=ctx.run_store)
     return dataclasses.asdict(report)

@@ -1,4 +1,4 @@
-"""Documents, corpora and the corpus registry.
+"""Documents and corpora: what every corpus loader returns (the registry of names is `registry.py`).
 
 Choices made here:
 - A corpus is an immutable list of `Document`s, each with its true `Split` and a `category` (the unit of per-category
@@ -7,29 +7,20 @@ Choices made here:
   trained on.
 - `Corpus.fingerprint` hashes the documents themselves (id, split, category, language, text, reserved flag), so every
   cache keyed by it follows the content, whatever loader produced it.
-- The registry is a plain dict name -> zero-argument loader. The built-in names are registered by the modules that
-  implement them (`embedded.py`, `hub.py`); operators register their own corpora (e.g. JSONL files, or a hub corpus
-  read from a local mirror) with `register_corpus`. The API never accepts file paths: it can only name a corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sgtm_engine.config import DataSpec, Split
-from sgtm_engine.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Documents and corpora
+from sgtm_engine.config import Split
+from sgtm_engine.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -102,70 +93,3 @@ def check_documents(name: str, documents: Iterable[Document]) -> tuple[Document,
     if missing:
         raise DataError(f"corpus {name!r} has no {' and no '.join(missing)} documents; every corpus needs both")
     return docs
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Registry
-
-CorpusLoader = Callable[[], Corpus]
-
-_REGISTRY: dict[str, CorpusLoader] = {}
-
-
-def register_corpus(name: str, loader: CorpusLoader, *, replace: bool = False) -> None:
-    """Make `loader` available as `DataSpec(corpus=name)`.
-
-    Args:
-        name: the registry name.
-        loader: a zero-argument callable returning a `Corpus` (use `functools.partial` to bind paths).
-        replace: allow overriding an existing name (e.g. pointing `wikipedia-ores` at local files).
-    """
-    if not name:
-        raise ConfigError("register_corpus: name='' is empty; give a non-empty corpus name")
-    if name in _REGISTRY and not replace:
-        raise ConfigError(f"register_corpus: {name!r} is already registered; pass replace=True to override it")
-    _REGISTRY[name] = loader
-
-
-def register_builtin(name: str, loader: CorpusLoader) -> None:
-    """Register a built-in name unless an operator already pointed it elsewhere."""
-    _REGISTRY.setdefault(name, loader)
-
-
-def unregister_corpus(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
-def known_corpora() -> list[str]:
-    _ensure_builtins()
-    return sorted(_REGISTRY)
-
-
-def load_corpus(spec: DataSpec) -> Corpus:
-    """The corpus named by `spec.corpus`.
-
-    Raises:
-        ConfigError: the name is not registered (naming `data.corpus`, the value and the known names).
-        DataError: the corpus' files are missing or corrupt.
-    """
-    _ensure_builtins()
-    loader = _REGISTRY.get(spec.corpus)
-    if loader is None:
-        raise ConfigError(f"data.corpus={spec.corpus!r}: unknown corpus; choose one of {sorted(_REGISTRY)} "
-                          f"or register it first with sgtm_engine.data.register_corpus")
-    cached = _LOADED.get(spec.corpus)
-    if cached is not None and cached[0] is loader:  # a recipe's stages share one process: load each corpus once
-        return cached[1]
-    corpus = loader()
-    log.info("corpus %s: %d documents %s", corpus.name, len(corpus.documents), corpus.counts())
-    _LOADED[spec.corpus] = (loader, corpus)
-    return corpus
-
-
-#: name -> (loader, corpus): corpora are immutable, and re-registering a name swaps the loader (cache miss).
-_LOADED: dict[str, tuple[CorpusLoader, Corpus]] = {}
-
-
-def _ensure_builtins() -> None:
-    # The built-in loaders live in modules that import this one; import them here, late, to register their names.
-    from sgtm_engine.data import embedded, hub  # noqa: F401

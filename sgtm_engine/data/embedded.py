@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtm_engine.config import Split
-from sgtm_engine.data.corpora import Corpus, Document, check_documents, register_builtin
+from sgtm_engine.data.corpora import Corpus, Document, check_documents
 from sgtm_engine.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,3 @@ def load_wiki_bio(source: WikiSource | None = None, adjacent: Sequence[str] = WI
                      label_noise=f"'{UNCATEGORIZED}' keeps ~120 biology-like articles in retain on purpose")
     return Corpus("wiki-bio", check_documents("wiki-bio", docs), meta)
 
-
-register_builtin("wiki-bilingual", load_wiki_bilingual)
-register_builtin("wiki-bio", load_wiki_bio)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtm_engine.config import Split
-from sgtm_engine.data.corpora import Corpus, Document, check_documents, register_builtin
+from sgtm_engine.data.corpora import Corpus, Document, check_documents
 from sgtm_engine.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,3 @@ def load_wikipedia_ores(articles: str | Path = WIKIPEDIA_ID, topics: str | Path 
             "attribution": "Wikipedia (CC BY-SA 4.0) via wikimedia/wikipedia; ORES articletopic (Wikimedia, CC0)"}
     return Corpus(name, check_documents(name, docs), meta, tokenizer_path=tokenizer_path)
 
-
-register_builtin("tinystories-bilingual", load_tinystories_bilingual)
-register_builtin("wikipedia-ores", load_wikipedia_ores)

@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from sgtm_engine.config import Split
-from sgtm_engine.data.corpora import Corpus, Document, check_documents, register_corpus
+from sgtm_engine.data.corpora import Corpus, Document, check_documents
+from sgtm_engine.data.registry import register_corpus
 from sgtm_engine.errors import DataError
 
 _MAX_REPORTED = 20

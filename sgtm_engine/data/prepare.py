@@ -47,7 +47,8 @@ from transformers import PreTrainedTokenizerFast
 from sgtm_engine.config import DataSpec, FilterSpec, MaskMode, NoiseGranularity, NoiseSpec, Split
 from sgtm_engine.data import noise as noise_lib
 from sgtm_engine.data.conditional import ControlTokens, add_control_tokens, ignore_control_labels
-from sgtm_engine.data.corpora import Corpus, Document, load_corpus
+from sgtm_engine.data.corpora import Corpus, Document
+from sgtm_engine.data.registry import load_corpus
 from sgtm_engine.data.schedule import PoolInfo, TrainingPlan, build_plan, pool_removed
 from sgtm_engine.data.tokenizer import encode_documents, hub_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
 from sgtm_engine.errors import DataError

@@ -15,7 +15,7 @@ FORBIDDEN = ("torch", "transformers", "sgtm_engine.model", "sgtm_engine.pipeline
 @pytest.mark.parametrize(("module", "also_forbidden"), [
     ("api.main", ("mlflow", "workers", "celery")),
     ("api.client_cli", ("mlflow", "workers", "fastapi")),
-    ("workers.tasks", ("fastapi", "mlflow")),  # mlflow is imported when a tracker is built, in the pool process
+    ("workers.tasks", ("fastapi", "mlflow")),  # mlflow is imported when a run store is built, in the pool process
     ("workers.local", ("fastapi",)),
 ])
 def test_importing_a_service_module_does_not_import_torch(module: str, also_forbidden: tuple[str, ...],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 from alembic import command
@@ -46,6 +48,25 @@ def test_postgresql_upgrade_downgrade() -> None:
         drop_database(url)
 
 
-def test_migrations_render_offline_sql(tmp_path: Path, capsys: object) -> None:
-    """`alembic upgrade head --sql` works: operators can review the DDL before running it."""
-    command.upgrade(alembic_config("postgresql+psycopg://x@localhost/x"), "head", sql=True)
+def _offline_sql(command_name: str, revision: str) -> str:
+    cfg = alembic_config("postgresql+psycopg://x@localhost/x")
+    cfg.output_buffer = io.StringIO()
+    getattr(command, command_name)(cfg, revision, sql=True)
+    return cfg.output_buffer.getvalue()
+
+
+def test_migrations_render_offline_sql() -> None:
+    """`alembic upgrade head --sql` renders DDL that creates every table and index of the models, and the downgrade
+    DDL drops them all: operators can review both before running them."""
+    up, down = _offline_sql("upgrade", "head"), _offline_sql("downgrade", "head:base")
+    assert metadata.sorted_tables, "no models registered"
+    for table in metadata.sorted_tables:
+        assert re.search(rf"^CREATE TABLE {table.name} \(", up, re.MULTILINE), f"upgrade SQL never creates {table.name}"
+        assert re.search(rf"^DROP TABLE {table.name};", down, re.MULTILINE), f"downgrade SQL never drops {table.name}"
+        assert table.indexes, f"{table.name} has no index (every ledger table is queried by one)"
+        for index in table.indexes:
+            columns = ", ".join(column.name for column in index.columns)
+            unique = "UNIQUE " if index.unique else ""
+            create = rf"^CREATE {unique}INDEX {index.name} ON {table.name} \({columns}\);"
+            assert re.search(create, up, re.MULTILINE), f"upgrade SQL never creates index {index.name} ({columns})"
+            assert re.search(rf"^DROP INDEX {index.name};", down, re.MULTILINE), f"downgrade never drops {index.name}"

@@ -15,6 +15,7 @@ from api.config import Settings
 from api.main import create_app
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
+pytestmark = pytest.mark.slow  # hypothesis-driven: tens of seconds per case
 EXAMPLES = 25
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 

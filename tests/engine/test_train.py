@@ -92,6 +92,7 @@ def test_calibration_changes_only_the_output_bias(tiny_data):
             assert torch.equal(v, before[k]), f"calibration changed {k}"
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
     """torchrun with 2 CPU ranks (gloo) at the same effective batch ends where one process ends."""
     spec_data = {**TINY, "steps": 6, "micro_batch_size": None, "masking": {"strategy": "sgtm", "forget_mlp_dim": 32,
@@ -112,6 +113,7 @@ def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_stage_chain_and_result_records(tmp_path, cache):
     train_res = run_stage("train", {**TINY, "steps": 4}, tmp_path / "train", cache_dir=cache)
     for key in ("resolved_spec", "seed", "code_version", "manifest_hash", "spec_hash", "checkpoint"):
@@ -132,6 +134,7 @@ def test_stage_chain_and_result_records(tmp_path, cache):
     assert any(e["type"] == "progress" for e in events)
 
 
+@pytest.mark.slow
 def test_recipe_runs_with_nested_mlflow_runs(tmp_path, cache):
     recipe = load_recipe({"name": "t", "stages": [
         {"name": "train", "kind": "train", "spec": {**TINY, "steps": 4}},
@@ -208,6 +211,7 @@ def test_export_loads_in_stock_transformers(tmp_path, cache):
     assert model(input_ids=ids).logits.shape[-1] == len(tok)
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors_with_exit_code(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"steps": 0, "masking": {"strategy": "nope"}}))
     proc = subprocess.run([sys.executable, "-m", "sgtm_engine", "run-stage", "--kind", "train", "--spec",

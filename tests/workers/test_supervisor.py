@@ -27,7 +27,7 @@ from workers.supervisor import Outcome, Supervisor
 FAKE_ENGINE = str(Path(__file__).with_name("fake_engine.py"))
 
 
-class FakeTracker:
+class FakeRunStore:
     """Records the MLflow calls the supervisor makes."""
 
     uri = "fake://mlflow"
@@ -72,14 +72,14 @@ def fake_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def tracker() -> FakeTracker:
-    return FakeTracker()
+def run_store() -> FakeRunStore:
+    return FakeRunStore()
 
 
 @pytest.fixture
 def supervisor(fake_settings: Settings, factory: sessionmaker[Session], enqueuer: RecordingEnqueuer,
-               tracker: FakeTracker) -> Supervisor:
-    return Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, tracker=tracker, owner="test")
+               run_store: FakeRunStore) -> Supervisor:
+    return Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, run_store=run_store, owner="test")
 
 
 def make(factory: sessionmaker[Session], fake: dict[str, Any] | None = None, *, kind: str = "train",
@@ -112,7 +112,7 @@ def wait_for(predicate: Any, timeout: float = 20.0) -> None:
 
 
 def test_success_records_result_events_and_closes_the_run(supervisor: Supervisor, factory: sessionmaker[Session],
-                                                          tracker: FakeTracker, enqueuer: RecordingEnqueuer,
+                                                          run_store: FakeRunStore, enqueuer: RecordingEnqueuer,
                                                           fake_settings: Settings) -> None:
     parent = make(factory, {"steps": 4})
     child = make(factory, kind="ablate", inputs={"model": parent})
@@ -125,7 +125,7 @@ def test_success_records_result_events_and_closes_the_run(supervisor: Supervisor
     with factory() as s:
         types = [e.type for e in repo.events_after(s, job_id=parent)]
     assert types[:3] == ["status", "status", "spawned"] and "checkpoint" in types and types[-1] == "status"
-    run = tracker.runs[job.mlflow_run_id or ""]
+    run = run_store.runs[job.mlflow_run_id or ""]
     assert run["status"] == "FINISHED" and run["tags"]["job_id"] == parent and run["tags"]["method"] == "sgtm"
     assert run["tags"]["checkpoint.sha256"] == job.checkpoint_sha256
     assert run["dicts"]["result.json"]["kind"] == "train"
@@ -147,7 +147,7 @@ def run_id(job: Job) -> str:
 def test_a_duplicate_message_runs_the_job_once(supervisor: Supervisor, factory: sessionmaker[Session],
                                                fake_settings: Settings) -> None:
     job_id = make(factory, {"steps": 10, "sleep": 0.05})
-    other = Supervisor(settings=fake_settings, factory=factory, enqueuer=RecordingEnqueuer(), tracker=FakeTracker(),
+    other = Supervisor(settings=fake_settings, factory=factory, enqueuer=RecordingEnqueuer(), run_store=FakeRunStore(),
                        owner="other")
     first, out1 = in_thread(supervisor.run, job_id)
     second, out2 = in_thread(other.run, job_id)
@@ -160,31 +160,31 @@ def test_a_duplicate_message_runs_the_job_once(supervisor: Supervisor, factory: 
 
 
 def test_final_failure_codes_fail_the_job_and_its_descendants(supervisor: Supervisor, factory: sessionmaker[Session],
-                                                              tracker: FakeTracker) -> None:
+                                                              run_store: FakeRunStore) -> None:
     job_id = make(factory, {"exit_code": 3})
     child = make(factory, kind="ablate", inputs={"model": job_id})
     assert supervisor.run(job_id) == Outcome.FAILED
     job = row(factory, job_id)
     assert (job.status, job.error_type, job.exit_code) == ("failed", "data_error", 3)
     assert "fake engine failing with 3" in (job.error_message or "")
-    assert tracker.runs[run_id(job)]["status"] == "FAILED"
+    assert run_store.runs[run_id(job)]["status"] == "FAILED"
     assert row(factory, child).status == "failed" and row(factory, child).error_type == "upstream_failed"
 
 
 def test_unexpected_errors_are_retried_then_fail(supervisor: Supervisor, factory: sessionmaker[Session],
-                                                 enqueuer: RecordingEnqueuer, tracker: FakeTracker) -> None:
+                                                 enqueuer: RecordingEnqueuer, run_store: FakeRunStore) -> None:
     job_id = make(factory, {"exit_code": 1}, max_attempts=2)
     assert supervisor.run(job_id) == Outcome.REQUEUED
     assert row(factory, job_id).status == "queued" and enqueuer.job_ids == [job_id]
     assert supervisor.run(job_id) == Outcome.FAILED
     job = row(factory, job_id)
     assert (job.attempt, job.error_type) == (2, "retries_exhausted")
-    assert len(tracker.runs) == 1  # one MLflow run across attempts
+    assert len(run_store.runs) == 1  # one MLflow run across attempts
 
 
 def test_a_killed_child_is_requeued_and_resumes_from_its_checkpoint(supervisor: Supervisor,
                                                                    factory: sessionmaker[Session],
-                                                                   tracker: FakeTracker) -> None:
+                                                                   run_store: FakeRunStore) -> None:
     job_id = make(factory, {"steps": 6, "crash_at": 5, "checkpoint_every": 2})
     assert supervisor.run(job_id) == Outcome.REQUEUED
     job = row(factory, job_id)
@@ -192,14 +192,14 @@ def test_a_killed_child_is_requeued_and_resumes_from_its_checkpoint(supervisor: 
     assert supervisor.run(job_id) == Outcome.SUCCEEDED
     job = row(factory, job_id)
     assert job.attempt == 2 and job.summary and job.summary["resumed_from"] == 4
-    assert len(tracker.runs) == 1 and ("set_running", run_id(job)) in tracker.calls
+    assert len(run_store.runs) == 1 and ("set_running", run_id(job)) in run_store.calls
     with factory() as s:
         spawned = [e.data for e in repo.events_after(s, job_id=job_id) if e.type == "spawned"]
     assert [d["resume"] for d in spawned if d] == [False, True]
 
 
 def test_cancel_stops_the_child_and_marks_cancelled(supervisor: Supervisor, factory: sessionmaker[Session],
-                                                    tracker: FakeTracker) -> None:
+                                                    run_store: FakeRunStore) -> None:
     job_id = make(factory, {"steps": 200, "sleep": 0.05})
     thread, out = in_thread(supervisor.run, job_id)
     wait_for(lambda: (row(factory, job_id).progress_step or 0) >= 2)
@@ -210,7 +210,7 @@ def test_cancel_stops_the_child_and_marks_cancelled(supervisor: Supervisor, fact
     assert out == [Outcome.CANCELLED] and time.monotonic() - asked < 5
     job = row(factory, job_id)
     assert (job.status, job.exit_code) == ("cancelled", 5)
-    assert tracker.runs[run_id(job)]["status"] == "KILLED"
+    assert run_store.runs[run_id(job)]["status"] == "KILLED"
 
 
 def test_a_child_ignoring_sigterm_is_killed_after_the_grace(supervisor: Supervisor,
@@ -250,7 +250,7 @@ def test_exit_zero_without_result_is_a_failure(supervisor: Supervisor, factory: 
 def test_worker_shutdown_requeues_without_resending(fake_settings: Settings, factory: sessionmaker[Session],
                                                     enqueuer: RecordingEnqueuer) -> None:
     stop = threading.Event()
-    sup = Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, tracker=FakeTracker(),
+    sup = Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, run_store=FakeRunStore(),
                      owner="t", shutdown=stop)
     job_id = make(factory, {"steps": 400, "sleep": 0.05}, max_attempts=1)
     thread, out = in_thread(sup.run, job_id)
@@ -261,7 +261,7 @@ def test_worker_shutdown_requeues_without_resending(fake_settings: Settings, fac
 
 
 def test_pipeline_runs_nest_under_one_parent_that_closes_with_the_last_job(
-        supervisor: Supervisor, factory: sessionmaker[Session], tracker: FakeTracker) -> None:
+        supervisor: Supervisor, factory: sessionmaker[Session], run_store: FakeRunStore) -> None:
     with session_scope(factory) as s:
         pipeline_id = repo.create_pipeline(s, name="chain", experiment="sgtm").id
     train = make(factory, {"steps": 2}, pipeline_id=pipeline_id)
@@ -271,34 +271,34 @@ def test_pipeline_runs_nest_under_one_parent_that_closes_with_the_last_job(
         pipeline = repo.get_pipeline(s, pipeline_id=pipeline_id)
         assert pipeline is not None and pipeline.mlflow_run_id is not None
         parent_run = pipeline.mlflow_run_id
-    assert tracker.runs[parent_run]["status"] == "RUNNING"
+    assert run_store.runs[parent_run]["status"] == "RUNNING"
     assert supervisor.run(ablate) == Outcome.SUCCEEDED
-    assert tracker.runs[parent_run]["status"] == "FINISHED"
-    assert {tracker.runs[run_id(row(factory, j))]["parent"] for j in (train, ablate)} == {parent_run}
-    assert tracker.runs[run_id(row(factory, ablate))]["tags"]["input.model"] == train
+    assert run_store.runs[parent_run]["status"] == "FINISHED"
+    assert {run_store.runs[run_id(row(factory, j))]["parent"] for j in (train, ablate)} == {parent_run}
+    assert run_store.runs[run_id(row(factory, ablate))]["tags"]["input.model"] == train
 
 
 def test_reaper_requeues_stale_jobs_resends_and_reconciles_runs(supervisor: Supervisor, fake_settings: Settings,
                                                                 factory: sessionmaker[Session],
                                                                 enqueuer: RecordingEnqueuer,
-                                                                tracker: FakeTracker) -> None:
+                                                                run_store: FakeRunStore) -> None:
     lost = make(factory, {"steps": 3})
     with session_scope(factory) as s:  # a worker claimed it, then died without a trace
         repo.claim(s, job_id=lost, owner="dead")
         s.execute(update(Job).where(Job.id == lost).values(heartbeat_at=utcnow() - dt.timedelta(seconds=30)))
-    report = reap(settings=fake_settings, factory=factory, enqueuer=enqueuer, tracker=tracker)
+    report = reap(settings=fake_settings, factory=factory, enqueuer=enqueuer, run_store=run_store)
     assert report.requeued == [lost] and enqueuer.job_ids == [lost]
     assert supervisor.run(lost) == Outcome.SUCCEEDED and row(factory, lost).attempt == 2
 
     orphan = make(factory, {"steps": 1})
     assert supervisor.run(orphan) == Outcome.SUCCEEDED
     rid = run_id(row(factory, orphan))
-    tracker.runs[rid]["status"] = "RUNNING"  # as if the supervisor died before closing it
+    run_store.runs[rid]["status"] = "RUNNING"  # as if the supervisor died before closing it
     with session_scope(factory) as s:
         s.execute(update(Job).where(Job.id == orphan).values(
             mlflow_closed_at=None, finished_at=utcnow() - dt.timedelta(seconds=60)))
-    report = reap(settings=fake_settings, factory=factory, enqueuer=enqueuer, tracker=tracker)
-    assert report.runs_closed == 1 and tracker.runs[rid]["status"] == "FINISHED"
+    report = reap(settings=fake_settings, factory=factory, enqueuer=enqueuer, run_store=run_store)
+    assert report.runs_closed == 1 and run_store.runs[rid]["status"] == "FINISHED"
     assert row(factory, orphan).mlflow_closed_at is not None
 
 

@@ -10,7 +10,7 @@ from api.config import Settings
 from sgtm_engine.config import TrainSpec, to_dict
 from sgtm_engine.tracking import flatten as engine_flatten
 from workers.child import build_argv
-from workers.tracking import flatten
+from workers.run_store import flatten
 
 
 def test_celery_is_configured_for_long_supervised_jobs(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import pytest
 from sgtm_engine.config import DataSpec, Split
 from sgtm_engine.data import embedded, known_corpora, load_corpus, load_jsonl, register_jsonl_corpus
 from sgtm_engine.data.adjacency import rank_adjacent
-from sgtm_engine.data.corpora import Corpus, Document, register_corpus, unregister_corpus
+from sgtm_engine.data.corpora import Corpus, Document
+from sgtm_engine.data.registry import register_corpus, unregister_corpus
 from sgtm_engine.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------------------------------

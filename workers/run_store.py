@@ -1,10 +1,13 @@
-"""MLflow through `MlflowClient` with explicit run ids (no fluent, process-global state). The supervisor owns each
+"""The supervisor's MLflow run store: creates, tags, resumes and closes runs by id for jobs, pipelines and sweeps.
+
+Not the engine's `sgtm_engine.tracking.Tracker`, which logs one stage's metrics into a run the supervisor opened.
+MLflow through `MlflowClient` with explicit run ids (no fluent, process-global state). The supervisor owns each
 run's lifecycle: create (tags, params), RUNNING again on resume, FINISHED / FAILED / KILLED at the end.
 
 Choices made here:
-- mlflow is imported when a tracker is built, not at module import, so `import workers.tasks` stays light.
+- mlflow is imported when a run store is built, not at module import, so `import workers.tasks` stays light.
 - HTTP retries are cut to 2 (MLflow's default backs off for minutes): an MLflow outage must not hold a job
-  hostage. Callers treat every tracker error as non-fatal and the reaper reconciles later.
+  hostage. Callers treat every run store error as non-fatal and the reaper reconciles later.
 - Params are the submitted spec, flattened (`spec.model.n_layer`), in batches of ≤100 (the LogBatch limit).
 - Checkpoints are referenced by URI + sha256 tags, never uploaded.
 """
@@ -26,7 +29,7 @@ _CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
 PARAM_VALUE_LIMIT = 6000
 
 
-class Tracker(Protocol):
+class RunStore(Protocol):
     uri: str | None
 
     def experiment_id(self, name: str) -> str: ...
@@ -42,7 +45,7 @@ class Tracker(Protocol):
     def delete_run(self, run_id: str) -> None: ...
 
 
-class NullTracker:
+class NullRunStore:
     """No MLflow: jobs still run; the ledger has no run ids."""
 
     uri: str | None = None
@@ -64,7 +67,7 @@ class NullTracker:
     def delete_run(self, run_id: str) -> None: ...
 
 
-class MlflowTracker:
+class MlflowRunStore:
     def __init__(self, uri: str, *, artifact_root: Path | None = None):
         """`artifact_root`: where new experiments keep artifacts when `uri` is a local store (embedded mode);
         with a tracking server the server decides (proxied artifacts)."""
@@ -141,10 +144,10 @@ class MlflowTracker:
         self.client.delete_run(run_id)
 
 
-def make_tracker(uri: str | None, *, artifact_root: Path | None = None) -> Tracker:
+def make_run_store(uri: str | None, *, artifact_root: Path | None = None) -> RunStore:
     if not uri:
-        return NullTracker()
-    return MlflowTracker(uri, artifact_root=artifact_root)
+        return NullRunStore()
+    return MlflowRunStore(uri, artifact_root=artifact_root)
 
 
 flatten = flat_params  # the engine's rendering, so both sides log identical spec params

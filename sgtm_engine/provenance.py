@@ -1,0 +1,54 @@
+"""Which code produced a run: one `code_version` string, recorded alike in `result.json`, the ledger and MLflow.
+
+Stdlib-only, so the torch-free worker parent stamps its MLflow runs with the same function the engine child uses for
+`result.json` (two formats for one run would make the two records disagree).
+
+Choices made here, in order of precedence:
+- `SGTM_CODE_VERSION` when set: images are built without `.git`, so the build passes the commit in.
+- In a git checkout: the full commit, plus `-dirty-<12 hex of sha256(git diff HEAD -- sgtm_engine)>` when the
+  engine's tracked files differ from it (results depend on the engine's code; an edited README does not change them).
+- Outside git: `sgtm-<installed package version>`, else `unknown`.
+- At most 64 characters (the ledger's column); a full commit with its dirty suffix is 59.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+MAX_LENGTH = 64
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> str:
+    """`$SGTM_CODE_VERSION`, else `<git commit>[-dirty-<diff hash>]`, else `sgtm-<package version>`, else `unknown`."""
+    explicit = os.environ.get("SGTM_CODE_VERSION")
+    if explicit:
+        return explicit[:MAX_LENGTH]
+    return (_git_version() or _package_version())[:MAX_LENGTH]
+
+
+def _git_version() -> str | None:
+    # Only our own checkout counts: an installed copy inside some other repository must not report that one's commit.
+    if not (_ROOT / ".git").exists():
+        return None
+    try:
+        sha = _git("rev-parse", "HEAD").decode().strip()
+        diff = _git("diff", "HEAD", "--", "sgtm_engine")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + (f"-dirty-{hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
+
+
+def _git(*args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, timeout=5, check=True).stdout
+
+
+def _package_version() -> str:
+    try:
+        return f"sgtm-{version('sgtm')}"
+    except PackageNotFoundError:
+        return "unknown"

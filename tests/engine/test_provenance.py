@@ -1,0 +1,54 @@
+"""One `code_version` for one run: the engine's `result.json` and the supervisor's MLflow tag carry the same string."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import sessionmaker
+
+from api.config import Settings
+from sgtm_engine.pipeline import run_stage
+from sgtm_engine.provenance import MAX_LENGTH, code_version
+from tests.ledger_fixtures import RecordingEnqueuer
+from workers.run_store import NullRunStore
+from workers.supervisor import Supervisor
+
+TINY = {  # the data of tests/engine/test_attack.py: in one session both share the prepared corpus in `engine_cache`
+    "model": {"n_layer": 1, "d_model": 32, "context": 32},
+    "masking": {"forget_mlp_dim": 16, "forget_attn_heads": 2},
+    "data": {"corpus": "wiki-bilingual", "vocab_size": 512, "max_docs_per_split": 40, "test_docs_per_category": 2},
+    "steps": 1, "batch_size": 2, "micro_batch_size": 2, "log_every": 1,
+    "eval": {"max_batches": 1, "capability": False},
+}
+
+
+def _supervisor_tag(tmp_path: Path) -> str:
+    """The value the supervisor stamps on the job's MLflow run (`open_job_run(code_version=...)`)."""
+    supervisor = Supervisor(settings=Settings(data_root=tmp_path), factory=sessionmaker(), enqueuer=RecordingEnqueuer(),
+                            run_store=NullRunStore())
+    return supervisor.code_version
+
+
+@pytest.mark.parametrize("image_version", [None, "0123abcd-built-image"])
+def test_result_json_and_mlflow_tag_carry_one_code_version(tmp_path, engine_cache, monkeypatch, image_version):
+    if image_version is None:
+        monkeypatch.delenv("SGTM_CODE_VERSION", raising=False)
+    else:
+        monkeypatch.setenv("SGTM_CODE_VERSION", image_version)
+    result = run_stage("train", TINY, tmp_path / "train", cache_dir=engine_cache)
+    tag = _supervisor_tag(tmp_path)
+    assert result["code_version"] == tag
+    assert (image_version is None) or tag == image_version
+
+
+def test_code_version_format(monkeypatch):
+    monkeypatch.delenv("SGTM_CODE_VERSION", raising=False)
+    version = code_version()
+    if (Path(__file__).resolve().parents[2] / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty-[0-9a-f]{12})?", version), version
+    else:
+        assert version.startswith("sgtm-") or version == "unknown", version
+    monkeypatch.setenv("SGTM_CODE_VERSION", "x" * 100)
+    assert code_version() == "x" * MAX_LENGTH  # the ledger's column is 64 characters
