@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api.client_cli import RECIPE_DIR, _load_body
+from api.client_cli import _load_body
 from api.config import Settings
 from api.main import create_app
 from api.specs import _method
 from sgtm_engine.config import StageKind, TrainSpec, from_dict, method_name
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.recipe import load_recipe
+from sgtm_engine.recipe import RECIPE_DIR, load_recipe
 from sgtm_engine.yamlio import load_file
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
