@@ -49,8 +49,8 @@ def run_stage_cmd(
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
 ) -> None:
     """Run one stage; exit code per sgtm_engine.errors. Used by the service's supervisor."""
-    from sgtm_engine.pipeline import error_record, run_stage, write_json
     from sgtm_engine.runtime import StopFlag, setup_logging
+    from sgtm_engine.stage import error_record, run_stage, write_json
     from sgtm_engine.tracking import MlflowTracker, NullTracker
 
     setup_logging()

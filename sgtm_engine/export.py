@@ -12,7 +12,7 @@ from sgtm_engine.data.conditional import find_control_tokens, generation_config
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.ablation import ablate as ablate_model
 from sgtm_engine.model.hf import load_hf, save_hf
-from sgtm_engine.pipeline import read_result
+from sgtm_engine.stage import read_result
 
 
 def _resolve(source: Path) -> tuple[Path, Path | None]:

@@ -83,9 +83,9 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
               cache_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.
     `mlflow_uri` None: no tracking."""
-    from sgtm_engine.pipeline import write_json
     from sgtm_engine.provenance import code_version
     from sgtm_engine.runner import open_run
+    from sgtm_engine.stage import write_json
 
     workdir = Path(workdir)
     (workdir / "cells").mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Sweep reports: tables aggregated over seeds and the paper's figures, built from the cells' stage results.
 
 Input: one record per cell, `{"cell_id", "variant", "params": {dotted path: value}, "seed", "status",
-"stages": {stage name: the stage's result dict, as `pipeline.run_stage` returns it}}`. The service builds the records
+"stages": {stage name: the stage's result dict, as `stage.run_stage` returns it}}`. The service builds the records
 from its ledger, `sgtm sweep --local` (sgtm_engine.local_sweep) from its workdir. The figures are in report_figures.
 
 Choices made here:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sgtm_engine.config import StageKind, spec_hash
-from sgtm_engine.pipeline import run_stage, write_json
 from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe
+from sgtm_engine.stage import run_stage, write_json
 from sgtm_engine.tracking import MlflowTracker, NullTracker, Tracker, local_tracking_uri
 
 log = logging.getLogger(__name__)

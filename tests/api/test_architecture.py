@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-FORBIDDEN = ("torch", "transformers", "sgtm_engine.model", "sgtm_engine.pipeline", "sgtm_engine.train")
+FORBIDDEN = ("torch", "transformers", "sgtm_engine.model", "sgtm_engine.stage", "sgtm_engine.train")
 
 
 @pytest.mark.parametrize(("module", "also_forbidden"), [

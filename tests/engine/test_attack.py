@@ -22,8 +22,8 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.hf import load_hf
 from sgtm_engine.model.masking import region_view
 from sgtm_engine.model.partition import Region
-from sgtm_engine.pipeline import read_result, run_stage
 from sgtm_engine.runtime import Runtime
+from sgtm_engine.stage import read_result, run_stage
 
 CPU = Runtime(torch.device("cpu"), "fp32")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,8 +16,8 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.evaluate import sample
 from sgtm_engine.export import export_model
 from sgtm_engine.model.hf import load_hf
-from sgtm_engine.pipeline import read_result, run_stage
 from sgtm_engine.runtime import Runtime
+from sgtm_engine.stage import read_result, run_stage
 
 CPU = Runtime(torch.device("cpu"), "fp32")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy.orm import sessionmaker
 
 from api.config import Settings
-from sgtm_engine.pipeline import run_stage
 from sgtm_engine.provenance import MAX_LENGTH, code_version
+from sgtm_engine.stage import run_stage
 from tests.ledger_fixtures import RecordingEnqueuer
 from workers.run_store import NullRunStore
 from workers.supervisor import Supervisor

@@ -12,9 +12,9 @@ from sgtm_engine.config import DataSpec, MaskingSpec, ModelSpec, RmuSpec, Strate
 from sgtm_engine.data.prepare import prepare_data
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.gpt_neo import GPTNeoLM
-from sgtm_engine.pipeline import run_stage
 from sgtm_engine.rmu import control_vector, default_patterns, resolve_layer, rmu, rmu_losses, select_parameters
 from sgtm_engine.runtime import Runtime
+from sgtm_engine.stage import run_stage
 
 CPU = Runtime(torch.device("cpu"), "fp32")
 pytestmark = pytest.mark.usefixtures("one_thread")

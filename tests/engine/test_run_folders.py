@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.export import export_model
-from sgtm_engine.pipeline import read_result, run_stage
+from sgtm_engine.stage import read_result, run_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,10 +17,10 @@ from sgtm_engine.config import CalibrateSpec, MaskMode, TrainSpec, from_dict
 from sgtm_engine.data.prepare import prepare_data
 from sgtm_engine.errors import Cancelled
 from sgtm_engine.evaluate import calibrate
-from sgtm_engine.pipeline import read_result, run_stage
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import run_recipe
 from sgtm_engine.runtime import Runtime
+from sgtm_engine.stage import read_result, run_stage
 from sgtm_engine.tracking import MlflowTracker
 from sgtm_engine.train import build_model, train
 
