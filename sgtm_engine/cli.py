@@ -47,6 +47,8 @@ def run_stage_cmd(
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
     mlflow_run_id: Annotated[str | None, typer.Option(help="log into this (supervisor-owned) run")] = None,
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over if WORKDIR holds a run of another "
+                                                                "spec (else that is refused)")] = False,
 ) -> None:
     """Run one stage; exit code per sgtm_engine.errors. Used by the service's supervisor."""
     from sgtm_engine.runtime import StopFlag, setup_logging
@@ -66,7 +68,7 @@ def run_stage_cmd(
         tracker = MlflowTracker(mlflow_uri, run_id=mlflow_run_id) if mlflow_uri and mlflow_run_id else NullTracker()
         try:
             run_stage(kind, json.loads(spec.read_text()), workdir, inputs, tracker=tracker, stop=stop,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, overwrite=overwrite)
         finally:
             tracker.flush()
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded for the supervisor, then re-mapped
@@ -85,9 +87,12 @@ def run_stage_cmd(
 @app.command("run")
 def run_cmd(
     recipe: Annotated[str, typer.Argument(help="a recipe file or the name of one in recipes/")],
-    workdir: Annotated[Path, typer.Option(help="where stages write (one folder per stage)")] = Path("runs/latest"),
+    workdir: Annotated[Path | None, typer.Option(help="where stages write, one folder per stage (default: a new "
+                                                      "runs/<recipe>-<time>-<spec hash> per run)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value (a YAML value; a mapping merges "
                                                                  "into the block), repeatable")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in stage folders that hold a run of "
+                                                                "another spec (else they are refused)")] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved recipe (YAML, every "
                                                                       "default filled in) and run nothing")] = False,
     mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
@@ -109,12 +114,25 @@ def run_cmd(
     from sgtm_engine.runtime import setup_logging
 
     setup_logging()
+    if workdir is None:
+        workdir = fresh_run_folder(parsed)
     try:
         results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, overwrite=overwrite)
     except SgtmError as exc:
         _fail(exc)
     typer.echo(f"wrote {workdir / 'result.json'} ({len(results['stages'])} stages)")
+
+
+def fresh_run_folder(recipe) -> Path:
+    """`runs/<recipe>-<UTC time>-<short spec hash>`: readable, sortable, and never another run's folder."""
+    import time
+
+    from sgtm_engine.config import spec_hash
+    from sgtm_engine.recipe import recipe_data
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path("runs") / f"{recipe.name}-{stamp}-{spec_hash(recipe_data(recipe))[:8]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

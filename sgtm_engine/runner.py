@@ -36,14 +36,15 @@ def stage_tags(name: str, kind: StageKind, spec: Any) -> dict[str, str]:
 
 def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str, Path], *, uri: str | None,
                       experiment: str, name: str, parent_run_id: str | None, tags: dict[str, str] | None = None,
-                      cache_dir: Path | None = None, emit: Callable[[dict[str, Any]], None] | None = None
-                      ) -> dict[str, Any]:
+                      cache_dir: Path | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
+                      overwrite: bool = False) -> dict[str, Any]:
     """Run one stage in `folder` inside its own MLflow run, closed FINISHED or FAILED; returns its result."""
     tracker = open_run(uri, experiment, name, parent_run_id=parent_run_id,
                        tags={**stage_tags(name, kind, spec), **(tags or {})})
     status = "FAILED"
     try:
-        result = run_stage(kind, spec, folder, inputs, tracker=tracker, emit=emit, cache_dir=cache_dir)
+        result = run_stage(kind, spec, folder, inputs, tracker=tracker, emit=emit, cache_dir=cache_dir,
+                           overwrite=overwrite)
         if "method" in result:
             tracker.set_tags({"sgtm.method": result["method"]})
         status = "FINISHED"
@@ -53,7 +54,8 @@ def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str
 
 
 def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, track: bool = True,
-               cache_dir: Path | None = None, experiment: str | None = None, emit=None) -> dict[str, Any]:
+               cache_dir: Path | None = None, experiment: str | None = None, emit=None, overwrite: bool = False
+               ) -> dict[str, Any]:
     """Run every stage; returns (and writes to WORKDIR/result.json) {'recipe', 'stages': {name: result}}."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,8 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
             inputs = {role: workdir / parent_name for role, parent_name in stage.inputs.items()}
             results[stage.name] = run_tracked_stage(stage.kind, stage.spec, workdir / stage.name, inputs, uri=uri,
                                                     experiment=experiment, name=stage.name,
-                                                    parent_run_id=parent.run_id, cache_dir=cache_dir, emit=emit)
+                                                    parent_run_id=parent.run_id, cache_dir=cache_dir, emit=emit,
+                                                    overwrite=overwrite)
         status = "FINISHED"
     finally:
         parent.close(status)

@@ -111,3 +111,14 @@ def test_a_moved_run_folder_is_read_evaluated_and_exported_from_another_director
     assert "eval/forget/loss" in evaluated["metrics"]
     out = export_model((moved / "train").resolve(), tmp_path / "exported")
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_sgtm_run_without_a_workdir_gets_a_fresh_readable_folder_per_run():
+    from sgtm_engine.cli import fresh_run_folder
+    from sgtm_engine.recipe import load_recipe
+
+    recipe = load_recipe("wiki-bilingual-sgtm")
+    other = load_recipe("wiki-bilingual-sgtm", {"train.steps": 7})
+    folder = fresh_run_folder(recipe)
+    assert folder.parent.name == "runs" and folder.name.startswith("wiki-bilingual-sgtm-")
+    assert folder.name.split("-")[-1] != fresh_run_folder(other).name.split("-")[-1]  # the spec hash tells them apart
