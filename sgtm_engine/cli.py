@@ -1,9 +1,9 @@
 """`sgtm`: run recipes, stages and sweeps in-process, the demo, and export. Service commands plug in as entry points.
 
 Engine commands live here; `serve`, `worker`, `submit`, `jobs`, `cancel`, `watch` come from the service package
-through the `sgtm.commands` entry-point group, so the engine never imports the service (architecture.md). `sweep` is
-the engine's: `--local` runs the cells here, and without it the command hands over to the service's own `sweep`
-(found through the same entry point), so one command serves both.
+through the `sgtm.commands` entry-point group, so the engine never imports the service (docs/architecture.md).
+`sweep` is the engine's: `--local` runs the cells here, and without it the command hands over to the service's own
+`sweep` (found through the same entry point), so one command serves both.
 """
 
 from __future__ import annotations

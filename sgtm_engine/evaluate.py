@@ -1,6 +1,6 @@
 """Evaluation: loss per split and category, logit calibration, and capability measures beyond loss.
 
-Choices (method.md A5, method-reference.md §7-§8):
+Choices (docs/method.md §10, §11):
 - Loss is token-weighted within a (split, category); a split's `loss` is the unweighted mean over its categories
   (the paper's `val_loss`), and `loss_tok` the token-weighted one. Top-1 next-token accuracy sits beside each loss.
 - Calibration fits only the output bias of an ablated copy (re-initialized from N(0, bias_std), seeded), on one

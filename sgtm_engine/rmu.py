@@ -1,4 +1,4 @@
-"""RMU (Li et al. 2024, WMDP), as the SGTM paper ran it on its no-filter model (method-reference.md §9.2).
+"""RMU (Li et al. 2024, WMDP), as the SGTM paper ran it on its no-filter model (docs/method.md §13; paper App. J.2).
 
 Two copies of the parent model: a frozen one and an updated one. Each step takes one forget batch and one retain
 batch from the parent's training splits (adjacent data unused) and minimizes

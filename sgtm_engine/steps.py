@@ -1,6 +1,6 @@
 """One optimizer step of language-model training, shared by pretraining (train.py) and the attack (attack.py).
 
-Choices (method.md A2, method-reference.md §3.2):
+Choices (docs/method.md §4, §5):
 - The loss is normalized by the target tokens of the whole global batch, so gradient accumulation and DDP (which
   averages gradients over ranks) give exactly the token-weighted mean of one big batch.
 - Micro-batches run under DDP's `no_sync` except the last; masks then apply once, to the summed and all-reduced

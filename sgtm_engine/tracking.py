@@ -1,6 +1,6 @@
 """Where a stage reports metrics: the Tracker protocol, a NullTracker, and an MLflow tracker.
 
-Choices (architecture.md, anchors.md §0.5-0.7):
+Choices (docs/architecture.md):
 - MLflow through `MlflowClient` with an explicit run id (the fluent API keeps process-global state).
 - Metrics are buffered and sent with `log_batch` (at most 1,000 per call), every `flush_every` points or
   `flush_seconds`, and at close: per-step HTTP calls would dominate a CPU training step and slow the MLflow UI.

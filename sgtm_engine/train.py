@@ -1,6 +1,6 @@
 """The training loop: one data split (pool) and one mode per optimizer step, masking once per step, exact resume.
 
-Choices (method.md A2-A4, method-reference.md §4-§5):
+Choices (docs/method.md §4, §6-§8):
 - The plan (pool, mode, skip per step) comes from the data package and is a pure function of the data and seed;
   the LR follows the step index, so skipped steps (epoch-matched filters) still advance the schedule.
 - A clean model (strategy none) trains every step as `default`: filters act by dropping data, not by masking.

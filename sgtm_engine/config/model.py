@@ -98,7 +98,8 @@ class ModelSpec:
         return v * d + self.context * d + self.n_layer * block + 2 * d + (v if self.output_bias else 0)
 
 
-#: The paper's 8 shapes (method-reference.md §10; vocab = GPT-2's 50,257) plus CPU-sized shapes for the embedded data.
+#: The paper's 8 shapes (TinyStories 8M-64M, Wikipedia 34M-254M; vocab = GPT-2's 50,257) plus CPU-sized shapes
+#: for the embedded data.
 MODEL_PRESETS: dict[str, ModelSpec] = {
     "ts-8m": ModelSpec(n_layer=6, d_model=128, context=512, vocab_size=50257),
     "ts-18m": ModelSpec(n_layer=6, d_model=256, context=512, vocab_size=50257),

@@ -55,7 +55,7 @@ class AblateSpec:
 
 @dataclass(frozen=True)
 class CalibrateSpec:
-    """Post-ablation logit calibration: fit only the output bias (method-reference.md §7)."""
+    """Post-ablation logit calibration: fit only the output bias (docs/method.md §10)."""
 
     __pydantic_config__ = FORBID_EXTRA
 

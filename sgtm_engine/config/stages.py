@@ -1,6 +1,6 @@
 """The stage specs, one per `StageKind` (`STAGE_SPECS`): what a train, ablate, evaluate, attack or RMU stage does.
 
-Defaults are the paper's (method-reference.md); checks that span sub-specs (a filter needs a clean model, the forget
+Defaults are the paper's (docs/method.md); checks that span sub-specs (a filter needs a clean model, the forget
 slice must fit the model) live in the stage spec that holds both.
 """
 
@@ -105,13 +105,13 @@ class AblateStageSpec:
 
 
 def _attack_optim() -> OptimSpec:
-    # method-reference.md §9.1: lr 2e-4, 200 warmup steps from 2e-5, cosine to 0, AdamW wd 0.1, betas (0.9, 0.95)
+    # The paper's attack (§5.3): lr 2e-4, 200 warmup steps from 2e-5, cosine to 0, AdamW wd 0.1, betas (0.9, 0.95)
     return OptimSpec(lr=2e-4, warmup_steps=200, warmup_start=0.1, min_lr_ratio=0.0, weight_decay=0.1)
 
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """Adversarial fine-tuning of a parent model on its own training data (method-reference.md §9.1).
+    """Adversarial fine-tuning of a parent model on its own training data (docs/method.md §12; paper §5.3).
 
     The parent (a train, ablate or rmu stage) is ablated if it has a forget slice and is not ablated yet, then
     fine-tuned as a clean model: every parameter, stock forward, no masking. Defaults are the paper's.
@@ -160,7 +160,7 @@ class AttackSpec:
 
 @dataclass(frozen=True)
 class RmuSpec:
-    """RMU unlearning (method-reference.md §9.2); defaults are the paper's (SGTM repo: WMDP's alpha and c)."""
+    """RMU unlearning (docs/method.md §13; paper App. J.2); defaults are the paper's (WMDP's alpha and c)."""
 
     __pydantic_config__ = FORBID_EXTRA
 

@@ -25,7 +25,7 @@ class MaskMode(enum.StrEnum):
 
 
 class Strategy(enum.StrEnum):
-    """How forget data is localized. method-reference.md §3."""
+    """How forget data is localized (docs/method.md §5)."""
 
     NONE = "none"  # a clean model: stock forward, no gradient surgery
     SGTM = "sgtm"  # parameter-gradient masking, down-projections and their biases included
@@ -48,7 +48,7 @@ class AblationKind(enum.StrEnum):
 
 
 class AttackData(enum.StrEnum):
-    """What the fine-tuning attacker trains on (method-reference.md §9.1)."""
+    """What the fine-tuning attacker trains on (docs/method.md §12)."""
 
     MIXTURE = "mixture"  # every train split, forget upsampled, one split per step (the paper)
     FORGET_ONLY = "forget_only"  # forget train documents only

@@ -1,4 +1,4 @@
-"""The paper's data sets: bilingual TinyStories and Wikipedia with ORES topics (method-reference.md §6).
+"""The paper's data sets: bilingual TinyStories and Wikipedia with ORES topics (docs/data.md).
 
 Both loaders take a hub id (downloaded lazily with `huggingface_hub`, only when called) or a local directory/file in
 the hub's layout: data files named by split (`train-00000-of-00004.parquet`, `validation-….parquet`, under any

@@ -1,7 +1,7 @@
-"""Removing the forget slice: zero it (the paper) or re-draw it from the retain slice's statistics (method.md A5).
+"""Removing the forget slice: zero it (the paper) or re-draw it from the retain slice's statistics (docs/method.md §9).
 
 Zero-ablation makes every ablated SGTM unit a stationary point: its in-row, bias and out-column are all zero, so its
-gradient is exactly zero and a fine-tuning attacker can never revive it (method-reference.md §3.5). Re-init ablation
+gradient is exactly zero and a fine-tuning attacker can never revive it (docs/method.md §9). Re-init ablation
 gives the attacker live capacity of the right scale instead: each slice is drawn from N(0, sigma) with sigma the
 empirical std of the matching retain slice of the same tensor (separately for c_fc weights, c_fc bias, c_proj
 columns, q/k/v and out_proj), from an explicitly seeded generator.

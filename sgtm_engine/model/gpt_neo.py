@@ -1,6 +1,6 @@
 """A GPT-Neo-compatible decoder on `scaled_dot_product_attention`, with SGTM masking as part of the forward.
 
-Choices (method.md A1, method-reference.md §1, §3):
+Choices (docs/method.md §1, §5):
 - Parameter names and shapes are those of `transformers.GPTNeoForCausalLM`, so state dicts move both ways.
 - GPT-Neo's quirks: no 1/sqrt(head_dim) score scaling (`scale=1.0`), alternating global / local-window layers (a
   local layer sees the last `window_size` positions, itself included), `gelu_new`, tied input/output embeddings,

@@ -1,4 +1,4 @@
-"""Gradient surgery: zero the gradients of the coordinates a step's mode freezes (method-reference.md §3.2).
+"""Gradient surgery: zero the gradients of the coordinates a step's mode freezes (docs/method.md §5).
 
 Run once per optimizer step, after the last micro-batch's backward (and so after DDP's all-reduce): masks apply to
 the summed gradient. For SGTM on forget steps this is the paper's `adjust_gradients`; for every other

@@ -1,4 +1,4 @@
-"""Mask-aware AdamW (our default) and the paper's legacy single AdamW (method.md A2, method-reference.md §4).
+"""Mask-aware AdamW (our default) and the paper's legacy single AdamW (docs/method.md §6).
 
 With a plain AdamW a zeroed gradient does not freeze a parameter: decoupled weight decay and the stale momentum
 m/sqrt(v) still move it, and the step count (bias correction) advances. Mask-aware AdamW skips masked coordinates

@@ -1,7 +1,7 @@
 """The partition table: which rows/columns of which tensors are the forget slice, and which are frozen when.
 
 Built once from (ModelSpec, MaskingSpec) and used by the forward masking, the gradient surgery, the mask-aware
-optimizer, ablation and analysis, so the rules live in one place (method-reference.md §2-§3).
+optimizer, ablation and analysis, so the rules live in one place (docs/method.md §3, §5).
 
 Choices:
 - In every masked block the retain dims come first and the forget dims are the contiguous tail (as the reference):

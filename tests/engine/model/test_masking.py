@@ -1,7 +1,8 @@
 """Every strategy x mode x parameter slice: which gradients are exactly zero, which are not, and the forward.
 
-The expected tables below are written out from method-reference.md §3 independently of the partition code, so a
-broken rule in `Partition` (say, forgetting the c_proj bias) fails here; `test_a_broken_rule_is_caught` proves it.
+The expected tables below are written out from docs/method.md §5 (paper App. F) independently of the partition
+code, so a broken rule in `Partition` (say, forgetting the c_proj bias) fails here; `test_a_broken_rule_is_caught`
+proves it.
 """
 
 from __future__ import annotations
