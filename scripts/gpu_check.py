@@ -181,7 +181,7 @@ def hf_arm(spec: ModelSpec, batch: torch.Tensor, runtime: Runtime):
             loss = hf(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return hf, step
 
@@ -226,17 +226,21 @@ def throughput(runtime: Runtime, preset: str, batch_size: int, steps: int, warmu
 
 
 def sweep(sweep_file: Path, overrides: list[str], workdir: Path, out: Path, jobs: int) -> dict[str, Any]:
-    from sgtm_engine.local_sweep import run_local_sweep
+    """The sweep through the local executor (resumable: a rerun skips the cells that already succeeded)."""
+    from sgtm_engine.local_sweep import load_sweep, run_sweep
+    from sgtm_engine.yamlio import parse_sets
 
     t0 = time.perf_counter()
-    report = run_local_sweep(sweep_file, workdir, overrides=overrides, jobs=jobs, track=False, emit=say)
+    cells = load_sweep(str(sweep_file), parse_sets(overrides))
+    say(f"{cells.name}: {len(cells.cells)} cells, {jobs} at a time")
+    report = run_sweep(cells, workdir, jobs=jobs, mlflow_uri=None, echo=say)
     copied = []
-    for path in sorted(workdir.glob("report*")) + sorted(workdir.glob("*.png")):
+    for path in [workdir / "report.md", workdir / "report.json", *map(Path, report["figures"].values())]:
         if path.is_file():
             shutil.copy2(path, out / path.name)
             copied.append(path.name)
-    return {"file": str(sweep_file.relative_to(ROOT)), "overrides": overrides, "wall_s": time.perf_counter() - t0,
-            "cells": report.get("counts"), "copied": copied}
+    return {"file": str(sweep_file), "overrides": overrides, "wall_s": time.perf_counter() - t0,
+            "n_cells": report["n_cells"], "n_succeeded": report["n_succeeded"], "copied": copied}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

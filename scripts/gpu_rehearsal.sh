@@ -17,7 +17,15 @@ if [ ! -x "$venv/bin/python3" ]; then
 fi
 [ -n "$(ls .whl/*.whl 2>/dev/null)" ] || bash scripts/gpu_wheels.sh
 rm -rf "$out" /tmp/sgtm-gpu-sweep-rehearsal
+# the sweep shrunk to CPU size: two tiny widths, one seed, a few steps
+tiny_sweep=(--sweep-set 'grid={train.model.d_model: [32, 64]}' --sweep-set 'seeds=[0]'
+  --sweep-set 'train.model={n_layer: 2, n_head: 8, context: 64, window_size: 32}'
+  --sweep-set 'train.data={vocab_size: 512, max_docs_per_split: 40, test_docs_per_category: 2}'
+  --sweep-set 'train.steps=4' --sweep-set 'train.batch_size=4' --sweep-set 'train.eval_every=2'
+  --sweep-set 'train.checkpoint_every=4' --sweep-set 'train.masking.forget_mlp_dim=16'
+  --sweep-set 'train.eval={max_batches: 1}' --sweep-set 'train.calibrate={steps: 2, batch_size: 4}'
+  --sweep-set 'evaluate.calibrate={steps: 2, batch_size: 4}' --sweep-set 'evaluate.eval={max_batches: 1, n_samples: 4}')
 env -i HOME="$HOME" PATH="$venv/bin:/usr/bin:/bin" SGTM_GPU_OUT="$out" SGTM_GPU_BUDGET_S=900 \
-  unshare -n bash scripts/gpu_check.sh --device cpu --tiny --steps 3 --warmup 4 \
-  --sweep-workdir /tmp/sgtm-gpu-sweep-rehearsal \
-  --sweep-set "train.model={preset_note: 0}" 
+  unshare -n bash scripts/gpu_check.sh --device cpu --tiny --steps 3 --warmup 4 --sweep-jobs 2 \
+  --sweep-workdir /tmp/sgtm-gpu-sweep-rehearsal "${tiny_sweep[@]}"
+echo "rehearsal passed; outputs in $out: $(ls "$out" | tr '\n' ' ')"
