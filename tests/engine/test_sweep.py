@@ -117,9 +117,9 @@ def test_every_problem_is_reported_at_once_with_its_location() -> None:
                             seeds=[0, "x"], extra=1))
     locs = dict(found)
     assert "must be a probability" in locs[("grid", "train.noise.recall", 1)]
-    assert "'nope' is not a field of train (TrainSpec); known fields" in locs[("grid", "train.nope")]
-    assert "no stage named 'zzz'" in locs[("grid", "zzz.steps")]
-    assert "is a value, not a mapping" in locs[("grid", "train.model.n_layer.x")]
+    assert "train.nope: unknown field of TrainSpec; known fields" in locs[("grid", "train.nope", 0)]
+    assert "for a stage of the recipe; stages: ['ablate', 'evaluate', 'train']" in locs[("grid", "zzz.steps")]
+    assert "is a value, not a block" in locs[("grid", "train.model.n_layer.x")]
     assert "re-point it" in locs[("variants", "bad", "ablate")]
     assert "integers" in locs[("seeds",)]
     assert "unknown key" in locs[("extra",)]
@@ -128,7 +128,7 @@ def test_every_problem_is_reported_at_once_with_its_location() -> None:
 def test_conflicts_and_no_op_cells_are_rejected() -> None:
     found = dict(problems_of(doc(grid={"train.noise.recall": [0.5]}, variants={"a": {"train.noise.recall": 0.4}},
                                  seeds=[0])))
-    assert "also a grid axis" in found[("variants", "a", "train.noise.recall")]
+    assert "overlaps a grid axis" in found[("variants", "a", "train.noise.recall")]
     found = dict(problems_of(doc(grid={"train.seed": [1, 2]}, seeds=[0])))
     assert "overlaps seed path" in found[("grid", "train.seed")]
     same = problems_of(doc(variants={"a": {"train.steps": 5}, "b": {}}))  # steps=5 is the base already
