@@ -202,17 +202,14 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
     """Expand the sweep file with the overrides (`defaults` first, then `--set`), then print or run its cells."""
     import time
 
-    from sgtm_engine.local_sweep import cells_yaml, run_sweep
-    from sgtm_engine.recipe import read_sweep
+    from sgtm_engine.local_sweep import cells_yaml, load_sweep, run_sweep
     from sgtm_engine.report import report_markdown
-    from sgtm_engine.sweep import apply_sweep_overrides, parse_sweep
     from sgtm_engine.tracking import local_tracking_uri
     from sgtm_engine.yamlio import parse_sets
 
     started = time.perf_counter()
     try:
-        data = read_sweep(name)
-        sweep = parse_sweep(apply_sweep_overrides(data, {**defaults(data), **parse_sets(list(pairs))}))
+        sweep = load_sweep(name, parse_sets(list(pairs)), defaults)
         if print_config:
             typer.echo(cells_yaml(sweep), nl=False)
             return

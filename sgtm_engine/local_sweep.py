@@ -1,20 +1,8 @@
 """`sgtm sweep FILE --local`: run a sweep's cells on this machine, resumably, and write its report.
 
 The cells are `sweep.parse_sweep`'s (the same expansion, cell ids and dedupe as the service's sweeps) and the report
-is `report.build_report`'s. The workdir holds:
-- `stages/<kind>-<key>/`: one folder per distinct stage, where `key` hashes the stage's kind, resolved spec and the
-  keys of its inputs. Cells that share a stage (every cell of a seed attacks against the same no-filter
-  `reference`) run it once; a stage whose folder holds a `result.json` is done, and a stage cut off mid-way
-  resumes from its checkpoint.
-- `cells/<cell id>.json`: the cell's variant, grid values, seed, stage folders and status. A cell that succeeded is
-  skipped on a rerun; a failed one runs again (its finished stages are kept).
-- `report.json`, `report.md` and the figures.
-
-Choices made here: stages run in cell order, at most `jobs` at a time (`jobs` > 1: spawned worker processes, one
-stage each; 1: in this process, so Ctrl-C stops it at once), each as soon as its inputs are done. A failed stage
-fails the cells that use it, never the sweep: the others run on. MLflow (when a tracking URI is given): a parent
-run for the sweep, a run per cell nested under it, the stage runs nested under the cell that first needed them (as
-the service does); the report's aggregates and files go to the sweep's run.
+`report.build_report`'s. The run folder (stages shared between cells, cell records, report) and how stages are
+scheduled, resumed and tracked are user documentation: docs/sweeps.md, "Running on this machine".
 """
 
 from __future__ import annotations
@@ -32,7 +20,7 @@ from typing import Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.recipe import read_sweep
-from sgtm_engine.report import SUCCEEDED, build_report, flat_metrics
+from sgtm_engine.report import SUCCEEDED, build_report
 from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
 from sgtm_engine.yamlio import dump_yaml
 
@@ -40,8 +28,11 @@ from sgtm_engine.yamlio import dump_yaml
 # The sweep document
 
 
-def load_sweep(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sweep:
-    return parse_sweep(apply_sweep_overrides(read_sweep(name_or_path), overrides or {}))
+def load_sweep(name_or_path: str, overrides: dict[str, Any] | None = None,
+               defaults: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: {}) -> Sweep:
+    """Read a sweep file and apply `defaults(data)`, then `overrides` (`--set`), before expanding it."""
+    data = read_sweep(name_or_path)
+    return parse_sweep(apply_sweep_overrides(data, {**defaults(data), **(overrides or {})}))
 
 
 def cells_yaml(sweep: Sweep) -> str:
@@ -126,7 +117,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
             "error": failed[0] if failed else None})
         cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
     report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
-    parent.log_metrics(flat_metrics(report), step=0)
+    parent.log_metrics(report["metrics"], step=0)
     for path in [workdir / "report.md", workdir / "report.json", *report["figures"].values()]:
         parent.log_artifact(path)
     parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
