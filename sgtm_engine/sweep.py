@@ -28,14 +28,12 @@ from sgtm_engine.config import (
     spec_hash,
     to_dict,
 )
-from sgtm_engine.errors import ConfigError, Problem, render_loc
+from sgtm_engine.errors import ConfigError, Loc, Problem, render_loc
 
 TOP_KEYS = ("kind", "name", "description", "experiment", "base", "variants", "grid", "seeds", "seed_paths")
 NAME = re.compile(STAGE_NAME_PATTERN)
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 MAX_CELLS = 2000
-
-Loc = tuple[str | int, ...]
 
 
 class SweepError(ConfigError):
@@ -269,16 +267,15 @@ def _expand(stages: list[dict[str, Any]], variants: dict[str, dict[str, Any]], g
                 resolved = _resolve(stages, sources, problems)
                 if resolved is None:
                     continue
-                cell_id = spec_hash({"stages": [_identity(s) for s in resolved], "seed": seed})
                 params = {a: grid[a][i] for a, i in zip(axes, combo, strict=True)}
-                label = _label(variant, params, seed)
-                if cell_id in seen:
-                    problems.append(Problem((), f"cells {seen[cell_id]} and {label} resolve to the same pipeline; "
-                                                "a variant or grid value changes nothing: remove it", label))
+                cell_id = spec_hash({"stages": [_identity(s) for s in resolved], "seed": seed})
+                cell = Cell(cell_id, len(cells), variant, params, seed, resolved)
+                if cell.cell_id in seen:
+                    problems.append(Problem((), f"cells {seen[cell.cell_id]} and {cell_label(cell)} resolve to the "
+                                                "same pipeline; a variant or grid value changes nothing: remove it"))
                     continue
-                seen[cell_id] = label
-                cells.append(Cell(cell_id=cell_id, position=len(cells), variant=variant, params=params, seed=seed,
-                                  stages=resolved))
+                seen[cell.cell_id] = cell_label(cell)
+                cells.append(cell)
     return cells
 
 
@@ -326,8 +323,8 @@ def _blame(problem: Problem, raw: list[dict[str, Any]], names: list[str],
     at the grid value, variant key or seed that set that field (or a block around it), else in the base."""
     i, rest = problem.loc[1], problem.loc[2:]
     assert isinstance(i, int)  # parse_stages locates every problem in a stage
-    name = raw[i]["name"]
-    field = ".".join([name, *(str(p) for p in rest[rest[:1] == ("spec",):] if not isinstance(p, int))])
+    name, fields = raw[i]["name"], rest[1:] if rest[:1] == ("spec",) else rest
+    field = ".".join([name, *(str(p) for p in fields if not isinstance(p, int))])
     for path, value, loc in sources:
         if field == path or field.startswith(path + ".") or path.startswith(field + "."):
             label = render_loc(loc[:2] if loc[0] == "grid" else loc)  # the value is in the message
@@ -341,13 +338,9 @@ def _identity(stage: dict[str, Any]) -> dict[str, Any]:
             "spec": stage["spec"]}
 
 
-def _label(variant: str | None, params: dict[str, Any], seed: int | None) -> str:
-    parts = ([f"variant={variant}"] if variant is not None else []) + [f"{k}={v!r}" for k, v in params.items()]
-    if seed is not None:
-        parts.append(f"seed={seed}")
-    return "(" + ", ".join(parts) + ")"
-
-
 def cell_label(cell: Cell) -> str:
     """A short human label: `(variant=sgtm, train.noise.recall=0.5, seed=1)`."""
-    return _label(cell.variant, cell.params, cell.seed)
+    parts = [f"variant={cell.variant}"] if cell.variant is not None else []
+    parts += [f"{k}={v!r}" for k, v in cell.params.items()]
+    parts += [f"seed={cell.seed}"] if cell.seed is not None else []
+    return "(" + ", ".join(parts) + ")"
