@@ -110,7 +110,8 @@ def apply_stage_overrides(stages: Any, overrides: Mapping[str, Any],
 
 def _override(stages: Any, overrides: Mapping[str, Any], problems: list[Problem],
               where: Callable[[str], tuple[Loc, str]] = _set_option) -> list[Any]:
-    raw = copy.deepcopy(stages) if isinstance(stages, list) else []  # set_path writes into nested blocks
+    # set_path writes into nested blocks: each stage its own copy, also of blocks YAML anchors share between stages
+    raw = [copy.deepcopy(s) for s in stages] if isinstance(stages, list) else []
     by_name = {s.get("name"): s for s in raw if isinstance(s, dict)}
     for path, value in overrides.items():
         stage_name, _, rest = path.partition(".")

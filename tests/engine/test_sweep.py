@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sgtm_engine.sweep import SweepError, default_seed_paths, parse_sweep
+from sgtm_engine.sweep import SweepError, apply_sweep_overrides, default_seed_paths, parse_sweep
 
 TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 5}
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "sweeps"
@@ -154,3 +154,21 @@ def test_the_shipped_sweep_recipes_expand() -> None:
     for path in sorted(RECIPES.glob("*.yaml")):
         sweep = parse_sweep(yaml.safe_load(path.read_text()))
         assert sweep.cells, path
+
+
+def test_stages_sharing_a_yaml_anchor_are_overridden_apart() -> None:
+    """`spec: *train` makes two stages share one mapping when read; an override of one must not reach the other."""
+    data = yaml.safe_load("""
+kind: sweep
+base:
+  stages:
+    - {name: reference, kind: train, spec: &train {steps: 5, masking: {strategy: none},
+                                           model: {n_layer: 2, d_model: 64, context: 64}}}
+    - {name: train, kind: train, spec: *train}
+variants: {sgtm: {train.masking.strategy: sgtm, train.model.n_layer: 3}}
+""")
+    reference, train = parse_sweep(data).cells[0].stages
+    assert (reference["spec"]["masking"]["strategy"], reference["spec"]["model"]["n_layer"]) == ("none", 2)
+    assert (train["spec"]["masking"]["strategy"], train["spec"]["model"]["n_layer"]) == ("sgtm", 3)
+    overridden = apply_sweep_overrides(data, {"train.model.n_layer": 4})["base"]["stages"]
+    assert [s["spec"]["model"]["n_layer"] for s in overridden] == [2, 4]
