@@ -120,11 +120,15 @@ def run_cmd(
 # ---------------------------------------------------------------------------------------------------------------------
 # sweep (local, or submitted to the service), and its aliases demo and attack-matrix
 
-#: `sgtm demo --quick`: recipes/sweeps/demo.yaml with these overrides (a check that everything runs, ~2 min).
-DEMO_QUICK = ("name=demo-quick", "reference.steps=40", "train.steps=40", "reference.eval_every=null",
-              "train.eval_every=null", "reference.eval.max_batches=1", "train.eval.max_batches=1",
-              "evaluate.calibrate.steps=10", "evaluate.eval.max_batches=2", "evaluate.eval.n_samples=8",
-              "attack.steps=20", "attack.eval_every=10")
+#: `sgtm demo --quick`: recipes/sweeps/demo.yaml with these overrides: every stage kind and both tables, at a size
+#: that only checks everything runs (held-out evaluation covers every category, so its batches are kept small).
+DEMO_QUICK = ("name=demo-quick", *(f"{model}.{key}" for model in ("reference", "train") for key in (
+                  "steps=20", "batch_size=8", "optim.warmup_steps=5", "eval_every=null",
+                  "eval={max_batches: 1, batch_size: 4}")),
+              "evaluate.calibrate={steps: 5, batch_size: 4}",
+              "evaluate.eval={max_batches: 1, batch_size: 4, n_samples: 4, sample_tokens: 8}",
+              "attack.steps=10", "attack.eval_every=5", "attack.batch_size=8", "attack.optim.warmup_steps=2",
+              "attack.eval.batch_size=4")
 #: Corpora with an adjacent split: only there does a strict filter train a different model than the weak one.
 CORPORA_WITH_ADJACENT = ("wiki-bio", "wikipedia-ores")
 

@@ -48,14 +48,13 @@ def cells_yaml(sweep: Sweep) -> str:
 
 @dataclass(frozen=True)
 class _Task:
-    """One distinct stage: what `runner.run_tracked_stage` needs, plus the keys of the stages it waits for."""
+    """One distinct stage, known by its folder's name: what `runner.run_tracked_stage` needs. It waits for the
+    stages whose folders are its inputs."""
 
-    key: str
     kind: str
     spec: dict[str, Any]
     folder: Path
     inputs: dict[str, Path]
-    after: tuple[str, ...]
     name: str
     cell_run_id: str | None
     tags: dict[str, str]
@@ -97,9 +96,8 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
         for stage in cell.stages:
             folder = folders[stage["name"]]
             if folder.name not in tasks and not (folder / "result.json").exists():
-                tasks[folder.name] = _Task(folder.name, stage["kind"], stage["spec"], folder,
+                tasks[folder.name] = _Task(stage["kind"], stage["spec"], folder,
                                            {r: folders[p] for r, p in stage["inputs"].items()},
-                                           tuple(folders[p].name for p in stage["inputs"].values()),
                                            f"{stage['name']} {cell_label(cell)}", run.run_id, tags)
     try:
         errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
@@ -126,19 +124,20 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
 
 def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: str, cache_dir: Path | None,
                echo: Callable[[str], None]) -> dict[str, str]:
-    """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {key: error} of the failed
-    ones (a task whose input failed fails without running)."""
+    """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {folder name: error} of the
+    failed ones (a task whose input failed fails without running)."""
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
     pending, done, errors = list(tasks.values()), set(), {}
     running: dict[Future, tuple[_Task, float]] = {}
     with pool or contextlib.nullcontext():
         while pending or running:
             for task in list(pending):
-                blocked = [k for k in task.after if k in errors]
+                after = [p.name for p in task.inputs.values()]
+                blocked = [k for k in after if k in errors]
                 if blocked:
-                    errors[task.key] = f"input {blocked[0]} failed"
+                    errors[task.folder.name] = f"input {blocked[0]} failed"
                     pending.remove(task)
-                elif all(k in done or k not in tasks for k in task.after) and len(running) < jobs:
+                elif all(k in done or k not in tasks for k in after) and len(running) < jobs:
                     started = time.perf_counter()
                     running[_submit(pool, task, uri, experiment, cache_dir)] = (task, started)
                     pending.remove(task)
@@ -146,11 +145,11 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
             for future in finished:
                 task, started = running.pop(future)
                 if future.exception() is None:
-                    done.add(task.key)
+                    done.add(task.folder.name)
                     echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
                 else:
                     exc = future.exception()
-                    errors[task.key] = "".join(traceback.format_exception(exc))  # kept in the cell's file
+                    errors[task.folder.name] = "".join(traceback.format_exception(exc))  # kept in the cell's file
                     echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
     return errors
 

@@ -55,7 +55,7 @@ def test_demo_quick_overrides_keep_the_reference_shared():
 
     sweep = load_sweep("demo", parse_sets(list(DEMO_QUICK)))
     cells = {c.variant: c for c in sweep.cells}
-    assert sweep.name == "demo-quick" and cells["sgtm"].stages[1]["spec"]["steps"] == 40
+    assert sweep.name == "demo-quick" and cells["sgtm"].stages[1]["spec"]["steps"] == 20
     assert _folders(cells["sgtm"])["reference"] == _folders(cells["no_filter"])["train"]
 
 
