@@ -327,7 +327,9 @@ def _blame(problem: Problem, raw: list[dict[str, Any]], names: list[str],
     field = ".".join([name, *(str(p) for p in fields if not isinstance(p, int))])
     for path, value, loc in sources:
         if field == path or field.startswith(path + ".") or path.startswith(field + "."):
-            label = render_loc(loc[:2] if loc[0] == "grid" else loc)  # the value is in the message
+            if loc[0] == "grid" and problem.value is None and value is not None:
+                loc = loc[:2]  # a problem that names no value (an unknown field) is the axis's, not one value's
+            label = render_loc(loc[:2] if loc[0] == "grid" else loc)  # a value's problem shows the value
             return Problem(loc, f"{label}: {problem.msg}", value)
     return Problem(("base", "stages", names.index(name), *rest), f"base: {problem.msg}", problem.value)
 

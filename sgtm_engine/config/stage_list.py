@@ -120,8 +120,12 @@ def _override(stages: Any, overrides: Mapping[str, Any], problems: list[Problem]
             names = sorted(str(n) for n in by_name)
             guess = did_you_mean(stage_name, names)
             hint = f"did you mean '{guess}.{rest}'?" if guess and rest else f"stages: {names}"
+            if stage is None:
+                what = f"no stage named {stage_name!r}; {hint}"
+            else:
+                what = f"names a whole stage; set a field of it, e.g. '{stage_name}.steps'"
             loc, label = where(path)
-            problems.append(Problem(loc, f"{label}: set STAGE.field=value for a stage of the recipe; {hint}"))
+            problems.append(Problem(loc, f"{label}: {what}"))
             continue
         target = "inputs" if rest.startswith("inputs.") else "spec"
         block = stage[target] = dict(stage.get(target) or {})
