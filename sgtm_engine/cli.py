@@ -138,11 +138,16 @@ def fresh_run_folder(recipe) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # sweep (local, or submitted to the service), and its aliases demo and attack-matrix
 
-#: `sgtm demo --quick`: recipes/sweeps/demo.yaml with these overrides (a check that everything runs, ~2 min).
-DEMO_QUICK = ("name=demo-quick", "reference.steps=40", "train.steps=40", "reference.eval_every=null",
-              "train.eval_every=null", "reference.eval.max_batches=1", "train.eval.max_batches=1",
-              "evaluate.calibrate.steps=10", "evaluate.eval.max_batches=2", "evaluate.eval.n_samples=8",
-              "attack.steps=20", "attack.eval_every=10")
+#: `sgtm demo --quick`: recipes/sweeps/demo.yaml with these overrides: every stage kind and both tables, at a size
+#: that only checks everything runs (held-out evaluation covers every category, so its batches are kept small). Both
+#: trained models get the same ones, so the no-filter model stays the attacks' shared reference.
+_QUICK_TRAIN = ("steps=20", "batch_size=8", "optim.warmup_steps=5", "eval_every=null",
+                "eval={max_batches: 1, batch_size: 4}")
+DEMO_QUICK = ("name=demo-quick", *(f"{stage}.{pair}" for stage in ("reference", "train") for pair in _QUICK_TRAIN),
+              "evaluate.calibrate={steps: 5, batch_size: 4}",
+              "evaluate.eval={max_batches: 1, batch_size: 4, n_samples: 4, sample_tokens: 8}",
+              "attack.steps=10", "attack.eval_every=5", "attack.batch_size=8", "attack.optim.warmup_steps=2",
+              "attack.eval.batch_size=4")
 #: Corpora with an adjacent split: only there does a strict filter train a different model than the weak one.
 CORPORA_WITH_ADJACENT = ("wiki-bio", "wikipedia-ores")
 
@@ -220,17 +225,14 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
     """Expand the sweep file with the overrides (`defaults` first, then `--set`), then print or run its cells."""
     import time
 
-    from sgtm_engine.local_sweep import cells_yaml, run_sweep
-    from sgtm_engine.recipe import read_sweep
+    from sgtm_engine.local_sweep import cells_yaml, load_sweep, run_sweep
     from sgtm_engine.report import report_markdown
-    from sgtm_engine.sweep import apply_sweep_overrides, parse_sweep
     from sgtm_engine.tracking import local_tracking_uri
     from sgtm_engine.yamlio import parse_sets
 
     started = time.perf_counter()
     try:
-        data = read_sweep(name)
-        sweep = parse_sweep(apply_sweep_overrides(data, {**defaults(data), **parse_sets(list(pairs))}))
+        sweep = load_sweep(name, parse_sets(list(pairs)), defaults)
         if print_config:
             typer.echo(cells_yaml(sweep), nl=False)
             return

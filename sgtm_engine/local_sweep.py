@@ -1,20 +1,8 @@
 """`sgtm sweep FILE --local`: run a sweep's cells on this machine, resumably, and write its report.
 
 The cells are `sweep.parse_sweep`'s (the same expansion, cell ids and dedupe as the service's sweeps) and the report
-is `report.build_report`'s. The workdir holds:
-- `stages/<kind>-<key>/`: one folder per distinct stage, where `key` hashes the stage's kind, resolved spec and the
-  keys of its inputs. Cells that share a stage (every cell of a seed attacks against the same no-filter
-  `reference`) run it once; a stage whose folder holds a `result.json` is done, and a stage cut off mid-way
-  resumes from its checkpoint.
-- `cells/<cell id>.json`: the cell's variant, grid values, seed, stage folders and status. A cell that succeeded is
-  skipped on a rerun; a failed one runs again (its finished stages are kept).
-- `report.json`, `report.md` and the figures.
-
-Choices made here: stages run in cell order, at most `jobs` at a time (`jobs` > 1: spawned worker processes, one
-stage each; 1: in this process, so Ctrl-C stops it at once), each as soon as its inputs are done. A failed stage
-fails the cells that use it, never the sweep: the others run on. MLflow (when a tracking URI is given): a parent
-run for the sweep, a run per cell nested under it, the stage runs nested under the cell that first needed them (as
-the service does); the report's aggregates and files go to the sweep's run.
+`report.build_report`'s. The run folder (stages shared between cells, cell records, report) and how stages are
+scheduled, resumed and tracked are user documentation: docs/sweeps.md, "Running on this machine".
 """
 
 from __future__ import annotations
@@ -32,7 +20,7 @@ from typing import Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.recipe import read_sweep
-from sgtm_engine.report import SUCCEEDED, build_report, flat_metrics
+from sgtm_engine.report import SUCCEEDED, build_report
 from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
 from sgtm_engine.yamlio import dump_yaml
 
@@ -40,8 +28,11 @@ from sgtm_engine.yamlio import dump_yaml
 # The sweep document
 
 
-def load_sweep(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sweep:
-    return parse_sweep(apply_sweep_overrides(read_sweep(name_or_path), overrides or {}))
+def load_sweep(name_or_path: str, overrides: dict[str, Any] | None = None,
+               defaults: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: {}) -> Sweep:
+    """Read a sweep file and apply `defaults(data)`, then `overrides` (`--set`), before expanding it."""
+    data = read_sweep(name_or_path)
+    return parse_sweep(apply_sweep_overrides(data, {**defaults(data), **(overrides or {})}))
 
 
 def cells_yaml(sweep: Sweep) -> str:
@@ -57,14 +48,13 @@ def cells_yaml(sweep: Sweep) -> str:
 
 @dataclass(frozen=True)
 class _Task:
-    """One distinct stage: what `runner.run_tracked_stage` needs, plus the keys of the stages it waits for."""
+    """One distinct stage, known by its folder's name: what `runner.run_tracked_stage` needs. It waits for the
+    stages whose folders are its inputs."""
 
-    key: str
     kind: str
     spec: dict[str, Any]
     folder: Path
     inputs: dict[str, Path]
-    after: tuple[str, ...]
     name: str
     cell_run_id: str | None
     tags: dict[str, str]
@@ -106,9 +96,8 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
         for stage in cell.stages:
             folder = folders[stage["name"]]
             if folder.name not in tasks and not (folder / "result.json").exists():
-                tasks[folder.name] = _Task(folder.name, stage["kind"], stage["spec"], folder,
+                tasks[folder.name] = _Task(stage["kind"], stage["spec"], folder,
                                            {r: folders[p] for r, p in stage["inputs"].items()},
-                                           tuple(folders[p].name for p in stage["inputs"].values()),
                                            f"{stage['name']} {cell_label(cell)}", run.run_id, tags)
     try:
         errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
@@ -126,7 +115,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
             "error": failed[0] if failed else None})
         cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
     report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
-    parent.log_metrics(flat_metrics(report), step=0)
+    parent.log_metrics(report["metrics"], step=0)
     for path in [workdir / "report.md", workdir / "report.json", *report["figures"].values()]:
         parent.log_artifact(path)
     parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
@@ -135,19 +124,20 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
 
 def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: str, cache_dir: Path | None,
                echo: Callable[[str], None]) -> dict[str, str]:
-    """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {key: error} of the failed
-    ones (a task whose input failed fails without running)."""
+    """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {folder name: error} of the
+    failed ones (a task whose input failed fails without running)."""
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
     pending, done, errors = list(tasks.values()), set(), {}
     running: dict[Future, tuple[_Task, float]] = {}
     with pool or contextlib.nullcontext():
         while pending or running:
             for task in list(pending):
-                blocked = [k for k in task.after if k in errors]
+                after = [p.name for p in task.inputs.values()]
+                blocked = [k for k in after if k in errors]
                 if blocked:
-                    errors[task.key] = f"input {blocked[0]} failed"
+                    errors[task.folder.name] = f"input {blocked[0]} failed"
                     pending.remove(task)
-                elif all(k in done or k not in tasks for k in task.after) and len(running) < jobs:
+                elif all(k in done or k not in tasks for k in after) and len(running) < jobs:
                     started = time.perf_counter()
                     running[_submit(pool, task, uri, experiment, cache_dir)] = (task, started)
                     pending.remove(task)
@@ -155,11 +145,11 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
             for future in finished:
                 task, started = running.pop(future)
                 if future.exception() is None:
-                    done.add(task.key)
+                    done.add(task.folder.name)
                     echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
                 else:
                     exc = future.exception()
-                    errors[task.key] = "".join(traceback.format_exception(exc))  # kept in the cell's file
+                    errors[task.folder.name] = "".join(traceback.format_exception(exc))  # kept in the cell's file
                     echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
     return errors
 

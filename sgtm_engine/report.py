@@ -1,24 +1,11 @@
-"""Sweep reports: tables aggregated over seeds and the paper's figures, built from the cells' stage results.
+"""Sweep reports: tables aggregated over seeds, and the paper's figures (report_figures), built from the cells'
+stage results.
 
-Input: one record per cell, `{"cell_id", "variant", "params": {dotted path: value}, "seed", "status",
-"stages": {stage name: the stage's result dict, as `stage.run_stage` returns it}}`. The service builds the records
-from its ledger, `sgtm sweep --local` (sgtm_engine.local_sweep) from its workdir. The figures are in report_figures.
-
-Choices made here:
-- Torch-free (stdlib, numpy; matplotlib only when figures are written): the API imports this module.
-- Cells are grouped by (variant, grid params) and aggregated over seeds: mean, sample standard deviation (ddof = 1;
-  None when n = 1, because one seed says nothing about spread) and n. Only succeeded cells enter the statistics;
-  failed, cancelled and unfinished cells are counted and listed per group, never averaged in. A succeeded cell that
-  lacks a metric simply does not count towards that metric's n (n is per metric).
-- Final metrics come from the stage named `evaluate` (else the first evaluate stage, else the train stage's final
-  evaluation): split loss and accuracy of the unablated (`eval`), ablated (`eval_ablated`) and calibrated
-  (`eval_calibrated`) views, and the capability metrics (target-language share, cloze accuracy).
-- The method's training run is the stage named `train` (else the first train stage); its evaluation history gives
-  the trade-off across checkpoints.
-- Attack stages: steps and forget tokens to recovery are averaged over the seeds that recovered, next to the
-  recovered fraction (k/n); "not recovered within N steps" when none did. The gap to the reference (forget loss at
-  the end minus the baseline's) is per seed, then averaged.
-- Markdown pairs each final metric's main view (calibrated, else ablated) with the unablated one in brackets.
+Input: one record per cell, `{"cell_id", "variant", "params": {dotted path: value}, "seed", "status", "stages":
+{stage name: the stage's result dict, as `stage.run_stage` returns it}}`, which the service builds from its ledger
+and `sgtm sweep --local` from its run folder. Torch-free (stdlib; matplotlib only when figures are written): the API
+imports this module. How cells are grouped, which stages and metrics are read and how seeds are aggregated is user
+documentation: docs/sweeps.md, "The report".
 """
 
 from __future__ import annotations
@@ -26,20 +13,20 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from sgtm_engine.mlflow_keys import metric_key  # noqa: E402
+from sgtm_engine.mlflow_keys import metric_key
 
 SUCCEEDED = "succeeded"
 _FINAL_KEY = re.compile(r"^(eval|eval_ablated|eval_calibrated)/((retain|forget|adjacent)/(loss|acc)|capability/[^/]+)$")
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Aggregation (shared with the attack matrix)
+# Aggregation
 
 
 @dataclass(frozen=True)
@@ -50,17 +37,11 @@ class Stat:
     std: float | None
     n: int
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "n": self.n}
-
 
 def mean_std(values: Iterable[float | None]) -> Stat:
     """Mean and sample std (ddof = 1) of the finite values; None and NaN are left out (and not counted)."""
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not xs:
-        return Stat(None, None, 0)
-    arr = np.asarray(xs, dtype=float)
-    return Stat(float(arr.mean()), float(arr.std(ddof=1)) if len(xs) > 1 else None, len(xs))
+    return Stat(statistics.fmean(xs) if xs else None, statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
 
 
 def format_stat(stat: Stat | Mapping[str, Any] | None, fmt: str = ".3f", with_n: bool = True) -> str:
@@ -79,13 +60,10 @@ def format_stat(stat: Stat | Mapping[str, Any] | None, fmt: str = ".3f", with_n:
 # Reading one cell's stage results
 
 
-def _stage_kind(name: str, result: Mapping[str, Any]) -> str:
-    return str(result.get("kind") or name)
-
-
 def stages_of(record: Mapping[str, Any], kind: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The cell's stage results of `kind` (a result without its kind: the stage named like it)."""
     stages = record.get("stages") or {}
-    return [(n, r) for n, r in stages.items() if isinstance(r, Mapping) and _stage_kind(n, r) == kind]
+    return [(n, r) for n, r in stages.items() if isinstance(r, Mapping) and (r.get("kind") or n) == kind]
 
 
 def _preferred(record: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -210,7 +188,7 @@ def _row(group: Group, stats: Mapping[str, Stat]) -> dict[str, Any]:
             "n_cells": len(group.cells), "n_succeeded": len(group.ok), "n_failed": len(bad),
             "seeds": sorted(c.get("seed") for c in group.ok if c.get("seed") is not None),
             "missing": [{"cell_id": c.get("cell_id"), "seed": c.get("seed"), "status": c.get("status")} for c in bad],
-            "stats": {k: s.as_dict() for k, s in stats.items()}}
+            "stats": {k: asdict(s) for k, s in stats.items()}}
 
 
 def tables(groups: Sequence[Group]) -> list[dict[str, Any]]:
@@ -243,9 +221,7 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
         "n_failed", "statuses": {status: count}}`.
     """
     groups = group_cells(records)
-    statuses: dict[str, int] = {}
-    for rec in records:
-        statuses[str(rec.get("status"))] = statuses.get(str(rec.get("status")), 0) + 1
+    statuses = dict(Counter(str(rec.get("status")) for rec in records))
     n_ok = statuses.get(SUCCEEDED, 0)
     report: dict[str, Any] = {"n_cells": len(records), "n_succeeded": n_ok, "n_failed": len(records) - n_ok,
                               "statuses": statuses, "tables": tables(groups), "figures": {}}

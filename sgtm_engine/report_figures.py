@@ -72,16 +72,17 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     views = [v for v in (_view_for_uncalibrated(present), "eval_calibrated") if v in present]
     if not views:
         return None
-    points = list(dict.fromkeys(json.dumps(g.params, sort_keys=True, default=str) for g in groups))
+    points: dict[str, list[Group]] = {}  # grid point -> its groups, one per variant
+    for g in groups:
+        points.setdefault(json.dumps(g.params, sort_keys=True, default=str), []).append(g)
     fig, axes = plt.subplots(len(points), len(views), figsize=(max(5.5 * len(views), 7.0), 4.2 * len(points)),
                              squeeze=False, layout="constrained")  # constrained: the suptitle gets its own space
     colors = _colors(groups)
-    for row, point in enumerate(points):
+    for row, mine in enumerate(points.values()):
+        params = group_label("", mine[0].params).strip()
         for col, view in enumerate(views):
             ax = axes[row][col]
-            for g in groups:
-                if json.dumps(g.params, sort_keys=True, default=str) != point:
-                    continue
+            for g in mine:
                 curves = [tradeoff_curve(c, view) for c in g.ok]
                 curves = [c for c in curves if c]
                 if not curves:
@@ -92,7 +93,6 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
                 y = [s.mean for s in forget]
                 ax.plot(x, y, marker="o", ms=3, lw=1.2, color=colors[g.variant], label=g.variant)
                 ax.plot(x[-1:], y[-1:], marker="*", ms=12, color=colors[g.variant], linestyle="none")
-            params = group_label("", json.loads(point)).strip()
             ax.set_title(f"{VIEW_TITLES[view]} {params}".strip())
             ax.set_xlabel("retain loss (nats/token)")
             ax.set_ylabel("forget loss (nats/token)")

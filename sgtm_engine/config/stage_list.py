@@ -16,6 +16,7 @@ Rules (every problem reported at once, located under `("stages", i, ...)`):
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -91,18 +92,26 @@ def parse_recipe(data: Any, overrides: Mapping[str, Any] | None = None, *,
     return Recipe(name, tuple(stages), str(data.get("description") or ""), data.get("experiment"))
 
 
-def apply_stage_overrides(stages: Any, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _set_option(path: str) -> tuple[Loc, str]:
+    return ("--set", path), f"--set {path}"
+
+
+def apply_stage_overrides(stages: Any, overrides: Mapping[str, Any],
+                          where: Callable[[str], tuple[Loc, str]] = _set_option) -> list[dict[str, Any]]:
     """A copy of a raw stage list with `STAGE.field.path=value` overrides applied (`STAGE.inputs.NAME` re-points an
-    input); an override naming no stage is a problem with a did-you-mean."""
+    input); an override naming no stage is a problem with a did-you-mean. `where(path)`: the location and label of
+    an override's problems (default: the `--set` option)."""
     problems: list[Problem] = []
-    out = _override(stages, overrides, problems)
+    out = _override(stages, overrides, problems, where)
     if problems:
         raise ConfigError(problems)
     return out
 
 
-def _override(stages: Any, overrides: Mapping[str, Any], problems: list[Problem]) -> list[Any]:
-    raw = [dict(s) if isinstance(s, dict) else s for s in stages] if isinstance(stages, list) else []
+def _override(stages: Any, overrides: Mapping[str, Any], problems: list[Problem],
+              where: Callable[[str], tuple[Loc, str]] = _set_option) -> list[Any]:
+    # set_path writes into nested blocks: each stage its own copy, also of blocks YAML anchors share between stages
+    raw = [copy.deepcopy(s) for s in stages] if isinstance(stages, list) else []
     by_name = {s.get("name"): s for s in raw if isinstance(s, dict)}
     for path, value in overrides.items():
         stage_name, _, rest = path.partition(".")
@@ -111,15 +120,20 @@ def _override(stages: Any, overrides: Mapping[str, Any], problems: list[Problem]
             names = sorted(str(n) for n in by_name)
             guess = did_you_mean(stage_name, names)
             hint = f"did you mean '{guess}.{rest}'?" if guess and rest else f"stages: {names}"
-            problems.append(Problem(("--set", path), f"--set {path}: set STAGE.field=value for a stage of the "
-                                                     f"recipe; {hint}"))
+            if stage is None:
+                what = f"no stage named {stage_name!r}; {hint}"
+            else:
+                what = f"names a whole stage; set a field of it, e.g. '{stage_name}.steps'"
+            loc, label = where(path)
+            problems.append(Problem(loc, f"{label}: {what}"))
             continue
         target = "inputs" if rest.startswith("inputs.") else "spec"
         block = stage[target] = dict(stage.get(target) or {})
         try:
             set_path(block, rest.removeprefix("inputs.") if target == "inputs" else rest, value)
         except ConfigError as e:
-            problems += [Problem(("--set", path), f"--set {path}: {p.msg}", value) for p in e.problems]
+            loc, label = where(path)
+            problems += [Problem(loc, f"{label}: {p.msg}", value) for p in e.problems]
     return raw
 
 

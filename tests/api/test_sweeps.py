@@ -214,7 +214,7 @@ def test_cancel_cancels_every_cell_and_resume_reruns_only_those(
 @pytest.mark.parametrize(("body", "loc", "words"), [
     (sweep_body(grid={"train.noise.recall": [1.5]}), ["body", "grid", "train.noise.recall", 0],
      ["recall=1.5", "probability"]),
-    (sweep_body(grid={"train.nope": [1]}), ["body", "grid", "train.nope"], ["not a field", "known fields"]),
+    (sweep_body(grid={"train.nope": [1]}), ["body", "grid", "train.nope"], ["unknown field", "known fields"]),
     (sweep_body(grid={"evaluat.steps": [1]}), ["body", "grid", "evaluat.steps"], ["no stage named", "evaluate"]),
     (sweep_body(grid={"train.data.corpus": ["/etc/passwd"]}), ["body", "grid", "train.data.corpus", 0],
      ["registry name"]),

@@ -55,7 +55,7 @@ def test_demo_quick_overrides_keep_the_reference_shared():
 
     sweep = load_sweep("demo", parse_sets(list(DEMO_QUICK)))
     cells = {c.variant: c for c in sweep.cells}
-    assert sweep.name == "demo-quick" and cells["sgtm"].stages[1]["spec"]["steps"] == 40
+    assert sweep.name == "demo-quick" and cells["sgtm"].stages[1]["spec"]["steps"] == 20
     assert _folders(cells["sgtm"])["reference"] == _folders(cells["no_filter"])["train"]
 
 
@@ -145,6 +145,7 @@ def tiny_matrix():
 
 @pytest.fixture(scope="module")
 def first_run(tiny_matrix, tmp_path_factory, engine_cache):
+    """The tiny matrix run once (~15 s on 2 cores): every test that uses it is marked slow."""
     workdir = tmp_path_factory.mktemp("matrix")
     from sgtm_engine.tracking import local_tracking_uri
 
@@ -154,6 +155,7 @@ def first_run(tiny_matrix, tmp_path_factory, engine_cache):
     return workdir, report, lines
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_each_distinct_stage_once_and_reports(first_run):
     workdir, report, lines = first_run
     assert report["n_cells"] == report["n_succeeded"] == 3
@@ -168,6 +170,7 @@ def test_a_sweep_runs_each_distinct_stage_once_and_reports(first_run):
     assert set(report["figures"]) >= {"attack"} and (workdir / "attack.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run):
     from mlflow.tracking import MlflowClient
 
@@ -186,6 +189,7 @@ def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run
     assert len(stages) == 6 and all(by_id[r.data.tags["mlflow.parentRunId"]] in cells for r in stages)
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_matrix, engine_cache):
     workdir, report, _ = first_run
     sgtm = next(c for c in tiny_matrix.cells if c.variant == "sgtm_zero")
@@ -204,6 +208,7 @@ def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_ma
     assert again["tables"] == report["tables"]  # seeded: the rerun attack gives the same numbers
 
 
+@pytest.mark.slow
 def test_two_worker_processes_give_the_same_results_as_one(first_run, tiny_matrix, tmp_path, engine_cache):
     _, report, _ = first_run
     parallel = run_sweep(tiny_matrix, tmp_path, jobs=2, cache_dir=engine_cache, echo=print)
@@ -229,16 +234,17 @@ def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, 
     ran = []
 
     def run(task, *_):
-        ran.append(task.key)
-        if task.key == "train-a":
+        ran.append(task.folder.name)
+        if task.folder.name == "train-a":
             raise RuntimeError("out of memory")
 
     def task(key, after=()):
-        return local._Task(key, "train", {}, tmp_path / key, {}, after, key, None, {})
+        inputs = {f"input{i}": tmp_path / parent for i, parent in enumerate(after)}
+        return local._Task("train", {}, tmp_path / key, inputs, key, None, {})
 
     monkeypatch.setattr(local, "_run_task", run)
-    tasks = {t.key: t for t in (task("train-a"), task("attack-a", ("train-a",)), task("train-b"),
-                                task("attack-b", ("train-b", "train-done-before")))}
+    tasks = {t.folder.name: t for t in (task("train-a"), task("attack-a", ("train-a",)), task("train-b"),
+                                        task("attack-b", ("train-b", "train-done-before")))}
     lines: list[str] = []
     errors = local._run_tasks(tasks, 1, None, "x", None, lines.append)
     assert ran == ["train-a", "train-b", "attack-b"]  # a stage done in an earlier run counts as done

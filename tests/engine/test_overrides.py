@@ -136,8 +136,7 @@ def test_stage_typos_get_a_did_you_mean_without_follow_on_errors() -> None:
                            "'rmu']; did you mean 'train'?"]
     with pytest.raises(ConfigError) as e:
         load_recipe(RECIPE, {"trian.steps": 3})
-    assert problems(e) == ["--set trian.steps: set STAGE.field=value for a stage of the recipe; did you mean "
-                           "'train.steps'?"]
+    assert problems(e) == ["--set trian.steps: no stage named 'trian'; did you mean 'train.steps'?"]
     with pytest.raises(ConfigError) as e:
         load_recipe({"stages": [*RECIPE["stages"][:1], {"name": "ev", "kind": "evaluate",
                                                         "inputs": {"model": "trian"}}]})

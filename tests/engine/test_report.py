@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -46,8 +47,8 @@ def test_mean_std_is_the_sample_std_and_undefined_for_one_value():
     assert stat.mean == pytest.approx(7 / 3)
     assert stat.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
     assert stat.n == 3
-    assert mean_std([5.0]).as_dict() == {"mean": 5.0, "std": None, "n": 1}
-    assert mean_std([None, float("nan")]).as_dict() == {"mean": None, "std": None, "n": 0}
+    assert asdict(mean_std([5.0])) == {"mean": 5.0, "std": None, "n": 1}
+    assert asdict(mean_std([None, float("nan")])) == {"mean": None, "std": None, "n": 0}
     assert mean_std([2.0, None, 4.0]).n == 2  # a missing value is not a zero
     assert format_stat(mean_std([1.0, 3.0])) == "2.000 ± 1.414 (n=2)"
     assert format_stat(mean_std([5.0])) == "5.000 (n=1)"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sgtm_engine.sweep import SweepError, default_seed_paths, parse_sweep
+from sgtm_engine.sweep import SweepError, apply_sweep_overrides, default_seed_paths, parse_sweep
 
 TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 5}
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "sweeps"
@@ -117,9 +117,9 @@ def test_every_problem_is_reported_at_once_with_its_location() -> None:
                             seeds=[0, "x"], extra=1))
     locs = dict(found)
     assert "must be a probability" in locs[("grid", "train.noise.recall", 1)]
-    assert "'nope' is not a field of train (TrainSpec); known fields" in locs[("grid", "train.nope")]
+    assert "train.nope: unknown field of TrainSpec; known fields" in locs[("grid", "train.nope")]
     assert "no stage named 'zzz'" in locs[("grid", "zzz.steps")]
-    assert "is a value, not a mapping" in locs[("grid", "train.model.n_layer.x")]
+    assert "is a value, not a block" in locs[("grid", "train.model.n_layer.x")]
     assert "re-point it" in locs[("variants", "bad", "ablate")]
     assert "integers" in locs[("seeds",)]
     assert "unknown key" in locs[("extra",)]
@@ -128,7 +128,7 @@ def test_every_problem_is_reported_at_once_with_its_location() -> None:
 def test_conflicts_and_no_op_cells_are_rejected() -> None:
     found = dict(problems_of(doc(grid={"train.noise.recall": [0.5]}, variants={"a": {"train.noise.recall": 0.4}},
                                  seeds=[0])))
-    assert "also a grid axis" in found[("variants", "a", "train.noise.recall")]
+    assert "overlaps a grid axis" in found[("variants", "a", "train.noise.recall")]
     found = dict(problems_of(doc(grid={"train.seed": [1, 2]}, seeds=[0])))
     assert "overlaps seed path" in found[("grid", "train.seed")]
     same = problems_of(doc(variants={"a": {"train.steps": 5}, "b": {}}))  # steps=5 is the base already
@@ -154,3 +154,21 @@ def test_the_shipped_sweep_recipes_expand() -> None:
     for path in sorted(RECIPES.glob("*.yaml")):
         sweep = parse_sweep(yaml.safe_load(path.read_text()))
         assert sweep.cells, path
+
+
+def test_stages_sharing_a_yaml_anchor_are_overridden_apart() -> None:
+    """`spec: *train` makes two stages share one mapping when read; an override of one must not reach the other."""
+    data = yaml.safe_load("""
+kind: sweep
+base:
+  stages:
+    - {name: reference, kind: train, spec: &train {steps: 5, masking: {strategy: none},
+                                           model: {n_layer: 2, d_model: 64, context: 64}}}
+    - {name: train, kind: train, spec: *train}
+variants: {sgtm: {train.masking.strategy: sgtm, train.model.n_layer: 3}}
+""")
+    reference, train = parse_sweep(data).cells[0].stages
+    assert (reference["spec"]["masking"]["strategy"], reference["spec"]["model"]["n_layer"]) == ("none", 2)
+    assert (train["spec"]["masking"]["strategy"], train["spec"]["model"]["n_layer"]) == ("sgtm", 3)
+    overridden = apply_sweep_overrides(data, {"train.model.n_layer": 4})["base"]["stages"]
+    assert [s["spec"]["model"]["n_layer"] for s in overridden] == [2, 4]
