@@ -1,4 +1,4 @@
-"""`sgtm sweep FILE --local`: run a sweep's cells on this machine, resumably, and write its report.
+"""`sgtm sweep FILE --local`: run a sweep's cells locally, resumably, and write its report.
 
 The cells are `sweep.parse_sweep`'s (the same expansion, cell ids and dedupe as the service's sweeps) and the report
 `report.build_report`'s. The run folder (stages shared between cells, cell records, report) and how stages are
