@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     local_poll_interval_s: float = Field(0.5, gt=0)
     """How often the embedded executor looks for ready jobs."""
 
+    event_streams_max: int = Field(256, ge=1)
+    """Open `GET /jobs/{id}/events` streams the API serves at once; one more is a 429 with `Retry-After`."""
+    event_streams_per_client: int = Field(16, ge=1)
+    """Open event streams per API token."""
+    event_poll_interval_s: float = Field(1.0, gt=0)
+    """How often the API looks for new events of the jobs being streamed (one query for all open streams)."""
+
     @field_validator("worker_queues", "api_tokens", "engine_command", "torchrun_command", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

@@ -1,9 +1,10 @@
-"""Annotated dependencies: settings, a session per request, the enqueuer, and bearer-token auth."""
+"""Annotated dependencies: settings, a session per request, the enqueuer, bearer-token auth and event-stream slots."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -12,8 +13,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.config import Settings
-from api.errors import Unauthorized
+from api.db.models import Job
+from api.errors import NotFound, Unauthorized
 from api.queue import Enqueuer
+from api.schemas import UUID_PATTERN
+from api.streams import EventStreams, StreamSlot
 
 _bearer = HTTPBearer(auto_error=False, description="A token from SGTM_API_TOKENS (embedded: <data_root>/token).")
 
@@ -52,8 +56,28 @@ def require_token(settings: Annotated[Settings, Depends(get_settings)],
     return f"token-{matched}"
 
 
+def get_streams(request: Request) -> EventStreams:
+    return request.app.state.streams  # type: ignore[no-any-return]
+
+
+async def stream_slot(job_id: str, principal: Annotated[str, Depends(require_token)],
+                      streams: Annotated[EventStreams, Depends(get_streams)]) -> StreamSlot:
+    """Admit one event stream of an existing job: token first, then the caps, then the id. The stream releases the
+    slot when it ends. The job is looked up with a session of its own, returned at once (not a per-request session,
+    which a stream would keep checked out for its whole life)."""
+    slot = streams.admit(principal)
+    known = re.match(UUID_PATTERN, job_id) is not None and await streams.read(
+        lambda session: session.get(Job, job_id) is not None)
+    if not known:
+        slot.release()
+        raise NotFound(f"job {job_id[:64]!r} does not exist")
+    return slot
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 EnqueuerDep = Annotated[Enqueuer, Depends(get_enqueuer)]
 AuthDep = Annotated[str, Depends(require_token)]
+StreamsDep = Annotated[EventStreams, Depends(get_streams)]
+AdmittedStream = Annotated[StreamSlot, Depends(stream_slot)]

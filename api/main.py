@@ -19,6 +19,7 @@ from api.errors import install_handlers
 from api.migrate import alembic_config
 from api.queue import Enqueuer, make_enqueuer
 from api.routes import health, jobs, pipelines, sweeps
+from api.streams import EventStreams
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     engine = make_engine(settings.ledger_url)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.streams.close()
         engine.dispose()
 
     app = FastAPI(title="sgtm", version="1", lifespan=lifespan,
@@ -40,6 +42,9 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
                               "them. Specs are typed JSON and registry names only: never a path, URL or command.")
     app.state.settings = settings
     app.state.session_factory = make_session_factory(engine)
+    app.state.streams = EventStreams(app.state.session_factory, max_streams=settings.event_streams_max,
+                                     per_client=settings.event_streams_per_client,
+                                     poll_s=settings.event_poll_interval_s)
     app.state.enqueuer = enqueuer or make_enqueuer(settings)
     app.state.schema_head = _schema_head(settings.ledger_url)
     install_handlers(app)

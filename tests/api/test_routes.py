@@ -129,7 +129,7 @@ def test_unknown_jobs_are_404(client: TestClient) -> None:
     for job_id in ("00000000-0000-4000-8000-000000000000", "nope", "%00", "..%2F..%2Fetc"):
         assert client.get(f"/api/v1/jobs/{job_id}").status_code == 404
         assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 404
-        assert client.get(f"/api/v1/jobs/{job_id}/events").status_code == 404
+        assert client.get(f"/api/v1/jobs/{job_id}/events", headers=AUTH).status_code == 404
 
 
 def test_cancel_queued_then_409_on_finished(client: TestClient, factory: sessionmaker[Session]) -> None:
@@ -259,7 +259,7 @@ def test_events_stream_as_sse_with_ids_and_a_done_event(client: TestClient, fact
 
 
 def _read_sse(client: TestClient, url: str, headers: dict[str, str] | None = None) -> list[dict[str, str]]:
-    with client.stream("GET", url, headers=headers or {}) as r:
+    with client.stream("GET", url, headers={**AUTH, **(headers or {})}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         return _parse_sse("".join(r.iter_text()))
 
