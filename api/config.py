@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     """A ready job still queued after this long is sent again (doubling each time): lost messages are re-sent."""
     reconcile_after_s: float = Field(30.0, ge=0)
     """A finished job whose MLflow run is still open after this long is closed by the reaper."""
+    final_write_timeout_s: float = Field(300.0, ge=0)
+    """How long a supervisor retries a finished job's final-state write through a ledger outage."""
     max_attempts: int = Field(3, ge=1)
     """Claims per job before a retryable failure becomes final."""
     visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0)
