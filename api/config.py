@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     local_poll_interval_s: float = Field(0.5, gt=0)
     """How often the embedded executor looks for ready jobs."""
 
+    min_free_disk_mb: int = Field(512, ge=0)
+    """`/ready` is not ready when the ledger's disk (embedded: the SQLite file's) has less free space than this."""
     event_streams_max: int = Field(256, ge=1)
     """Open `GET /jobs/{id}/events` streams the API serves at once; one more is a 429 with `Retry-After`."""
     event_streams_per_client: int = Field(16, ge=1)

@@ -32,7 +32,7 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
            "UVICORN_LOG_LEVEL": "warning"}
     api = ServiceProcess("api", ["uvicorn", "--factory", "api.main:create_app"], env, work)
     try:
-        wait_until(http_ok(f"http://127.0.0.1:{port}/ready"), 60, "the API", api.log_tail)
+        wait_until(http_ok(f"http://127.0.0.1:{port}/health"), 60, "the API", api.log_tail)
         yield f"http://127.0.0.1:{port}"
     finally:
         api.stop()

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.config import Settings
 from api.db import jobs as repo
 from api.db.session import session_scope
+from api.liveness import write_executor_heartbeat
 from api.main import create_app
 from sgtm_engine.config import STAGE_SPECS, StageKind
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
@@ -33,8 +34,10 @@ def submit(client: TestClient, body: dict[str, Any], **headers: str) -> Any:
     return client.post("/api/v1/jobs", json=body, headers={**AUTH, **headers})
 
 
-def test_health_ready_and_docs(client: TestClient) -> None:
+def test_health_ready_and_docs(client: TestClient, settings: Settings) -> None:
     assert client.get("/health").json() == {"status": "ok"}
+    settings.data_root.mkdir(parents=True, exist_ok=True)
+    write_executor_heartbeat(settings.data_root)  # as the embedded executor does (tests/api/test_health.py)
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert client.get("/docs").status_code == 200
