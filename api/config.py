@@ -87,6 +87,26 @@ class Settings(BaseSettings):
     local_poll_interval_s: float = Field(0.5, gt=0)
     """How often the embedded executor looks for ready jobs."""
 
+    max_steps: int = Field(1_000_000, ge=1)
+    """Largest `steps` (and `warmup_steps`) of any stage a submission may ask for."""
+    max_batch_size: int = Field(4096, ge=1)
+    """Largest `batch_size` / `micro_batch_size` of any stage."""
+    max_n_layer: int = Field(128, ge=1)
+    """Deepest model a train spec may ask for."""
+    max_d_model: int = Field(16_384, ge=1)
+    """Widest model a train spec may ask for."""
+    max_context: int = Field(32_768, ge=1)
+    """Longest context a train spec may ask for."""
+    max_parameters: int = Field(2_000_000_000, ge=1)
+    """Largest estimated parameter count of a model to train."""
+    max_memory_gb: float = Field(80.0, gt=0)
+    """Largest estimated training memory (weights, AdamW state, activations): the workers' device memory."""
+    max_sweep_cells: int = Field(2000, ge=1)
+    """Most cells one sweep may expand into."""
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    """Largest request body accepted (413 beyond), checked before authentication and parsing."""
+    max_json_depth: int = Field(32, ge=4)
+    """Deepest JSON nesting accepted in a request body (422 beyond); specs need about six levels."""
     min_free_disk_mb: int = Field(512, ge=0)
     """`/ready` is not ready when the ledger's disk (embedded: the SQLite file's) has less free space than this."""
     event_streams_max: int = Field(256, ge=1)

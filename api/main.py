@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from api.config import Settings
 from api.db.session import make_engine, make_session_factory
 from api.errors import install_handlers
+from api.guard import RequestGuard
 from api.migrate import alembic_config
 from api.queue import Enqueuer, make_enqueuer
 from api.routes import health, jobs, pipelines, sweeps
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     app.state.enqueuer = enqueuer or make_enqueuer(settings)
     app.state.schema_head = _schema_head(settings.ledger_url)
     install_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
     for router in (health.router, jobs.router, pipelines.router, sweeps.router):
         app.include_router(router)
     return app

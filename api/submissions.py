@@ -25,6 +25,7 @@ from api.db.jobs import Keyed
 from api.db.models import Job, Pipeline
 from api.db.status import JobStatus
 from api.errors import Conflict, InvalidRequest, Problem
+from api.limits import limit_problems
 from api.queue import Enqueuer
 from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
 from api.specs import MODEL_PRODUCERS, STAGE_INPUTS, SpecProblems, ValidSpec, validate
@@ -42,7 +43,7 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
         if existing is not None:
             return existing, False
 
-    valid = _validate(body.kind, body.spec, ("body", "spec"))
+    valid = validate_within_limits(settings, body.kind, body.spec, ("body", "spec"))
     parents = _check_parents(session, kind=body.kind, inputs=body.inputs, loc=("body", "inputs"))
     job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
                              parents=list(parents.values()), loc=("body",))
@@ -85,7 +86,7 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
     for i, stage in enumerate(body.stages):
         loc = ("body", "stages", i)
         try:
-            valid = _validate(stage.kind, stage.spec, loc + ("spec",))
+            valid = validate_within_limits(settings, stage.kind, stage.spec, loc + ("spec",))
         except InvalidRequest as e:
             problems += e.problems
             continue
@@ -163,11 +164,17 @@ def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Jo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) -> ValidSpec:
+def validate_within_limits(settings: Settings, kind: StageKind, data: dict[str, Any],
+                           loc: tuple[str | int, ...]) -> ValidSpec:
+    """A valid spec (`api.specs.validate`) within the operator's limits (`api.limits`), or InvalidRequest."""
     try:
-        return validate(kind, data, loc)
+        valid = validate(kind, data, loc)
     except SpecProblems as e:
         raise InvalidRequest(e.problems) from None
+    problems = limit_problems(settings, kind, valid.spec, loc)
+    if problems:
+        raise InvalidRequest(problems)
+    return valid
 
 
 def _check_parents(session: Session, *, kind: StageKind, inputs: dict[str, str], loc: tuple[str | int, ...],
