@@ -57,6 +57,9 @@ class Settings(BaseSettings):
 
     engine_command: Annotated[list[str], NoDecode] = [sys.executable, "-m", "sgtm_engine"]
     """How the supervisor starts the engine; `run-stage …` is appended. Operator-set, never from a request."""
+    engine_env_passthrough: Annotated[list[str], NoDecode] = []
+    """Extra environment variable names the engine child inherits (comma-separated), e.g. an object store's
+    credentials; the child otherwise gets a minimal environment, never the service's own settings."""
     engine_cache_dir: Path | None = None
     """Passed to the engine as `--cache-dir` (its content-addressed data/tokenizer cache); None = the engine's."""
     torchrun_command: Annotated[list[str], NoDecode] = [sys.executable, "-m", "torch.distributed.run"]
@@ -116,7 +119,8 @@ class Settings(BaseSettings):
     event_poll_interval_s: float = Field(1.0, gt=0)
     """How often the API looks for new events of the jobs being streamed (one query for all open streams)."""
 
-    @field_validator("worker_queues", "api_tokens", "engine_command", "torchrun_command", mode="before")
+    @field_validator("worker_queues", "api_tokens", "engine_command", "torchrun_command", "engine_env_passthrough",
+                     mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         # Environment variables carry lists as comma-separated (queues, tokens) or space-separated (commands) text.

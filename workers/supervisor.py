@@ -37,11 +37,11 @@ from api.db.jobs import Lease
 from api.db.session import session_scope
 from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
-from workers.child import Child, build_argv, describe_exit
+from workers.child import Child, build_argv, describe_exit, engine_env
 from workers.events import EventTail, ProgressBuffer
 from workers.results import read_result
 from workers.runs import LeaseLost, close_finished_pipelines, close_finished_sweeps, close_job_run, open_job_run
-from workers.tracking import Tracker, child_env
+from workers.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,9 @@ class Supervisor:
             tail = EventTail(workdir / "events.jsonl", from_end=True)
             for stale in ("result.json", "error.json"):  # a result (or error) must come from this attempt
                 (workdir / stale).unlink(missing_ok=True)
-            child = Child(argv, cwd=workdir, log_path=workdir / "logs" / f"attempt-{attempt}.log", env=child_env(),
-                          pass_fds=[lock_fd], death_signal=signal.SIGTERM if job.gpus > 1 else signal.SIGKILL)
+            child = Child(argv, cwd=workdir, log_path=workdir / "logs" / f"attempt-{attempt}.log",
+                          env=engine_env(self.settings), pass_fds=[lock_fd],
+                          death_signal=signal.SIGTERM if job.gpus > 1 else signal.SIGKILL)
             checkpoints = workdir / "checkpoints"
             resume = checkpoints.is_dir() and any(checkpoints.iterdir())
             with session_scope(self.factory) as session:
