@@ -67,6 +67,8 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
         report.settled = repo.settle_orphans(session)
         requeued = {j.id: j.queue for j in repo.ready_jobs(session, job_ids=report.requeued)}
         due = [(j.id, j.queue) for j in repo.find_unsent(session, resend_after_s=settings.resend_after_s)]
+    due = _not_waiting(enqueuer, due)
+    with session_scope(factory) as session:
         downstream = repo.with_parents(session, job_ids=[*requeued, *(job_id for job_id, _ in due)])
     for job_id, queue in list(requeued.items()) + [d for d in due if d[0] not in requeued]:
         try:
@@ -91,3 +93,14 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
         report.runs_closed += close_finished_pipelines(tracker=tracker, factory=factory)
         report.runs_closed += close_finished_sweeps(tracker=tracker, factory=factory)
     return report
+
+
+def _not_waiting(enqueuer: Enqueuer, due: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop the jobs whose message is still in the broker's queue: they wait behind a backlog, nothing was lost."""
+    waiting: set[str] = set()
+    for queue in sorted({queue for _, queue in due}):
+        try:
+            waiting |= enqueuer.waiting(queue)
+        except Exception as e:  # noqa: BLE001 - the broker cannot be read: re-send (duplicates are no-ops)
+            log.warning("reaper: could not read queue %s (%s); re-sending its due jobs", queue, e)
+    return [(job_id, queue) for job_id, queue in due if job_id not in waiting]
