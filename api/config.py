@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     """Public base URL of the MLflow UI, for links in job responses; None = no links."""
 
     api_tokens: Annotated[list[SecretStr], NoDecode] = []
-    """Bearer tokens accepted on mutating routes (comma-separated in the environment)."""
+    """Bearer tokens the API accepts (comma-separated in the environment); every /api/v1 route needs one."""
+    open_reads: bool = False
+    """True: read routes (jobs, pipelines, sweeps, events, reports) answer without a token; writes still need one.
+    For a trusted network only: reads show specs, metrics and server file paths."""
 
     engine_command: Annotated[list[str], NoDecode] = [sys.executable, "-m", "sgtm_engine"]
     """How the supervisor starts the engine; `run-stage …` is appended. Operator-set, never from a request."""

@@ -56,15 +56,26 @@ def require_token(settings: Annotated[Settings, Depends(get_settings)],
     return f"token-{matched}"
 
 
+def require_reader(settings: Annotated[Settings, Depends(get_settings)],
+                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """Reads (specs, metrics, events, reports, server paths) need a token too, unless the operator opened them
+    (`SGTM_OPEN_READS=true`, for a trusted network): then anyone may read, and only writes need a token."""
+    if settings.open_reads:
+        return "anonymous"
+    return require_token(settings, credentials)
+
+
 def get_streams(request: Request) -> EventStreams:
     return request.app.state.streams  # type: ignore[no-any-return]
 
 
-async def stream_slot(job_id: str, principal: Annotated[str, Depends(require_token)],
+async def stream_slot(job_id: str, request: Request, principal: Annotated[str, Depends(require_reader)],
                       streams: Annotated[EventStreams, Depends(get_streams)]) -> StreamSlot:
-    """Admit one event stream of an existing job: token first, then the caps, then the id. The stream releases the
+    """Admit one event stream of an existing job: the reader first, then the caps, then the id. The stream releases the
     slot when it ends. The job is looked up with a session of its own, returned at once (not a per-request session,
     which a stream would keep checked out for its whole life)."""
+    if principal == "anonymous":  # open reads: the per-client cap applies per address
+        principal = f"anonymous@{request.client.host if request.client else '?'}"
     slot = streams.admit(principal)
     known = re.match(UUID_PATTERN, job_id) is not None and await streams.read(
         lambda session: session.get(Job, job_id) is not None)
@@ -79,5 +90,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 EnqueuerDep = Annotated[Enqueuer, Depends(get_enqueuer)]
 AuthDep = Annotated[str, Depends(require_token)]
+#: On every /api/v1 router: reads are authenticated by default (see require_reader).
+READERS_ONLY = [Depends(require_reader)]
 StreamsDep = Annotated[EventStreams, Depends(get_streams)]
 AdmittedStream = Annotated[StreamSlot, Depends(stream_slot)]

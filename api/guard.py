@@ -1,4 +1,5 @@
-"""The request guard: an ASGI middleware that checks a request body before anything else reads it.
+"""The request guard, an ASGI middleware that checks a request body before anything else reads it, and the
+security headers every response carries.
 
 It runs before routing, authentication and JSON parsing, so an oversized or hostile body costs the server no more
 than its first `max_body_bytes`:
@@ -66,6 +67,33 @@ class RequestGuard:
     async def _too_large(self, send: Send) -> None:
         await _send_json(send, 413, {"detail": f"request body over {self.max_body_bytes} bytes "
                                                f"(SGTM_MAX_BODY_BYTES); send a smaller spec"})
+
+
+class SecurityHeaders:
+    """Headers every response carries: no MIME sniffing, no framing, no referrer leaks, no caching of API answers
+    by shared caches (they hold specs and metrics)."""
+
+    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+               (b"referrer-policy", b"no-referrer"), (b"cross-origin-opener-policy", b"same-origin")]
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.HEADERS if k not in present]
+                if b"cache-control" not in present and scope["path"].startswith("/api/"):
+                    extra.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def json_problem(body: bytes, max_depth: int) -> dict[str, Any] | None:

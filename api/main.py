@@ -12,11 +12,12 @@ from contextlib import asynccontextmanager
 
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.config import Settings
 from api.db.session import make_engine, make_session_factory
 from api.errors import install_handlers
-from api.guard import RequestGuard
+from api.guard import RequestGuard, SecurityHeaders
 from api.migrate import alembic_config
 from api.queue import Enqueuer, make_enqueuer
 from api.routes import health, jobs, pipelines, sweeps
@@ -38,7 +39,8 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
         await app.state.streams.close()
         engine.dispose()
 
-    app = FastAPI(title="sgtm", version="1", lifespan=lifespan,
+    # Swagger UI and ReDoc from the fastapi-offline package's bundled assets: /docs works with no internet access.
+    app = FastAPIOffline(title="sgtm", version="1", lifespan=lifespan,
                   description="Submit training, ablation, evaluation, attack and RMU jobs; follow them; cancel "
                               "them. Specs are typed JSON and registry names only: never a path, URL or command.")
     app.state.settings = settings
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     app.state.schema_head = _schema_head(settings.ledger_url)
     install_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
+    app.add_middleware(SecurityHeaders)
     for router in (health.router, jobs.router, pipelines.router, sweeps.router):
         app.include_router(router)
     return app

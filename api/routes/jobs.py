@@ -20,13 +20,14 @@ from api.config import Settings
 from api.db import jobs as repo
 from api.db.models import Job
 from api.db.status import TERMINAL, JobStatus
-from api.deps import AdmittedStream, AuthDep, EnqueuerDep, SessionDep, SettingsDep, StreamsDep
+from api.deps import READERS_ONLY, AdmittedStream, AuthDep, EnqueuerDep, SessionDep, SettingsDep, StreamsDep
 from api.errors import InvalidRequest, NotFound, Problem
 from api.schemas import UUID_PATTERN, EventRead, IdempotencyKey, JobCreate, JobPage, JobRead
 from api.submissions import send_after_commit, submit_job
 from sgtm_engine.config import StageKind
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=READERS_ONLY,
+                   responses={401: {"description": "Missing or invalid bearer token"}})
 
 ERRORS = {401: {"description": "Missing or invalid bearer token"},
           404: {"description": "No such job"},
@@ -86,7 +87,7 @@ def get_job(job: ExistingJob, session: SessionDep, settings: SettingsDep) -> Job
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRead,
              responses={k: ERRORS[k] for k in (401, 404, 409)})
-def cancel_job(job: ExistingJob, session: SessionDep, settings: SettingsDep, _principal: AuthDep) -> JobRead:
+def cancel_job(_principal: AuthDep, job: ExistingJob, session: SessionDep, settings: SettingsDep) -> JobRead:
     """Queued: cancelled at once. Running: the supervisor sends SIGTERM within a heartbeat, SIGKILL after the
     grace period. Finished: 409. The cancel is stored in the ledger, so it survives worker restarts."""
     updated = repo.request_cancel(session, job_id=job.id)

@@ -21,12 +21,13 @@ from sgtm_engine.config import STAGE_SPECS, StageKind
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NO_AUTH = {"Authorization": ""}
 TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 20, "batch_size": 4}
 
 
 @pytest.fixture
 def client(settings: Settings, enqueuer: RecordingEnqueuer) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, enqueuer=enqueuer)) as c:
+    with TestClient(create_app(settings, enqueuer=enqueuer), headers=AUTH) as c:  # reads need a token too
         yield c
 
 
@@ -45,10 +46,10 @@ def test_health_ready_and_docs(client: TestClient, settings: Settings) -> None:
 
 
 def test_mutating_routes_need_a_valid_bearer_token(client: TestClient) -> None:
-    assert client.post("/api/v1/jobs", json={"kind": "train"}).status_code == 401
+    assert client.post("/api/v1/jobs", json={"kind": "train"}, headers=NO_AUTH).status_code == 401
     bad = client.post("/api/v1/jobs", json={"kind": "train"}, headers={"Authorization": "Bearer nope"})
     assert bad.status_code == 401 and bad.headers["WWW-Authenticate"] == "Bearer"
-    assert client.get("/api/v1/jobs").status_code == 200  # reads are open
+    assert client.get("/api/v1/jobs").status_code == 200
 
 
 def test_submit_returns_202_location_and_rings_the_bell(client: TestClient, enqueuer: RecordingEnqueuer) -> None:
