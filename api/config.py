@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     torchrun_command: Annotated[list[str], NoDecode] = [sys.executable, "-m", "torch.distributed.run"]
     """Launcher for jobs that ask for several GPUs; `--standalone --nproc_per_node N -m sgtm_engine …` is appended."""
 
+    db_pool_size: int = Field(5, ge=1)
+    """Ledger connections the API keeps open between requests."""
+    db_max_overflow: int = Field(35, ge=0)
+    """Extra ledger connections the API opens under load and closes as soon as they are returned. With the pool
+    size this covers the 40 request threads, so a burst waits on the database, never on the pool (a 503), and
+    leaves only `db_pool_size` connections open afterwards."""
     heartbeat_interval_s: float = Field(2.0, gt=0)
     """How often a supervisor renews its lease; the same write reads the cancel flag."""
     progress_interval_s: float = Field(2.0, ge=0)

@@ -31,7 +31,8 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     if not settings.api_tokens:
         raise RuntimeError("no API tokens: set SGTM_API_TOKENS (comma-separated); `sgtm serve` creates one for "
                            "embedded mode in <data_root>/token")
-    engine = make_engine(settings.ledger_url)
+    engine = make_engine(settings.ledger_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+                         pool_timeout=30)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

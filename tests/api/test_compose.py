@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -87,13 +88,14 @@ def test_images_install_what_their_code_imports_and_keep_torch_in_its_own_layer(
     assert ".venv" in ignored and ".git" in ignored
 
 
-def test_the_docs_work_offline() -> None:
+def test_the_docs_work_offline(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from api.config import Settings
     from api.main import create_app
 
-    app = create_app(Settings(_env_file=None, api_tokens=["x" * 32], database_url="sqlite://"))
+    app = create_app(Settings(_env_file=None, api_tokens=["x" * 32], database_url=f"sqlite:///{tmp_path / 'l.db'}",
+                              data_root=tmp_path))
     with TestClient(app) as client:
         for page in ("/docs", "/redoc"):
             html = client.get(page).text
