@@ -26,7 +26,8 @@ MIN_TOKEN_LENGTH = 24
 class Settings(BaseSettings):
     """Everything the service needs to know about where it runs."""
 
-    model_config = SettingsConfigDict(env_prefix="SGTM_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a start-up error must not print the settings it was given (tokens, URLs with passwords)
+    model_config = SettingsConfigDict(env_prefix="SGTM_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     mode: Literal["embedded", "deployed"] = "embedded"
     """`embedded`: one machine, SQLite, no broker. `deployed`: PostgreSQL + Redis + MLflow server, strict secrets."""
@@ -149,16 +150,19 @@ class Settings(BaseSettings):
         password = _url_password(url)
         if password is not None and password.lower() in WEAK_SECRETS:
             problems.append("SGTM_DATABASE_URL: the database password is a default value; set a generated one")
-        for i, token in enumerate(self.api_tokens):
-            value = token.get_secret_value()
-            if value.lower() in WEAK_SECRETS or len(value) < MIN_TOKEN_LENGTH:
-                problems.append(f"SGTM_API_TOKENS[{i}]: too weak; use at least {MIN_TOKEN_LENGTH} random characters "
-                                f"(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        problems += self.weak_token_problems()
         if self.tracking and not self.mlflow_tracking_uri:
             problems.append("SGTM_MLFLOW_TRACKING_URI: deployed mode logs to the MLflow server (http://mlflow:5000)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def weak_token_problems(self) -> list[str]:
+        """One line per token a guesser could find (never showing any of it); the API refuses to start on any."""
+        return [f"SGTM_API_TOKENS[{i}]: too weak; use at least {MIN_TOKEN_LENGTH} random characters "
+                f"(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                for i, token in enumerate(self.api_tokens)
+                if token.get_secret_value().lower() in WEAK_SECRETS or len(token.get_secret_value()) < MIN_TOKEN_LENGTH]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Derived values

@@ -31,6 +31,9 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     if not settings.api_tokens:
         raise RuntimeError("no API tokens: set SGTM_API_TOKENS (comma-separated); `sgtm serve` creates one for "
                            "embedded mode in <data_root>/token")
+    weak = settings.weak_token_problems()  # embedded mode too: the API may listen beyond loopback
+    if weak:
+        raise RuntimeError("; ".join(weak))
     engine = make_engine(settings.ledger_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
                          pool_timeout=30)
 
