@@ -83,7 +83,9 @@ def test_images_install_what_their_code_imports_and_keep_torch_in_its_own_layer(
     assert "gcc" not in dockerfile  # the engine compiles nothing
     for target in ("api", "worker"):  # dependencies first, the source after: a code edit keeps the torch layer
         stage = dockerfile.split(f"AS {target}\n", 1)[1].split("FROM ", 1)[0]
-        assert stage.index("COPY sgtm_engine") < stage.index("pip install --no-deps -e .")
+        assert stage.index("COPY --from=source") < stage.index("pip install --no-deps -e .")
+        deps = dockerfile.split(f"AS {target}-deps\n", 1)[1].split("FROM ", 1)[0]
+        assert "COPY" not in deps and "pip install -r requirements.txt" in deps
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 

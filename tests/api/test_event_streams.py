@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from api.migrate import upgrade
-from tests.integration.compose import ServiceProcess, free_port, http_ok, wait_until
+from tests.api.served import served_api
 from tests.ledger_fixtures import TOKEN
 
 OTHER_TOKEN = "other-token-0123456789abcdefghij"
@@ -25,17 +25,11 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("streams")
     url = f"sqlite:///{work / 'sgtm.db'}"
     upgrade(url)
-    port = free_port()
     env = {"SGTM_DATABASE_URL": url, "SGTM_DATA_ROOT": str(work / "data"), "SGTM_API_TOKENS": f"{TOKEN},{OTHER_TOKEN}",
            "SGTM_EVENT_STREAMS_PER_CLIENT": str(STREAMS), "SGTM_EVENT_STREAMS_MAX": str(STREAMS + 1),
-           "SGTM_TRACKING": "false", "UVICORN_HOST": "127.0.0.1", "UVICORN_PORT": str(port),
-           "UVICORN_LOG_LEVEL": "warning"}
-    api = ServiceProcess("api", ["uvicorn", "--factory", "api.main:create_app"], env, work)
-    try:
-        wait_until(http_ok(f"http://127.0.0.1:{port}/health"), 60, "the API", api.log_tail)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        api.stop()
+           "SGTM_TRACKING": "false"}
+    with served_api(env, work) as url:
+        yield url
 
 
 def _queued_job(api_url: str) -> str:

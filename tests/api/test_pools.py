@@ -4,7 +4,6 @@ request threads) and leaves only `db_pool_size` PostgreSQL connections open afte
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,24 +11,11 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.integration.compose import ServiceProcess, free_port, http_ok, wait_until
+from tests.api.served import served_api
 from tests.ledger_fixtures import TOKEN
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLIENTS = 100
-
-
-def _api(ledger_url: str, work: Path) -> Iterator[str]:
-    port = free_port()
-    env = {"SGTM_DATABASE_URL": ledger_url, "SGTM_DATA_ROOT": str(work / "data"), "SGTM_API_TOKENS": TOKEN,
-           "SGTM_TRACKING": "false", "SGTM_DB_POOL_SIZE": "3", "UVICORN_HOST": "127.0.0.1",
-           "UVICORN_PORT": str(port), "UVICORN_LOG_LEVEL": "warning"}
-    api = ServiceProcess("api", ["uvicorn", "--factory", "api.main:create_app"], env, work)
-    try:
-        wait_until(http_ok(f"http://127.0.0.1:{port}/health"), 60, "the API", api.log_tail)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        api.stop()
 
 
 def _burst(url: str) -> list[int]:
@@ -46,7 +32,9 @@ def _burst(url: str) -> list[int]:
 
 @pytest.mark.parametrize("ledger_url", ["sqlite", "postgresql"], indirect=True)
 def test_a_burst_gets_no_503_and_leaves_few_connections(ledger_url: str, tmp_path: Path) -> None:
-    for url in _api(ledger_url, tmp_path):
+    env = {"SGTM_DATABASE_URL": ledger_url, "SGTM_DATA_ROOT": str(tmp_path / "data"), "SGTM_API_TOKENS": TOKEN,
+           "SGTM_TRACKING": "false", "SGTM_DB_POOL_SIZE": "3"}
+    with served_api(env, tmp_path) as url:
         codes = _burst(url)
         assert set(codes) <= {200, 202}, sorted(set(codes))
         if ledger_url.startswith("postgresql"):
