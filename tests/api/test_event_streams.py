@@ -4,12 +4,15 @@ the streams need a token, and they are capped per token and in total (their slot
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from api.db import jobs as repo
+from api.db.session import make_engine, make_session_factory, session_scope
 from api.migrate import upgrade
 from tests.api.served import served_api
 from tests.ledger_fixtures import TOKEN
@@ -20,16 +23,22 @@ TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 20, "bat
 
 
 @pytest.fixture(scope="module")
-def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`uvicorn --factory api.main:create_app` on SQLite, with no executor: a submitted job stays queued."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(API URL, ledger URL): `uvicorn --factory api.main:create_app` on SQLite, with no executor, so a submitted
+    job stays queued until a test moves it through the ledger."""
     work = tmp_path_factory.mktemp("streams")
-    url = f"sqlite:///{work / 'sgtm.db'}"
-    upgrade(url)
-    env = {"SGTM_DATABASE_URL": url, "SGTM_DATA_ROOT": str(work / "data"), "SGTM_API_TOKENS": f"{TOKEN},{OTHER_TOKEN}",
-           "SGTM_EVENT_STREAMS_PER_CLIENT": str(STREAMS), "SGTM_EVENT_STREAMS_MAX": str(STREAMS + 1),
-           "SGTM_TRACKING": "false"}
-    with served_api(env, work) as url:
-        yield url
+    ledger = f"sqlite:///{work / 'sgtm.db'}"
+    upgrade(ledger)
+    env = {"SGTM_DATABASE_URL": ledger, "SGTM_DATA_ROOT": str(work / "data"),
+           "SGTM_API_TOKENS": f"{TOKEN},{OTHER_TOKEN}", "SGTM_EVENT_STREAMS_PER_CLIENT": str(STREAMS),
+           "SGTM_EVENT_STREAMS_MAX": str(STREAMS + 1), "SGTM_TRACKING": "false", "SGTM_EVENT_POLL_INTERVAL_S": "0.2"}
+    with served_api(env, work) as api:
+        yield api, ledger
+
+
+@pytest.fixture(scope="module")
+def api_url(served: tuple[str, str]) -> str:
+    return served[0]
 
 
 def _queued_job(api_url: str) -> str:
@@ -122,3 +131,32 @@ def test_streams_need_a_token_and_an_existing_job(api_url: str) -> None:
     events = httpx.get(f"{api_url}/api/v1/jobs/{job_id}/events?follow=false",
                        headers={"Authorization": f"Bearer {TOKEN}"})
     assert events.status_code == 200 and "event: status" in events.text
+
+
+def test_a_stream_delivers_new_events_as_the_job_runs_and_ends_with_done(served: tuple[str, str]) -> None:
+    api_url, ledger = served
+    job_id = _queued_job(api_url)
+    factory = make_session_factory(make_engine(ledger))
+
+    def run_the_job() -> None:
+        time.sleep(1.0)  # the stream is open and waiting by now
+        with session_scope(factory) as s:
+            attempt = repo.claim(s, job_id=job_id, owner="w")
+            assert attempt is not None
+        time.sleep(0.5)
+        with session_scope(factory) as s:
+            repo.record_progress(s, job_id=job_id, attempt=attempt, step=5, total=20, metrics=None,
+                                 events=[{"type": "progress", "step": 5, "total": 20}])
+        time.sleep(0.5)
+        with session_scope(factory) as s:
+            repo.mark_succeeded(s, job_id=job_id, attempt=attempt, result={"summary": {}})
+
+    runner = threading.Thread(target=run_the_job)
+    runner.start()
+    started = time.monotonic()
+    with httpx.stream("GET", f"{api_url}/api/v1/jobs/{job_id}/events", timeout=30,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        kinds = [line.split(":", 1)[1].strip() for line in r.iter_lines() if line.startswith("event:")]
+    runner.join()
+    assert kinds == ["status", "status", "progress", "status", "done"]
+    assert time.monotonic() - started < 10
