@@ -77,11 +77,14 @@ async def stream_slot(job_id: str, request: Request, principal: Annotated[str, D
     if principal == "anonymous":  # open reads: the per-client cap applies per address
         principal = f"anonymous@{request.client.host if request.client else '?'}"
     slot = streams.admit(principal)
-    known = re.match(UUID_PATTERN, job_id) is not None and await streams.read(
-        lambda session: session.get(Job, job_id) is not None)
-    if not known:
+    try:
+        known = re.match(UUID_PATTERN, job_id) is not None and await streams.read(
+            lambda session: session.get(Job, job_id) is not None)
+        if not known:
+            raise NotFound(f"job {job_id[:64]!r} does not exist")
+    except BaseException:
         slot.release()
-        raise NotFound(f"job {job_id[:64]!r} does not exist")
+        raise
     return slot
 
 
@@ -91,6 +94,6 @@ SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory
 EnqueuerDep = Annotated[Enqueuer, Depends(get_enqueuer)]
 AuthDep = Annotated[str, Depends(require_token)]
 #: On every /api/v1 router: reads are authenticated by default (see require_reader).
-READERS_ONLY = [Depends(require_reader)]
+READ_AUTH = [Depends(require_reader)]
 StreamsDep = Annotated[EventStreams, Depends(get_streams)]
 AdmittedStream = Annotated[StreamSlot, Depends(stream_slot)]

@@ -20,13 +20,13 @@ from api.config import Settings
 from api.db import jobs as repo
 from api.db.models import Job
 from api.db.status import TERMINAL, JobStatus
-from api.deps import READERS_ONLY, AdmittedStream, AuthDep, EnqueuerDep, SessionDep, SettingsDep, StreamsDep
+from api.deps import READ_AUTH, AdmittedStream, AuthDep, EnqueuerDep, SessionDep, SettingsDep, StreamsDep
 from api.errors import InvalidRequest, NotFound, Problem
 from api.schemas import UUID_PATTERN, EventRead, IdempotencyKey, JobCreate, JobPage, JobRead
 from api.submissions import send_after_commit, submit_job
 from sgtm_engine.config import StageKind
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=READERS_ONLY,
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=READ_AUTH,
                    responses={401: {"description": "Missing or invalid bearer token"}})
 
 ERRORS = {401: {"description": "Missing or invalid bearer token"},

@@ -14,14 +14,14 @@ from fastapi.responses import FileResponse
 from api import reports
 from api.db import sweeps as sweep_repo
 from api.db.models import Sweep
-from api.deps import READERS_ONLY, AuthDep, EnqueuerDep, SessionDep, SettingsDep
+from api.deps import READ_AUTH, AuthDep, EnqueuerDep, SessionDep, SettingsDep
 from api.errors import InvalidRequest, NotFound, Problem
 from api.routes.jobs import ERRORS
 from api.schemas import UUID_PATTERN, IdempotencyKey, SweepCreate, SweepPage, SweepRead
 from api.submissions import send_after_commit
 from api.sweeps import cancel_sweep, resume_sweep, submit_sweep, sweep_read, sweep_summary
 
-router = APIRouter(prefix="/api/v1/sweeps", tags=["sweeps"], dependencies=READERS_ONLY,
+router = APIRouter(prefix="/api/v1/sweeps", tags=["sweeps"], dependencies=READ_AUTH,
                    responses={401: {"description": "Missing or invalid bearer token"}})
 NOT_FOUND = {404: {"description": "No such sweep"}}
 FIGURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
