@@ -1,4 +1,4 @@
-"""The Celery app: Redis broker, the reliability settings of architecture.md, queues per device kind, beat.
+"""The Celery app: Redis broker, the reliability settings of docs/architecture.md, queues per device kind, beat.
 
     celery -A workers.celery_app worker            # consumes SGTM_WORKER_QUEUES (default gpu,cpu), one job at a time
     celery -A workers.celery_app worker -B --max-tasks-per-child 1000   # with SGTM_WORKER_QUEUES=control: beat + reaper

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.config import Settings
 from tests.ledger_fixtures import RecordingEnqueuer
-from tests.workers.test_supervisor import FAKE_ENGINE, FakeTracker, make
+from tests.workers.test_supervisor import FAKE_ENGINE, FakeRunStore, make
 from workers.supervisor import Outcome, Supervisor
 
 SECRETS = {
@@ -31,7 +31,7 @@ def test_the_engine_child_gets_no_service_secrets(settings: Settings, factory: s
     configured = settings.model_copy(update={"engine_command": [sys.executable, FAKE_ENGINE],
                                              "engine_env_passthrough": ["OBJECT_STORE_KEY"]})
     supervisor = Supervisor(settings=configured, factory=factory, enqueuer=RecordingEnqueuer(),
-                            tracker=FakeTracker(), owner="test")
+                            run_store=FakeRunStore(), owner="test")
     job_id = make(factory, {"steps": 1, "dump_env": True})
     assert supervisor.run(job_id) == Outcome.SUCCEEDED
     env = json.loads((configured.workdir(job_id) / "env.json").read_text())

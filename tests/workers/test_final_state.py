@@ -21,7 +21,7 @@ from api.db.base import utcnow
 from api.db.models import Job
 from api.db.session import session_scope
 from tests.ledger_fixtures import RecordingEnqueuer
-from tests.workers.test_supervisor import FAKE_ENGINE, FakeTracker, make, row
+from tests.workers.test_supervisor import FAKE_ENGINE, FakeRunStore, make, row
 from workers.reaper import reap
 from workers.supervisor import Outcome, Supervisor
 
@@ -55,7 +55,7 @@ def test_a_ledger_outage_at_job_end_keeps_the_finished_result(fake_settings: Set
                                                               factory: sessionmaker[Session]) -> None:
     outage = LedgerOutage(factory)
     supervisor = Supervisor(settings=fake_settings, factory=outage, enqueuer=RecordingEnqueuer(),  # type: ignore[arg-type]
-                            tracker=FakeTracker(), owner="test")
+                            run_store=FakeRunStore(), owner="test")
     job_id = make(factory, {"steps": 6, "sleep": 0.05}, max_attempts=1)  # no retry would save it
     result = fake_settings.workdir(job_id) / "result.json"
 
@@ -83,12 +83,12 @@ def test_the_reaper_records_a_finished_result_whose_final_write_was_lost(
         fake_settings: Settings, factory: sessionmaker[Session], enqueuer: RecordingEnqueuer,
         max_attempts: int) -> None:
     job_id = make(factory, {"steps": 3}, max_attempts=max_attempts)
-    supervisor = Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, tracker=FakeTracker(),
+    supervisor = Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, run_store=FakeRunStore(),
                             owner="test")
     assert supervisor.run(job_id) == Outcome.SUCCEEDED
     finished = row(factory, job_id).result
     _as_if_the_final_write_was_lost(factory, job_id)
-    report = reap(settings=fake_settings, factory=factory, enqueuer=enqueuer, tracker=FakeTracker())
+    report = reap(settings=fake_settings, factory=factory, enqueuer=enqueuer, run_store=FakeRunStore())
     assert report.recovered == [job_id] and not report.requeued and not report.failed
     job = row(factory, job_id)
     assert job.status == "succeeded" and job.attempt == 1 and job.result == finished
@@ -98,8 +98,8 @@ def test_the_reaper_records_a_finished_result_whose_final_write_was_lost(
 def test_a_claim_adopts_a_finished_result_instead_of_running_again(fake_settings: Settings,
                                                                     factory: sessionmaker[Session],
                                                                     enqueuer: RecordingEnqueuer) -> None:
-    tracker = FakeTracker()
-    supervisor = Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, tracker=tracker, owner="t")
+    run_store = FakeRunStore()
+    supervisor = Supervisor(settings=fake_settings, factory=factory, enqueuer=enqueuer, run_store=run_store, owner="t")
     job_id = make(factory, {"steps": 3})
     child = make(factory, kind="ablate", inputs={"model": job_id})
     assert supervisor.run(job_id) == Outcome.SUCCEEDED
@@ -112,7 +112,7 @@ def test_a_claim_adopts_a_finished_result_instead_of_running_again(fake_settings
     job = row(factory, job_id)
     assert job.status == "succeeded" and job.attempt == 2 and job.mlflow_run_id == run_id
     assert _spawned(factory, job_id) == 1  # the engine did not run again
-    assert len(tracker.runs) == 1 and tracker.runs[run_id or ""]["status"] == "FINISHED"
+    assert len(run_store.runs) == 1 and run_store.runs[run_id or ""]["status"] == "FINISHED"
     assert enqueuer.job_ids == [child]
 
 

@@ -22,7 +22,7 @@ from api.db.models import Job
 from api.db.session import session_scope
 from api.queue import CeleryEnqueuer
 from tests.integration.compose import ServiceProcess, wait_until
-from tests.workers.test_supervisor import FakeTracker, make
+from tests.workers.test_supervisor import FakeRunStore, make
 from workers.reaper import reap
 
 REDIS = "redis://127.0.0.1:6379"
@@ -78,10 +78,10 @@ def test_the_reaper_does_not_resend_jobs_waiting_in_the_queue(broker: Settings, 
         repo.mark_enqueued(s, job_ids=waiting)
         s.execute(update(Job).where(Job.id.in_(waiting)).values(enqueued_at=utcnow() - dt.timedelta(hours=1)))
     assert enqueuer.waiting("cpu") == set(waiting)
-    report = reap(settings=broker, factory=factory, enqueuer=enqueuer, tracker=FakeTracker())
+    report = reap(settings=broker, factory=factory, enqueuer=enqueuer, run_store=FakeRunStore())
     assert report.resent == []
     client = redis.Redis.from_url(broker.broker_url)
     for key in client.scan_iter(f"{broker.queue_prefix}cpu*"):
         client.delete(key)  # the messages are lost (a Redis without persistence restarted)
-    report = reap(settings=broker, factory=factory, enqueuer=enqueuer, tracker=FakeTracker())
+    report = reap(settings=broker, factory=factory, enqueuer=enqueuer, run_store=FakeRunStore())
     assert sorted(report.resent) == sorted(waiting) and enqueuer.waiting("cpu") == set(waiting)
