@@ -258,13 +258,19 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="output folder: a stock-transformers model + tokenizer")],
     ablate: Annotated[str | None, typer.Option(help="zero or reinit: ablate the forget slice first")] = None,
     seed: Annotated[int, typer.Option(help="re-init ablation seed")] = 0,
-    drop_output_bias: Annotated[bool, typer.Option(help="zero lm_head.bias (stock GPT-Neo cannot hold it)")] = False,
+    drop_output_bias: Annotated[bool, typer.Option(help="omit the output bias (kept by default in "
+                                                        "output_bias.safetensors; see the model card)")] = False,
+    calibrated: Annotated[bool, typer.Option("--calibrated", help="the calibrated model of an evaluate stage "
+                                                                  "(CHECKPOINT is its workdir)")] = False,
+    positions: Annotated[int | None, typer.Option(help="rows of the position table, so stock generate runs past "
+                                                       "the context (default: 4 x context)")] = None,
 ) -> None:
-    """Write a model loadable with `AutoModelForCausalLM.from_pretrained` (and its tokenizer)."""
+    """Write a model loadable with `AutoModelForCausalLM.from_pretrained`, its tokenizer and a model card."""
     from sgtm_engine.export import export_model
 
     try:
-        path = export_model(checkpoint, out, ablate=ablate, seed=seed, drop_output_bias=drop_output_bias)
+        path = export_model(checkpoint, out, ablate=ablate, seed=seed, drop_output_bias=drop_output_bias,
+                            calibrated=calibrated, positions=positions)
     except SgtmError as exc:
         _fail(exc)
     typer.echo(f"exported to {path}")

@@ -185,13 +185,17 @@ def run_evaluate(spec: EvaluateSpec, workdir: Path, inputs: dict[str, Path], run
     model = load_hf(parent["artifacts"]["model"], device=runtime.device)
     data = _prepare(from_dict(DataSpec, parent["data_spec"]), parent["context"], cache_dir,
                     from_dict(NoiseSpec, parent["noise_spec"]), from_dict(FilterSpec, parent["filter_spec"]))
-    views = evaluate_views(model, data, spec.eval, spec.ablate, spec.calibrate, runtime)
+    views = evaluate_views(model, data, spec.eval, spec.ablate, spec.calibrate, runtime,
+                           save_calibrated=workdir / "calibrated_model")
     metrics = flat_metrics(views)
     if runtime.is_main:
         tracker.log_metrics(metrics, 0)
     emit({"type": "eval", "step": 1, "total": 1, "metrics": metrics})
+    artifacts = dict(parent["artifacts"])
+    if "eval_calibrated" in views:  # the ablated model with its calibrated output bias: the one to deploy
+        artifacts["calibrated_model"] = str(workdir / "calibrated_model")
     return {**_inherit(parent), "metrics": metrics, "summary": {"views": sorted(views)},
-            "artifacts": parent["artifacts"], "resolved_spec": to_dict(spec)}
+            "artifacts": artifacts, "resolved_spec": to_dict(spec)}
 
 
 def _inherit(parent: dict[str, Any]) -> dict[str, Any]:
