@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
+from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report
 from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
@@ -76,6 +77,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     from sgtm_engine.provenance import code_version
     from sgtm_engine.runner import open_run
     from sgtm_engine.stage import write_json
+    from sgtm_engine.tracking import local_artifact_root, local_tracking_uri
 
     workdir = Path(workdir)
     (workdir / "cells").mkdir(parents=True, exist_ok=True)
@@ -83,15 +85,18 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
          f"{workdir}")
     experiment = sweep.experiment or sweep.name
-    parent = open_run(mlflow_uri, experiment, sweep.name, tags={"kind": "sweep", "sgtm.sweep": sweep.name,
-                                                                "sgtm.code_version": code_version()})
+    # the workdir's own store keeps its artifacts beside it; another store decides for itself
+    artifact_root = local_artifact_root(workdir) if mlflow_uri == local_tracking_uri(workdir) else None
+    parent = open_run(mlflow_uri, experiment, sweep.name, artifact_root=artifact_root,
+                      tags={**run_tags(kind="sweep", code_version=code_version()), "sgtm.sweep": sweep.name})
     tasks: dict[str, _Task] = {}
     cell_runs = {}
     for cell in todo:
-        tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "", "seed": str(cell.seed)}
+        tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "",
+                **run_tags(kind="cell", seed=cell.seed)}
         tags.update({f"sgtm.param.{k}": str(v) for k, v in cell.params.items()})
         cell_runs[cell.cell_id] = run = open_run(mlflow_uri, experiment, cell_label(cell),
-                                                 parent_run_id=parent.run_id, tags=tags)
+                                                 parent_run_id=parent.run_id, tags=tags, artifact_root=artifact_root)
         folders = stage_folders(cell, workdir)
         for stage in cell.stages:
             folder = folders[stage["name"]]

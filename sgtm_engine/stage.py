@@ -293,8 +293,25 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
             tracker.log_artifact(workdir / RESULT)
         except Exception as exc:  # noqa: BLE001 - an artifact store hiccup must not fail a finished stage
             log.warning("could not log artifacts: %s", exc)
+        log_stage_model(tracker, kind, workdir, getattr(spec, "register", None))
     events({"type": "finished", "kind": kind.value})
     return read_result(workdir) if runtime.is_main else record
+
+
+def log_stage_model(tracker: Tracker, kind: StageKind, workdir: Path, register: str | None) -> str | None:
+    """Log the model a finished stage produced as an MLflow model (registered as `register` when given): a train,
+    ablate, attack or RMU stage's `model`, an evaluate stage's `calibrated_model` (its `model` is its parent's)."""
+    calibrated = kind == StageKind.EVALUATE
+    key = "calibrated_model" if calibrated else "model"
+    if read_result(workdir)["artifacts"].get(key) is None:
+        return None
+
+    def write_export(out: Path) -> Path:
+        from sgtm_engine.export import export_model
+
+        return export_model(workdir, out, calibrated=calibrated)
+
+    return tracker.log_model(key, write_export, register)
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:

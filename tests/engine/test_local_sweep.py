@@ -180,7 +180,7 @@ def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run
     client = MlflowClient(local_tracking_uri(workdir))
     runs = client.search_runs([client.get_experiment_by_name("attack-matrix").experiment_id])
     by_id = {r.info.run_id: r for r in runs}
-    sweep = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    sweep = [r for r in runs if r.data.tags.get("sgtm.kind") == "sweep"]
     assert len(sweep) == 1 and sweep[0].info.status == "FINISHED"
     assert "no_filter/attack/steps_to_recovery/mean" in sweep[0].data.metrics
     cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep[0].info.run_id]
