@@ -16,18 +16,12 @@ from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.model.hf import load_hf
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import register_last_model, run_recipe
+from tests.engine.tiny import TINY_SGTM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "model": {"n_layer": 2, "d_model": 64, "context": 32},
-    "masking": {"strategy": "sgtm", "forget_mlp_dim": 32, "forget_attn_heads": 4},
-    "data": {"corpus": "wiki-bilingual", "vocab_size": 512, "max_docs_per_split": 40, "test_docs_per_category": 2},
-    "optim": {"lr": 3e-3, "warmup_steps": 2},
-    "steps": 4, "batch_size": 4, "log_every": 2,
-    "eval": {"max_batches": 1, "capability": False},
-}
+TINY = TINY_SGTM
 RECIPE = {"name": "tiny", "stages": [
     {"name": "train", "kind": "train", "spec": TINY},
     {"name": "evaluate", "kind": "evaluate", "inputs": {"model": "train"},
