@@ -32,6 +32,8 @@ from sgtm_engine.stage import RESULT, read_result
 
 POSITIONS_PER_CONTEXT = 4
 """Default position table of an export, in contexts."""
+_VARIANTS = {"train": "trained", "ablate": "ablated", "attack": "fine-tuned by the attack",
+             "rmu": "unlearned with RMU"}
 
 
 def _resolve(source: Path, calibrated: bool) -> tuple[Path, Path | None, dict[str, Any] | None]:
@@ -70,7 +72,7 @@ def export_model(source: Path, out: Path, ablate: str | None = None, seed: int =
     """
     model_dir, tok_dir, record = _resolve(Path(source), calibrated)
     model = load_hf(model_dir)
-    variant = "ablated and calibrated" if calibrated else "ablated" if (record or {}).get("ablated") else "trained"
+    variant = "ablated and calibrated" if calibrated else _VARIANTS.get((record or {}).get("kind"), "trained")
     if ablate is not None:
         try:
             kind = AblationKind(ablate)

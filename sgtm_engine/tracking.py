@@ -215,6 +215,8 @@ def _quiet_mlflow() -> None:
     home, and on an offline machine every attempt waits for a timeout (also at interpreter exit). Respect an
     explicit setting; otherwise opt out before mlflow is first imported."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # packaging a model copies its files with a progress bar per model: noise in a stage's log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def local_tracking_uri(root: str | Path) -> str:
