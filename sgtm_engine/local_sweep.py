@@ -59,6 +59,8 @@ class _Task:
     name: str
     cell_run_id: str | None
     tags: dict[str, str]
+    recipe: str
+    """The sweep's name: the stage run's `sgtm.recipe`."""
 
 
 def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
@@ -103,7 +105,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
             if folder.name not in tasks and not (folder / "result.json").exists():
                 tasks[folder.name] = _Task(stage["kind"], stage["spec"], folder,
                                            {r: folders[p] for r, p in stage["inputs"].items()},
-                                           f"{stage['name']} {cell_label(cell)}", run.run_id, tags)
+                                           f"{stage['name']} {cell_label(cell)}", run.run_id, tags, sweep.name)
     try:
         errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
     except BaseException:  # interrupted: no run stays RUNNING; a rerun continues from the finished stages
@@ -177,7 +179,7 @@ def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | N
     kind = StageKind(task.kind)
     run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
                       experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,
-                      cache_dir=cache_dir)
+                      recipe=task.recipe, cache_dir=cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

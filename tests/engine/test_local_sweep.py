@@ -187,6 +187,8 @@ def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run
     assert sorted(r.data.tags["sgtm.variant"] for r in cells) == ["no_filter", "sgtm_zero", "weak_filter"]
     stages = [r for r in runs if "sgtm.stage" in r.data.tags]
     assert len(stages) == 6 and all(by_id[r.data.tags["mlflow.parentRunId"]] in cells for r in stages)
+    assert all(r.data.tags["sgtm.recipe"] == "attack-matrix" and "sgtm.method" in r.data.tags for r in stages)
+    assert list((workdir / "mlartifacts").rglob("MLmodel"))  # the models, in the sweep's own folder
 
 
 @pytest.mark.slow
@@ -240,7 +242,7 @@ def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, 
 
     def task(key, after=()):
         inputs = {f"input{i}": tmp_path / parent for i, parent in enumerate(after)}
-        return local._Task("train", {}, tmp_path / key, inputs, key, None, {})
+        return local._Task("train", {}, tmp_path / key, inputs, key, None, {}, "sweep")
 
     monkeypatch.setattr(local, "_run_task", run)
     tasks = {t.folder.name: t for t in (task("train-a"), task("attack-a", ("train-a",)), task("train-b"),
