@@ -112,8 +112,9 @@ def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-#: Spec blocks that say where and how a run executes, not what it computes: a run may resume under other values.
-NOT_IDENTITY = ("runtime",)
+#: Spec fields that say where a run executes or how its model is published, not what it computes: a run may resume
+#: under other values.
+NOT_IDENTITY = ("runtime", "register")
 
 
 def spec_differences(saved: Any, current: Any, field: str = "") -> list[tuple[str, Any, Any]]:

@@ -98,13 +98,22 @@ def run_cmd(
     mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
     no_track: Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")] = False,
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
+    register: Annotated[str | None, typer.Option(help="register the recipe's final model in the MLflow model "
+                                                      "registry under this name (sets <stage>.register)")] = None,
 ) -> None:
     """Run every stage of a recipe in this process and write WORKDIR/result.json."""
+    from sgtm_engine.config import spec_hash
     from sgtm_engine.recipe import load_recipe, recipe_data
     from sgtm_engine.yamlio import dump_yaml, parse_sets
 
     try:
-        parsed = load_recipe(recipe, parse_sets(set_ or []))
+        overrides = parse_sets(set_ or [])
+        parsed = load_recipe(recipe, overrides)
+        if register is not None:
+            from sgtm_engine.runner import register_last_model
+
+            overrides = {**overrides, **register_last_model(parsed, register)}
+            parsed = load_recipe(recipe, overrides)
     except SgtmError as exc:
         _fail(exc)
     if print_config:
@@ -116,9 +125,10 @@ def run_cmd(
     setup_logging()
     if workdir is None:
         workdir = fresh_run_folder(parsed)
+    run_name = " ".join([parsed.name, *(set_ or []), f"({spec_hash(recipe_data(parsed))[:8]})"])
     try:
         results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
-                             cache_dir=cache_dir, overwrite=overwrite)
+                             cache_dir=cache_dir, overwrite=overwrite, run_name=run_name)
     except SgtmError as exc:
         _fail(exc)
     typer.echo(f"wrote {workdir / 'result.json'} ({len(results['stages'])} stages)")
@@ -258,13 +268,19 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="output folder: a stock-transformers model + tokenizer")],
     ablate: Annotated[str | None, typer.Option(help="zero or reinit: ablate the forget slice first")] = None,
     seed: Annotated[int, typer.Option(help="re-init ablation seed")] = 0,
-    drop_output_bias: Annotated[bool, typer.Option(help="zero lm_head.bias (stock GPT-Neo cannot hold it)")] = False,
+    drop_output_bias: Annotated[bool, typer.Option(help="omit the output bias (kept by default in "
+                                                        "output_bias.safetensors; see the model card)")] = False,
+    calibrated: Annotated[bool, typer.Option("--calibrated", help="the calibrated model of an evaluate stage "
+                                                                  "(CHECKPOINT is its workdir)")] = False,
+    positions: Annotated[int | None, typer.Option(help="rows of the position table, so stock generate runs past "
+                                                       "the context (default: 4 x context)")] = None,
 ) -> None:
-    """Write a model loadable with `AutoModelForCausalLM.from_pretrained` (and its tokenizer)."""
+    """Write a model loadable with `AutoModelForCausalLM.from_pretrained`, its tokenizer and a model card."""
     from sgtm_engine.export import export_model
 
     try:
-        path = export_model(checkpoint, out, ablate=ablate, seed=seed, drop_output_bias=drop_output_bias)
+        path = export_model(checkpoint, out, ablate=ablate, seed=seed, drop_output_bias=drop_output_bias,
+                            calibrated=calibrated, positions=positions)
     except SgtmError as exc:
         _fail(exc)
     typer.echo(f"exported to {path}")

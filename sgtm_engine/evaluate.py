@@ -19,6 +19,7 @@ import logging
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from sgtm_engine.data.conditional import suppress_logits
 from sgtm_engine.data.prepare import PreparedData
 from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import IGNORE_INDEX, GPTNeoLM
+from sgtm_engine.model.hf import save_hf
 from sgtm_engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -247,9 +249,10 @@ def capability(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Run
 
 
 def evaluate_views(model: GPTNeoLM, data: PreparedData, eval_spec: EvalSpec, ablate_spec: AblateSpec | None,
-                   calibrate_spec: CalibrateSpec, runtime: Runtime, with_capability: bool = True
-                   ) -> dict[str, dict[str, float]]:
+                   calibrate_spec: CalibrateSpec, runtime: Runtime, with_capability: bool = True,
+                   save_calibrated: Path | None = None) -> dict[str, dict[str, float]]:
     """{'eval': unablated, 'eval_ablated': ..., 'eval_calibrated': ...} metrics; the model is left untouched.
+    `save_calibrated`: where to write the calibrated model (the deployable one), when calibration runs.
 
     A clean model (strategy none) has nothing to ablate: its ablated view equals the unablated one and is not
     recomputed, but it is still calibrated, as every method is in the paper.
@@ -271,7 +274,10 @@ def evaluate_views(model: GPTNeoLM, data: PreparedData, eval_spec: EvalSpec, abl
     else:
         views["eval_ablated"] = views["eval"]
     if calibrate_spec.enabled and calibrate_spec.steps > 0:
-        views["eval_calibrated"] = measure(calibrate(ablated, data, calibrate_spec, runtime))
+        calibrated = calibrate(ablated, data, calibrate_spec, runtime)
+        views["eval_calibrated"] = measure(calibrated)
+        if save_calibrated is not None and runtime.is_main:
+            save_hf(calibrated, save_calibrated)
     return views
 
 

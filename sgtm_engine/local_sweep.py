@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
+from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report
 from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
@@ -58,6 +59,8 @@ class _Task:
     name: str
     cell_run_id: str | None
     tags: dict[str, str]
+    recipe: str
+    """The sweep's name: the stage run's `sgtm.recipe`."""
 
 
 def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
@@ -76,6 +79,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     from sgtm_engine.provenance import code_version
     from sgtm_engine.runner import open_run
     from sgtm_engine.stage import write_json
+    from sgtm_engine.tracking import local_artifact_root, local_tracking_uri
 
     workdir = Path(workdir)
     (workdir / "cells").mkdir(parents=True, exist_ok=True)
@@ -83,22 +87,25 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
          f"{workdir}")
     experiment = sweep.experiment or sweep.name
-    parent = open_run(mlflow_uri, experiment, sweep.name, tags={"kind": "sweep", "sgtm.sweep": sweep.name,
-                                                                "sgtm.code_version": code_version()})
+    # the workdir's own store keeps its artifacts beside it; another store decides for itself
+    artifact_root = local_artifact_root(workdir) if mlflow_uri == local_tracking_uri(workdir) else None
+    parent = open_run(mlflow_uri, experiment, sweep.name, artifact_root=artifact_root,
+                      tags={**run_tags(kind="sweep", code_version=code_version()), "sgtm.sweep": sweep.name})
     tasks: dict[str, _Task] = {}
     cell_runs = {}
     for cell in todo:
-        tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "", "seed": str(cell.seed)}
+        tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "",
+                **run_tags(kind="cell", seed=cell.seed)}
         tags.update({f"sgtm.param.{k}": str(v) for k, v in cell.params.items()})
         cell_runs[cell.cell_id] = run = open_run(mlflow_uri, experiment, cell_label(cell),
-                                                 parent_run_id=parent.run_id, tags=tags)
+                                                 parent_run_id=parent.run_id, tags=tags, artifact_root=artifact_root)
         folders = stage_folders(cell, workdir)
         for stage in cell.stages:
             folder = folders[stage["name"]]
             if folder.name not in tasks and not (folder / "result.json").exists():
                 tasks[folder.name] = _Task(stage["kind"], stage["spec"], folder,
                                            {r: folders[p] for r, p in stage["inputs"].items()},
-                                           f"{stage['name']} {cell_label(cell)}", run.run_id, tags)
+                                           f"{stage['name']} {cell_label(cell)}", run.run_id, tags, sweep.name)
     try:
         errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
     except BaseException:  # interrupted: no run stays RUNNING; a rerun continues from the finished stages
@@ -172,7 +179,7 @@ def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | N
     kind = StageKind(task.kind)
     run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
                       experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,
-                      cache_dir=cache_dir)
+                      recipe=task.recipe, cache_dir=cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""MLflow keys from our names: one `metric_key` for metric and param keys, used by the tracker and by sweep reports.
+"""MLflow keys from our names: one `metric_key` for metric and param keys, used by the tracker and by sweep reports;
+and the one tag and param scheme of a stage's run (`run_tags`, `spec_params`), used by `sgtm run`, local sweeps and
+the service's supervisor alike, so a run reads the same whoever started it.
 
-Stdlib-only, because `report.py` (imported by the API) must stay torch-free and must log a sweep's aggregates under
-the same keys as the runs it aggregates.
+Stdlib-only, because `report.py` (imported by the API) and the worker parent must stay torch-free, and a sweep's
+aggregates must be logged under the same keys as the runs it aggregates.
 
 A key we log is ASCII letters, digits and `_-. /:` (MLflow's validator also takes non-ASCII word characters; ASCII
 keys survive every store and URL), at most 250 characters, and left unchanged by `posixpath.normpath` (no empty, `.`
@@ -19,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from typing import Any
+
+from sgtm_engine.config import flat_params
 
 MAX_KEY_LENGTH = 250
 _REFUSED = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -36,3 +41,26 @@ def metric_key(name: str) -> str:
 
 def _fold(ch: str) -> str:
     return ch if ch.isascii() else f"u{ord(ch):04x}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run scheme
+
+TAG_PREFIX = "sgtm."
+
+
+def run_tags(*, kind: str | None = None, method: str | None = None, seed: int | str | None = None,
+             recipe: str | None = None, spec_hash: str | None = None, code_version: str | None = None,
+             stage: str | None = None
+             ) -> dict[str, str]:
+    """The tags of an sgtm MLflow run: `sgtm.kind` (a stage kind, or `pipeline` / `sweep` / `cell` for a parent),
+    and for a stage run its method, seed, recipe (or pipeline) name, spec hash, code version and stage name.
+    Values not known (None) are left out, so a later `set_tags` can add them."""
+    values = {"kind": kind, "method": method, "seed": seed, "recipe": recipe, "spec_hash": spec_hash,
+              "code_version": code_version, "stage": stage}
+    return {f"{TAG_PREFIX}{key}": str(value) for key, value in values.items() if value is not None}
+
+
+def spec_params(spec: dict[str, Any]) -> dict[str, str]:
+    """A stage's spec as MLflow params (`spec.model.n_layer`, ...): logged on every stage run, by whoever opens it."""
+    return flat_params(spec, "spec.")

@@ -12,41 +12,46 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sgtm_engine.config import StageKind, spec_hash
+from sgtm_engine.config import Split, StageKind, spec_hash, to_dict
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.mlflow_keys import run_tags, spec_params
 from sgtm_engine.provenance import code_version
-from sgtm_engine.recipe import Recipe
+from sgtm_engine.recipe import Recipe, recipe_data
 from sgtm_engine.stage import run_stage, write_json
-from sgtm_engine.tracking import MlflowTracker, NullTracker, Tracker, local_tracking_uri
+from sgtm_engine.tracking import MlflowTracker, NullTracker, Tracker, local_artifact_root, local_tracking_uri
 
 log = logging.getLogger(__name__)
 
+SPLIT_NAMES = frozenset(split.value for split in Split)
+
 
 def open_run(uri: str | None, experiment: str, name: str, *, parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None) -> Tracker:
+             tags: dict[str, str] | None = None, artifact_root: Path | None = None) -> Tracker:
     """An MLflow run (nested under `parent_run_id` when given), or a NullTracker without a tracking URI."""
     if uri is None:
         return NullTracker()
-    return MlflowTracker(uri, experiment=experiment, run_name=name, parent_run_id=parent_run_id, tags=tags)
-
-
-def stage_tags(name: str, kind: StageKind, spec: Any) -> dict[str, str]:
-    return {"sgtm.stage": name, "sgtm.kind": kind.value, "sgtm.spec_hash": spec_hash(spec),
-            "sgtm.seed": str(getattr(spec, "seed", ""))}
+    return MlflowTracker(uri, experiment=experiment, run_name=name, parent_run_id=parent_run_id, tags=tags,
+                         artifact_root=artifact_root)
 
 
 def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str, Path], *, uri: str | None,
                       experiment: str, name: str, parent_run_id: str | None, tags: dict[str, str] | None = None,
                       cache_dir: Path | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
-                      overwrite: bool = False) -> dict[str, Any]:
-    """Run one stage in `folder` inside its own MLflow run, closed FINISHED or FAILED; returns its result."""
-    tracker = open_run(uri, experiment, name, parent_run_id=parent_run_id,
-                       tags={**stage_tags(name, kind, spec), **(tags or {})})
+                      overwrite: bool = False, recipe: str | None = None, artifact_root: Path | None = None
+                      ) -> dict[str, Any]:
+    """Run one stage in `folder` inside its own MLflow run (tags and params as mlflow_keys.run_tags and spec_params
+    say), closed FINISHED or FAILED; returns its result."""
+    scheme = run_tags(kind=kind.value, stage=name, recipe=recipe, spec_hash=spec_hash(spec),
+                      seed=getattr(spec, "seed", None), code_version=code_version())
+    tracker = open_run(uri, experiment, name, parent_run_id=parent_run_id, tags={**(tags or {}), **scheme},
+                       artifact_root=artifact_root)
     status = "FAILED"
     try:
+        tracker.log_params(spec_params(to_dict(spec)))
         result = run_stage(kind, spec, folder, inputs, tracker=tracker, emit=emit, cache_dir=cache_dir,
                            overwrite=overwrite)
-        if "method" in result:
-            tracker.set_tags({"sgtm.method": result["method"]})
+        # an evaluate or ablate stage inherits its method and seed from the model it was given
+        tracker.set_tags(run_tags(method=result.get("method"), seed=result.get("seed")))
         status = "FINISHED"
         return result
     finally:
@@ -54,15 +59,22 @@ def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str
 
 
 def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, track: bool = True,
-               cache_dir: Path | None = None, experiment: str | None = None, emit=None, overwrite: bool = False
-               ) -> dict[str, Any]:
-    """Run every stage; returns (and writes to WORKDIR/result.json) {'recipe', 'stages': {name: result}}."""
+               cache_dir: Path | None = None, experiment: str | None = None, emit=None, overwrite: bool = False,
+               run_name: str | None = None) -> dict[str, Any]:
+    """Run every stage; returns (and writes to WORKDIR/result.json) {'recipe', 'stages': {name: result}}.
+
+    The MLflow store is a SQLite file in WORKDIR with its artifacts beside it, unless `mlflow_uri` names another.
+    The parent run is named `run_name` (default: the recipe's name and spec hash) and carries the stages' headline
+    metrics (`headline_metrics`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     uri = (mlflow_uri or local_tracking_uri(workdir)) if track else None
+    artifact_root = local_artifact_root(workdir) if track and mlflow_uri is None else None
     experiment = experiment or recipe.name
-    parent = open_run(uri, experiment, recipe.name,
-                      tags={"sgtm.recipe": recipe.name, "sgtm.code_version": code_version()})
+    name = run_name or f"{recipe.name} ({spec_hash(recipe_data(recipe))[:8]})"
+    parent = open_run(uri, experiment, name, artifact_root=artifact_root,
+                      tags={**run_tags(kind="pipeline", recipe=recipe.name, code_version=code_version()),
+                            "sgtm.workdir": str(workdir.resolve())})
     results: dict[str, Any] = {}
     status = "FAILED"
     try:
@@ -71,10 +83,38 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
             results[stage.name] = run_tracked_stage(stage.kind, stage.spec, workdir / stage.name, inputs, uri=uri,
                                                     experiment=experiment, name=stage.name,
                                                     parent_run_id=parent.run_id, cache_dir=cache_dir, emit=emit,
-                                                    overwrite=overwrite)
+                                                    overwrite=overwrite, recipe=recipe.name,
+                                                    artifact_root=artifact_root)
+        parent.log_metrics(headline_metrics(results), step=0)
         status = "FINISHED"
     finally:
         parent.close(status)
     summary = {"recipe": recipe.name, "mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id, "stages": results}
     write_json(workdir / "result.json", summary)
     return summary
+
+
+def headline_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The stages' split-level numbers (`eval/forget/loss`, `eval_calibrated/retain/loss`, not per category or per
+    step), under `<stage>/...`: what a parent run shows in MLflow's run table."""
+    out = {}
+    for stage, result in results.items():
+        for key, value in (result.get("metrics") or {}).items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[1] in SPLIT_NAMES and isinstance(value, int | float):
+                out[f"{stage}/{key}"] = float(value)
+    return out
+
+
+def register_last_model(recipe: Recipe, name: str) -> dict[str, str]:
+    """The override that registers the recipe's final model as `name`: `<stage>.register` on its last stage that
+    writes a model (an evaluate stage only when it calibrates)."""
+    for stage in reversed(recipe.stages):
+        spec = stage.spec
+        if stage.kind == StageKind.EVALUATE:
+            writes = spec.ablate is not None and spec.calibrate.enabled and spec.calibrate.steps > 0
+        else:
+            writes = getattr(spec, "save_model", True)
+        if writes:
+            return {f"{stage.name}.register": name}
+    raise ConfigError(f"--register {name}: recipe {recipe.name} has no stage that writes a model")

@@ -185,13 +185,17 @@ def run_evaluate(spec: EvaluateSpec, workdir: Path, inputs: dict[str, Path], run
     model = load_hf(parent["artifacts"]["model"], device=runtime.device)
     data = _prepare(from_dict(DataSpec, parent["data_spec"]), parent["context"], cache_dir,
                     from_dict(NoiseSpec, parent["noise_spec"]), from_dict(FilterSpec, parent["filter_spec"]))
-    views = evaluate_views(model, data, spec.eval, spec.ablate, spec.calibrate, runtime)
+    views = evaluate_views(model, data, spec.eval, spec.ablate, spec.calibrate, runtime,
+                           save_calibrated=workdir / "calibrated_model")
     metrics = flat_metrics(views)
     if runtime.is_main:
         tracker.log_metrics(metrics, 0)
     emit({"type": "eval", "step": 1, "total": 1, "metrics": metrics})
+    artifacts = dict(parent["artifacts"])
+    if "eval_calibrated" in views:  # the ablated model with its calibrated output bias: the one to deploy
+        artifacts["calibrated_model"] = str(workdir / "calibrated_model")
     return {**_inherit(parent), "metrics": metrics, "summary": {"views": sorted(views)},
-            "artifacts": parent["artifacts"], "resolved_spec": to_dict(spec)}
+            "artifacts": artifacts, "resolved_spec": to_dict(spec)}
 
 
 def _inherit(parent: dict[str, Any]) -> dict[str, Any]:
@@ -289,8 +293,25 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
             tracker.log_artifact(workdir / RESULT)
         except Exception as exc:  # noqa: BLE001 - an artifact store hiccup must not fail a finished stage
             log.warning("could not log artifacts: %s", exc)
+        log_stage_model(tracker, kind, workdir, getattr(spec, "register", None))
     events({"type": "finished", "kind": kind.value})
     return read_result(workdir) if runtime.is_main else record
+
+
+def log_stage_model(tracker: Tracker, kind: StageKind, workdir: Path, register: str | None) -> str | None:
+    """Log the model a finished stage produced as an MLflow model (registered as `register` when given): a train,
+    ablate, attack or RMU stage's `model`, an evaluate stage's `calibrated_model` (its `model` is its parent's)."""
+    calibrated = kind == StageKind.EVALUATE
+    key = "calibrated_model" if calibrated else "model"
+    if read_result(workdir)["artifacts"].get(key) is None:
+        return None
+
+    def write_export(out: Path) -> Path:
+        from sgtm_engine.export import export_model
+
+        return export_model(workdir, out, calibrated=calibrated)
+
+    return tracker.log_model(key, write_export, register)
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:

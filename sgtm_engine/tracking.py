@@ -35,6 +35,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_model(self, name: str, write_export: Callable[[Path], Path], registered_name: str | None = None
+                  ) -> str | None: ...
     def flush(self) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -55,6 +57,10 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
+
+    def log_model(self, name: str, write_export: Callable[[Path], Path], registered_name: str | None = None
+                  ) -> str | None:
+        return None  # nothing is exported
 
     def flush(self) -> None:
         pass
@@ -78,7 +84,10 @@ class MlflowTracker:
 
     def __init__(self, tracking_uri: str, run_id: str | None = None, experiment: str = "sgtm",
                  run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 flush_every: int = 1000, flush_seconds: float = 10.0, retries: int = 3):
+                 flush_every: int = 1000, flush_seconds: float = 10.0, retries: int = 3,
+                 artifact_root: Path | None = None):
+        """`artifact_root`: where an experiment this tracker creates keeps its artifacts (a local store keeps them
+        beside itself, not in MLflow's default `./mlruns` of the working directory); None: the store decides."""
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
@@ -86,7 +95,8 @@ class MlflowTracker:
         self.owns_run = run_id is None
         if run_id is None:  # synchronous: children need the id for mlflow.parentRunId
             exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            location = (artifact_root / experiment).resolve().as_uri() if artifact_root is not None else None
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, location)
             all_tags = dict(tags or {})
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
@@ -127,6 +137,23 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         self._send(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_model(self, name: str, write_export: Callable[[Path], Path], registered_name: str | None = None
+                  ) -> str | None:
+        """Log a model (mlflow_model.py) linked to this run, registered when `registered_name` is given; returns its
+        URI, or None when that failed (logged, never raised: the stage's model is on disk whatever MLflow does).
+        Synchronous, after everything queued so far: it is called once a stage has finished."""
+        from sgtm_engine.mlflow_model import log_model
+
+        self.flush()
+        try:
+            uri = log_model(self.client, self.run_id, name, write_export, registered_name)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.failed_calls += 1
+            log.warning("MLflow: could not log model %s of run %s: %s", name, self.run_id, exc)
+            return None
+        self.set_tags({f"sgtm.model.{name}": uri})
+        return uri
 
     def flush(self) -> None:
         """Hand over the buffered metrics and wait until every call so far is stored (or has failed)."""
@@ -188,10 +215,18 @@ def _quiet_mlflow() -> None:
     home, and on an offline machine every attempt waits for a timeout (also at interpreter exit). Respect an
     explicit setting; otherwise opt out before mlflow is first imported."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # packaging a model copies its files with a progress bar per model: noise in a stage's log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def local_tracking_uri(root: str | Path) -> str:
-    """A local SQLite store (MLflow's file store is deprecated); `mlflow ui --backend-store-uri <this>` shows it."""
+    """A local SQLite store (MLflow's file store is deprecated); `mlflow ui --backend-store-uri <this>` shows it.
+    Its artifacts belong in `local_artifact_root(root)`."""
     path = Path(root).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def local_artifact_root(root: str | Path) -> Path:
+    """Where the experiments of `local_tracking_uri(root)` keep their artifacts (logged models included)."""
+    return Path(root).resolve() / "mlartifacts"

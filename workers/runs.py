@@ -21,7 +21,8 @@ from api.db import jobs as repo
 from api.db import sweeps as sweep_repo
 from api.db.models import Job, SweepCell
 from api.db.session import session_scope
-from workers.run_store import RUN_STATUS, RunStore, flatten
+from sgtm_engine.mlflow_keys import run_tags, spec_params
+from workers.run_store import RUN_STATUS, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,15 @@ def open_job_run(*, run_store: RunStore, factory: sessionmaker[Session], job: Jo
             return job.mlflow_run_id
         parent = _pipeline_run(run_store=run_store, factory=factory, pipeline_id=job.pipeline_id)
         experiment_id = run_store.experiment_id(job.experiment)
-        tags = {"job_id": job.id, "kind": job.kind, "method": job.method, "seed": str(job.seed),
-                "spec_hash": job.spec_hash, "code_version": code_version, "attempt": str(attempt),
-                "queue": job.queue}
+        tags = {**run_tags(kind=job.kind, method=job.method, seed=job.seed, spec_hash=job.spec_hash,
+                           code_version=code_version, stage=job.stage_name),
+                "job_id": job.id, "attempt": str(attempt), "queue": job.queue}
         if job.pipeline_id:
-            tags.update({"pipeline_id": job.pipeline_id, "stage": job.stage_name or job.kind})
+            tags["pipeline_id"] = job.pipeline_id
         tags.update({f"input.{name}": parent_id for name, parent_id in inputs.items()})
         name = f"{job.stage_name or job.kind}-{job.method}-s{job.seed}-{job.spec_hash[:8]}"
         run_id = run_store.create_run(experiment_id, name=name, tags=tags, parent_run_id=parent)
-        run_store.log_params(run_id, flatten(job.spec, "spec."))
+        run_store.log_params(run_id, spec_params(job.spec))
     except Exception as e:  # noqa: BLE001 - tracking is best effort; the job runs without a run id
         log.warning("MLflow unavailable for job %s (%s): running without tracking", job.id, e)
         return None
@@ -75,7 +76,7 @@ def _pipeline_run(*, run_store: RunStore, factory: sessionmaker[Session], pipeli
         cell = (session.get(SweepCell, (sweep_id, pipeline.cell_id)) if sweep_id and pipeline.cell_id else None)
         cell_info = (cell.cell_id, cell.variant, dict(cell.params), cell.seed) if cell is not None else None
     experiment_id = run_store.experiment_id(experiment)
-    tags = {"pipeline_id": pipeline_id, "kind": "pipeline"}
+    tags = {**run_tags(kind="pipeline", recipe=name), "pipeline_id": pipeline_id}
     parent = None
     params: dict[str, str] = {}
     if sweep_id is not None:
@@ -84,7 +85,7 @@ def _pipeline_run(*, run_store: RunStore, factory: sessionmaker[Session], pipeli
     if cell_info is not None:
         cell_id, variant, grid, seed = cell_info
         params = {path: _param(value) for path, value in grid.items()}
-        tags.update({"sgtm.cell_id": cell_id, "sgtm.variant": variant or "", "seed": str(seed)})
+        tags.update({"sgtm.cell_id": cell_id, "sgtm.variant": variant or "", **run_tags(kind="cell", seed=seed)})
         tags.update({f"sgtm.param.{path}": value for path, value in params.items()})
         name = _cell_run_name(variant, grid, seed) or name
     run_id = run_store.create_run(experiment_id, name=name, tags=tags, parent_run_id=parent)
@@ -111,8 +112,7 @@ def close_job_run(*, run_store: RunStore, factory: sessionmaker[Session], job_id
                 tags["checkpoint.uri"] = str(checkpoint["path"])
             if checkpoint.get("sha256"):
                 tags["checkpoint.sha256"] = str(checkpoint["sha256"])
-            if result.get("code_version"):
-                tags["code_version"] = str(result["code_version"])
+            tags.update(run_tags(code_version=result.get("code_version")))
             if result.get("manifest_hash"):
                 tags["data_manifest_hash"] = str(result["manifest_hash"])
             run_store.set_tags(run_id, tags)
@@ -165,7 +165,7 @@ def _sweep_run(*, run_store: RunStore, factory: sessionmaker[Session], sweep_id:
         run_store.set_running(run_id)
         return run_id
     experiment_id = run_store.experiment_id(experiment)
-    run_id = run_store.create_run(experiment_id, name=name, tags={"sgtm.sweep_id": sweep_id, "kind": "sweep"})
+    run_id = run_store.create_run(experiment_id, name=name, tags={**run_tags(kind="sweep"), "sgtm.sweep_id": sweep_id})
     with session_scope(factory) as session:
         won = sweep_repo.claim_sweep_run(session, sweep_id=sweep_id, experiment_id=experiment_id, run_id=run_id)
     if won:

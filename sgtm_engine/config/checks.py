@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,13 @@ class Checks:
             value = getattr(self.spec, loc[0]) if len(loc) == 1 else NO_VALUE
         self.problems.append(Problem.at(loc, what, value))
 
+    def registered_name(self, name: str) -> None:
+        """Field `name` is null or a model-registry name: letters, digits, `_`, `-` and `.`, at most 256."""
+        value = getattr(self.spec, name)
+        self.require(value is None or bool(_REGISTERED_NAME.fullmatch(value)), name,
+                     "a registered model name is 1-256 letters, digits, '_', '-' or '.' (starting with a letter or "
+                     "digit), or null to log the model without registering it")
+
     def extend(self, problems: list[Problem], *, reads: tuple[str, ...]) -> None:
         """Problems found by a sub-spec's own cross-checks (`MaskingSpec.problems_with(model)`)."""
         if not self._suspect & set(reads):
@@ -81,6 +89,9 @@ class Checks:
     def done(self) -> None:
         if self.problems:
             raise ConfigError(self.problems)
+
+
+_REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}")
 
 
 def _within(value: Any, ge: float | None, gt: float | None, le: float | None, lt: float | None) -> bool:

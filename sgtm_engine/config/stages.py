@@ -50,9 +50,13 @@ class TrainSpec:
     """How many of the newest checkpoints to keep."""
     seed: int = 0
     """Seeds the initialization and the data order."""
+    register: str | None = None
+    """Register this stage's model in the MLflow model registry under this name (a new version per run); null logs
+    the model without registering it."""
 
     def __post_init__(self) -> None:
         c = Checks(self)
+        c.registered_name("register")
         c.bound("steps", "batch_size", "log_every", "keep_checkpoints", ge=1)
         c.bound("micro_batch_size", "eval_every", "checkpoint_every", ge=1, nullable=True)
         if self.micro_batch_size is not None and self.micro_batch_size >= 1:
@@ -93,6 +97,19 @@ class EvaluateSpec:
     """None skips the ablated and calibrated evaluations."""
     calibrate: CalibrateSpec = field(default_factory=CalibrateSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    register: str | None = None
+    """Register this stage's model in the MLflow model registry under this name (a new version per run); null logs
+    the model without registering it. The model is the calibrated one (ablated, with
+    its calibrated output bias); an evaluation that does not calibrate has none."""
+
+    def __post_init__(self) -> None:
+        c = Checks(self)
+        c.registered_name("register")
+        c.require(self.register is None or (self.ablate is not None and self.calibrate.enabled
+                                            and self.calibrate.steps > 0), "register",
+                  "only a calibrating evaluation writes a model; set ablate and calibrate.steps > 0, or null",
+                  reads=("ablate", "calibrate"))
+        c.done()
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,14 @@ class AblateStageSpec:
     __pydantic_config__ = FORBID_EXTRA
 
     ablate: AblateSpec = field(default_factory=AblateSpec)
+    register: str | None = None
+    """Register this stage's model in the MLflow model registry under this name (a new version per run); null logs
+    the model without registering it."""
+
+    def __post_init__(self) -> None:
+        c = Checks(self)
+        c.registered_name("register")
+        c.done()
 
 
 def _attack_optim() -> OptimSpec:
@@ -143,9 +168,15 @@ class AttackSpec:
     seed: int = 0
     """Seeds the attack's data order."""
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    register: str | None = None
+    """Register this stage's model in the MLflow model registry under this name (a new version per run); null logs
+    the model without registering it. Needs save_model."""
 
     def __post_init__(self) -> None:
         c = Checks(self)
+        c.registered_name("register")
+        c.require(self.register is None or self.save_model, "register", "the attacked model is saved only with "
+                  "save_model=true; set it, or null", reads=("save_model",))
         c.bound("upsample_forget", gt=0)
         c.bound("steps", "batch_size", "eval_every", "log_every", ge=1)
         c.bound("micro_batch_size", ge=1, nullable=True)
@@ -188,9 +219,13 @@ class RmuSpec:
     seed: int = 42
     """Seeds the control vector and the data order."""
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    register: str | None = None
+    """Register this stage's model in the MLflow model registry under this name (a new version per run); null logs
+    the model without registering it."""
 
     def __post_init__(self) -> None:
         c = Checks(self)
+        c.registered_name("register")
         c.bound("layer_id", ge=0, nullable=True)
         if self.param_patterns is not None:
             c.require(len(self.param_patterns) > 0 and all(self.param_patterns), "param_patterns",

@@ -156,7 +156,8 @@ class PreparedData:
         docs_confusion = noise_lib.confusion((split_of[d], m) for d, m in self.doc_labels.items())
         return {"corpus": self.corpus_name, "corpus_fingerprint": self.corpus_fingerprint,
                 "tokenizer_hash": self.tokenizer_hash, "manifest_hash": self.manifest_hash,
-                "vocab_size": self.vocab_size, "context": self.context, **self.stats,
+                "vocab_size": self.vocab_size, "context": self.context,
+                "attribution": self.corpus_metadata.get("attribution"), **self.stats,
                 "label_confusion_docs": docs_confusion if self.doc_labels else None}
 
 

@@ -2,13 +2,17 @@
 
 Checkpoints are written in the Hugging Face layout (`config.json` + `model.safetensors`, same tensor names), so
 `AutoModelForCausalLM.from_pretrained(dir)` loads them with stock `transformers`, and stock GPT-Neo checkpoints load
-here. Our extras ride along as extra config attributes (`sgtm_masking`, `sgtm_output_bias`), which stock
-`transformers` keeps but ignores.
+here. Our extras ride along as extra config attributes (`sgtm_masking`, `sgtm_output_bias`, `sgtm_context`), which
+stock `transformers` keeps but ignores.
 
-The one thing stock GPT-Neo cannot represent is the paper's output bias (`lm_head.bias`): it is saved in the same
-file, and stock `transformers` drops it when loading (it reports it as an unexpected key). Logits there differ from
-ours by exactly that per-vocabulary constant; `export` can zero it first (`drop_output_bias`) when a bit-exact stock
-model matters more than calibration.
+The one thing stock GPT-Neo cannot represent is the paper's output bias (`lm_head.bias`). It lives in its own file,
+`output_bias.safetensors`, so `model.safetensors` holds exactly the tensors of a stock GPTNeoForCausalLM: stock
+loading reports no unexpected or missing key. `load_hf` restores the bias; a stock user restores it with
+`restore_output_bias`'s three lines (the export's model card prints them). Without it, stock logits differ from ours
+by exactly that per-vocabulary constant.
+
+A position table may hold more rows than the context (`sgtm_context`; exports do this so that stock `generate`
+continues past the context instead of failing, export.py); `load_hf` keeps the first `context` rows.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from sgtm_engine.config import MaskingSpec, ModelSpec, Strategy, from_dict, to_d
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 
 WEIGHTS_NAME = "model.safetensors"
+OUTPUT_BIAS_NAME = "output_bias.safetensors"
+OUTPUT_BIAS_KEY = "lm_head.bias"
 
 
 def hf_config_dict(spec: ModelSpec, vocab_size: int, masking: MaskingSpec | None = None,
@@ -52,6 +58,7 @@ def hf_config_dict(spec: ModelSpec, vocab_size: int, masking: MaskingSpec | None
         "use_cache": True,
         "tie_word_embeddings": True,
         "sgtm_output_bias": spec.output_bias,
+        "sgtm_context": spec.context,
         "sgtm_masking": to_dict(masking) if masking is not None else None,
     }
     if eos_token_id is not None:
@@ -68,7 +75,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> tuple[ModelSpec, MaskingSpec | N
         layers += list(pattern) * repeat
     spec = ModelSpec(
         n_layer=cfg["num_layers"], d_model=cfg["hidden_size"], n_head=cfg["num_heads"],
-        context=cfg["max_position_embeddings"], vocab_size=cfg["vocab_size"],
+        context=cfg.get("sgtm_context") or cfg["max_position_embeddings"], vocab_size=cfg["vocab_size"],
         d_mlp=cfg.get("intermediate_size") or None, window_size=cfg.get("window_size", 256),
         attention_layers=tuple(layers), output_bias=bool(cfg.get("sgtm_output_bias", False)),
         layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-5), init_std=cfg.get("initializer_range", 0.02),
@@ -78,16 +85,30 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> tuple[ModelSpec, MaskingSpec | N
 
 
 def save_hf(model: GPTNeoLM, out_dir: str | Path, eos_token_id: int | None = None,
-            pad_token_id: int | None = None, with_masking: bool = True) -> Path:
-    """Write `config.json` + `model.safetensors` loadable by stock `AutoModelForCausalLM.from_pretrained`."""
+            pad_token_id: int | None = None, with_masking: bool = True, with_output_bias: bool = True) -> Path:
+    """Write `config.json` + `model.safetensors` loadable by stock `AutoModelForCausalLM.from_pretrained`, and the
+    output bias (if the model has one and `with_output_bias`) in `output_bias.safetensors`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = hf_config_dict(model.spec, model.vocab_size, model.masking if with_masking else None,
-                         eos_token_id, pad_token_id)
+    bias = model.lm_head.bias if with_output_bias else None
+    spec = model.spec if bias is not None else dataclasses.replace(model.spec, output_bias=False)
+    cfg = hf_config_dict(spec, model.vocab_size, model.masking if with_masking else None, eos_token_id, pad_token_id)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k not in ("lm_head.weight", OUTPUT_BIAS_KEY)}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    if bias is not None:
+        save_file({OUTPUT_BIAS_KEY: bias.detach().cpu().contiguous()}, str(out / OUTPUT_BIAS_NAME),
+                  metadata={"format": "pt"})
     return out
+
+
+def restore_output_bias(hf_model, path: str | Path) -> None:
+    """Give a stock GPTNeoForCausalLM loaded from `path` the output bias saved beside it (if there is one)."""
+    bias_file = Path(path) / OUTPUT_BIAS_NAME
+    if bias_file.exists():
+        bias = load_file(str(bias_file))[OUTPUT_BIAS_KEY]
+        hf_model.lm_head.bias = torch.nn.Parameter(bias.to(hf_model.lm_head.weight))
 
 
 def load_hf(path: str | Path, masking: MaskingSpec | None = None, device: str | torch.device = "cpu") -> GPTNeoLM:
@@ -99,6 +120,8 @@ def load_hf(path: str | Path, masking: MaskingSpec | None = None, device: str | 
         state = load_file(str(path / WEIGHTS_NAME))
     else:
         state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (path / OUTPUT_BIAS_NAME).exists():
+        state.update(load_file(str(path / OUTPUT_BIAS_NAME)))
     if "lm_head.bias" in state and not spec.output_bias:
         spec = dataclasses.replace(spec, output_bias=True)
     model = GPTNeoLM(spec, masking or saved_masking or MaskingSpec(strategy=Strategy.NONE), vocab_size=vocab)
@@ -110,6 +133,7 @@ def load_state(model: GPTNeoLM, state: dict[str, torch.Tensor]) -> None:
     """Load a state dict with HF names; the tied lm_head.weight and HF's attention-mask buffers are optional."""
     state = {k: v for k, v in state.items() if not k.endswith((".attn.attention.bias", ".attn.attention.masked_bias"))}
     state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: model.spec.context]  # see the docstring
     if model.lm_head.bias is not None and "lm_head.bias" not in state:
         state["lm_head.bias"] = torch.zeros(model.vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -87,6 +87,10 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
     "attack-with-baseline": {"stages": [_stage("base"), _stage("train"),
                                         _stage("attack", "attack", inputs={"model": "train", "baseline": "base"})]},
     "spec-typo": {"stages": [{"name": "train", "kind": "train", "spec": {"stepz": 3}}]},
+    "register-a-model": {"stages": [{"name": "train", "kind": "train", "spec": {"steps": 3, "register": "m-1.b"}}]},
+    "register-a-bad-name": {"stages": [{"name": "train", "kind": "train", "spec": {"register": "a/b"}}]},
+    "register-an-evaluation-that-writes-no-model": {"stages": [
+        _stage("train"), _stage("ev", "evaluate", inputs={"model": "train"}, spec={"ablate": None, "register": "m"})]},
     "unknown-kind": {"stages": [_stage("bake", "bake")]},
     "no-stages": {"stages": []},
 }
@@ -103,3 +107,9 @@ def test_sgtm_run_and_the_api_accept_the_same_recipes(sqlite_client: TestClient,
     r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code in (202, 422), r.text
     assert runs == (r.status_code == 202), r.text
+
+
+def test_a_bad_registered_model_name_is_a_422_naming_the_field(sqlite_client: TestClient) -> None:
+    body = {"stages": [{"name": "train", "kind": "train", "spec": {"register": "a/b"}}]}
+    r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 422 and "register" in r.text and "a/b" in r.text, r.text

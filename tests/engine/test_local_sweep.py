@@ -180,13 +180,15 @@ def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run
     client = MlflowClient(local_tracking_uri(workdir))
     runs = client.search_runs([client.get_experiment_by_name("attack-matrix").experiment_id])
     by_id = {r.info.run_id: r for r in runs}
-    sweep = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    sweep = [r for r in runs if r.data.tags.get("sgtm.kind") == "sweep"]
     assert len(sweep) == 1 and sweep[0].info.status == "FINISHED"
     assert "no_filter/attack/steps_to_recovery/mean" in sweep[0].data.metrics
     cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep[0].info.run_id]
     assert sorted(r.data.tags["sgtm.variant"] for r in cells) == ["no_filter", "sgtm_zero", "weak_filter"]
     stages = [r for r in runs if "sgtm.stage" in r.data.tags]
     assert len(stages) == 6 and all(by_id[r.data.tags["mlflow.parentRunId"]] in cells for r in stages)
+    assert all(r.data.tags["sgtm.recipe"] == "attack-matrix" and "sgtm.method" in r.data.tags for r in stages)
+    assert list((workdir / "mlartifacts").rglob("MLmodel"))  # the models, in the sweep's own folder
 
 
 @pytest.mark.slow
@@ -240,7 +242,7 @@ def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, 
 
     def task(key, after=()):
         inputs = {f"input{i}": tmp_path / parent for i, parent in enumerate(after)}
-        return local._Task("train", {}, tmp_path / key, inputs, key, None, {})
+        return local._Task("train", {}, tmp_path / key, inputs, key, None, {}, "sweep")
 
     monkeypatch.setattr(local, "_run_task", run)
     tasks = {t.folder.name: t for t in (task("train-a"), task("attack-a", ("train-a",)), task("train-b"),

@@ -19,17 +19,11 @@ from safetensors.torch import load_file
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.export import export_model
 from sgtm_engine.stage import read_result, run_stage
+from tests.engine.tiny import TINY_SGTM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "model": {"n_layer": 2, "d_model": 64, "context": 32},
-    "masking": {"strategy": "sgtm", "forget_mlp_dim": 32, "forget_attn_heads": 4},
-    "data": {"corpus": "wiki-bilingual", "vocab_size": 512, "max_docs_per_split": 40, "test_docs_per_category": 2},
-    "optim": {"lr": 3e-3, "warmup_steps": 2},
-    "steps": 4, "batch_size": 4, "log_every": 2, "checkpoint_every": 2,
-    "eval": {"max_batches": 1, "capability": False},
-}
+TINY = {**TINY_SGTM, "checkpoint_every": 2}
 
 
 def _weights(record: dict) -> dict[str, torch.Tensor]:

@@ -87,8 +87,8 @@ def check_pipeline_agrees(*, client: httpx.Client, pipeline_id: str, ledger_url:
         assert run.info.status == "FINISHED"
         tags = run.data.tags
         assert tags["mlflow.parentRunId"] == parent_run
-        assert (tags["job_id"], tags["kind"], tags["spec_hash"]) == (job["id"], job["kind"], job["spec_hash"])
-        assert tags["method"] == job["method"] and tags["seed"] == str(job["seed"])
+        assert (tags["job_id"], tags["sgtm.kind"], tags["sgtm.spec_hash"]) == (job["id"], job["kind"], job["spec_hash"])
+        assert tags["sgtm.method"] == job["method"] and tags["sgtm.seed"] == str(job["seed"])
         for key, value in result["metrics"].items():
             if isinstance(value, float) and math.isfinite(value):
                 logged = metric_key(key)  # MLflow allows fewer characters than category names use

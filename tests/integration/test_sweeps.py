@@ -103,7 +103,7 @@ def _check_mlflow(mlflow_uri: str, sweep: dict[str, Any], client: httpx.Client) 
         pipeline = client.get(f"/api/v1/pipelines/{cell['pipeline_id']}").json()
         tags = mlflow.get_run(pipeline["mlflow"]["run_id"]).data.tags
         assert tags["mlflow.parentRunId"] == run_id
-        assert (tags["sgtm.sweep_id"], tags["sgtm.cell_id"], tags["seed"]) == (sweep["id"], cell["cell_id"],
+        assert (tags["sgtm.sweep_id"], tags["sgtm.cell_id"], tags["sgtm.seed"]) == (sweep["id"], cell["cell_id"],
                                                                                str(cell["seed"]))
         assert tags["sgtm.param.train.data.corpus"] == cell["params"]["train.data.corpus"]
 

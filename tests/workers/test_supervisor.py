@@ -126,7 +126,7 @@ def test_success_records_result_events_and_closes_the_run(supervisor: Supervisor
         types = [e.type for e in repo.events_after(s, job_id=parent)]
     assert types[:3] == ["status", "status", "spawned"] and "checkpoint" in types and types[-1] == "status"
     run = run_store.runs[job.mlflow_run_id or ""]
-    assert run["status"] == "FINISHED" and run["tags"]["job_id"] == parent and run["tags"]["method"] == "sgtm"
+    assert run["status"] == "FINISHED" and run["tags"]["job_id"] == parent and run["tags"]["sgtm.method"] == "sgtm"
     assert run["tags"]["checkpoint.sha256"] == job.checkpoint_sha256
     assert run["dicts"]["result.json"]["kind"] == "train"
     assert run["params"] == {"spec.fake.steps": "4"}  # the spec, flattened as the engine does

@@ -1,0 +1,116 @@
+"""Models in MLflow: every model a stage writes is an MLflow model that `mlflow.pyfunc` loads and that gives the
+engine's logits; registration by name; one tag and param scheme on every stage run; a parent run named by recipe
+and overrides that carries its stages' headline metrics; the store and its artifacts inside the run folder."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sgtm_engine.config import EvaluateSpec, TrainSpec, from_dict
+from sgtm_engine.errors import ConfigError
+from sgtm_engine.mlflow_keys import run_tags
+from sgtm_engine.model.hf import load_hf
+from sgtm_engine.recipe import load_recipe
+from sgtm_engine.runner import register_last_model, run_recipe
+from tests.engine.tiny import TINY_SGTM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = TINY_SGTM
+RECIPE = {"name": "tiny", "stages": [
+    {"name": "train", "kind": "train", "spec": TINY},
+    {"name": "evaluate", "kind": "evaluate", "inputs": {"model": "train"},
+     "spec": {"calibrate": {"steps": 3, "batch_size": 2}, "eval": {"max_batches": 1, "capability": False}}}]}
+REGISTERED = "tiny-sgtm"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, engine_cache):
+    """`sgtm run` of a train + calibrating evaluate recipe with --set train.steps=3 --register tiny-sgtm, from a
+    working directory that is not the run folder."""
+    root = tmp_path_factory.mktemp("mlflow-models")
+    overrides = {"train.steps": 3}
+    recipe = load_recipe(RECIPE, overrides)
+    recipe = load_recipe(RECIPE, {**overrides, **register_last_model(recipe, REGISTERED)})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        out = run_recipe(recipe, root / "run", cache_dir=engine_cache, run_name="tiny train.steps=3")
+    finally:
+        os.chdir(cwd)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(out["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    return root, out, client, {r.data.tags.get("sgtm.stage", "parent"): r for r in runs}
+
+
+def test_pyfunc_loads_the_logged_model_and_gives_the_engines_logits(run):
+    import mlflow
+
+    root, out, client, runs = run
+    uri = runs["train"].data.tags["sgtm.model.model"]
+    mlflow.set_tracking_uri(out["mlflow_uri"])
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    ours = load_hf(out["stages"]["train"]["artifacts"]["model"]).eval()
+    assert ours.lm_head.bias is not None and ours.lm_head.bias.abs().sum() > 0  # the bias must come through
+    ids = torch.randint(0, ours.vocab_size, (2, TINY["model"]["context"]))
+    logits = loaded.predict(ids.numpy().astype(np.int64))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(np.asarray(logits)), ours(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_calibrated_model_is_logged_and_registered_by_name(run):
+    root, out, client, runs = run
+    versions = client.search_model_versions(f"name='{REGISTERED}'")
+    assert len(versions) == 1 and versions[0].run_id == runs["evaluate"].info.run_id
+    model_id = runs["evaluate"].data.tags["sgtm.model.calibrated_model"].removeprefix("models:/")
+    assert model_id in versions[0].source  # the version is the evaluate run's logged (calibrated) model
+    assert "sgtm.model.model" not in runs["evaluate"].data.tags  # its `model` is its parent's, logged there
+
+
+def test_every_stage_run_carries_one_tag_and_param_scheme(run):
+    root, out, client, runs = run
+    train = out["stages"]["train"]
+    for stage in ("train", "evaluate"):
+        tags, params = runs[stage].data.tags, runs[stage].data.params
+        expected = run_tags(kind=stage, stage=stage, method="sgtm", seed=0, recipe="tiny",
+                            spec_hash=out["stages"][stage]["spec_hash"], code_version=train["code_version"])
+        assert expected.items() <= tags.items(), stage
+        assert params["spec.eval.max_batches"] == "1", stage  # evaluate runs log their spec too
+    assert runs["train"].data.params["spec.steps"] == "3"
+
+
+def test_the_parent_run_is_named_by_recipe_and_overrides_and_carries_headline_metrics(run):
+    root, out, client, runs = run
+    parent = runs["parent"]
+    assert parent.info.run_name == "tiny train.steps=3" and parent.data.tags["sgtm.kind"] == "pipeline"
+    metrics = parent.data.metrics
+    calibrated = out["stages"]["evaluate"]["metrics"]["eval_calibrated/forget/loss"]
+    assert metrics["evaluate/eval_calibrated/forget/loss"] == pytest.approx(calibrated)
+    assert "train/eval/retain/loss" in metrics
+    assert not any(key.count("/") > 3 for key in metrics)  # split-level only, no per-category keys
+
+
+def test_the_store_and_its_artifacts_stay_in_the_run_folder(run):
+    root, out, client, runs = run
+    assert not (root / "mlruns").exists()
+    artifacts = root / "run" / "mlartifacts"
+    assert list(artifacts.rglob("MLmodel")) and list(artifacts.rglob("result.json"))
+
+
+def test_register_is_a_checked_spec_field_and_needs_a_model():
+    with pytest.raises(ConfigError, match=r"register.*'no/slashes'.*registered model name"):
+        from_dict(TrainSpec, {**TINY, "register": "no/slashes"})
+    with pytest.raises(ConfigError, match=r"register.*only a calibrating evaluation"):
+        from_dict(EvaluateSpec, {"ablate": None, "register": "x"})
+    only_train = load_recipe({"name": "t", "stages": RECIPE["stages"][:1]})
+    assert register_last_model(only_train, "m") == {"train.register": "m"}
