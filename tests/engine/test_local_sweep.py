@@ -224,7 +224,8 @@ def test_the_report_pairs_each_final_metric_with_its_unablated_value():
     records = [{"cell_id": "a", "variant": "no_filter", "params": {}, "seed": None, "status": "succeeded",
                 "stages": {"evaluate": {"kind": "evaluate", "metrics": metrics}}}]
     md = report_markdown(build_report(records))
-    assert "| retain loss (unablated) | forget loss (unablated) | forget_es_share (unablated) |" in md
+    assert ("| retain loss, calibrated (unablated) | forget loss, calibrated (unablated) "
+            "| forget_es_share, calibrated (unablated) |") in md
     assert "| no_filter | 1/1 | 6.000 (6.100) | 8.300 (6.200) | 0.000 (0.650) |" in md
 
 
