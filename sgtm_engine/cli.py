@@ -110,18 +110,37 @@ def run_cmd(
     if print_config:
         typer.echo(dump_yaml(recipe_data(parsed)), nl=False)
         return
+    from sgtm_engine.progress import StageBars
     from sgtm_engine.runner import run_recipe
     from sgtm_engine.runtime import setup_logging
 
-    setup_logging()
     if workdir is None:
         workdir = fresh_run_folder(parsed)
-    try:
-        results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
-                             cache_dir=cache_dir, overwrite=overwrite)
-    except SgtmError as exc:
-        _fail(exc)
-    typer.echo(f"wrote {workdir / 'result.json'} ({len(results['stages'])} stages)")
+    with StageBars() as bars:
+        setup_logging(level=logging.WARNING, handler=bars.log_handler())  # the bars say what INFO lines would
+        bars.console.print(f"[bold]{parsed.name}[/]: {len(parsed.stages)} stages in {workdir}")
+        try:
+            results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
+                                 cache_dir=cache_dir, overwrite=overwrite, events=bars.stage)
+        except BaseException as exc:
+            bars.fail(f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted")
+            if isinstance(exc, SgtmError):
+                _fail(exc)
+            raise
+    _summary(bars.console, workdir, results)
+
+
+def _summary(console, workdir: Path, results: dict) -> None:
+    """The headline metrics of the run's last evaluation, where everything went, and how to look at it."""
+    from sgtm_engine.progress import headline
+
+    evaluated = [(name, r) for name, r in results["stages"].items() if headline(r.get("metrics") or {})]
+    if evaluated:
+        name, result = evaluated[-1]
+        console.print(headline(result["metrics"], title=f"{results['recipe']}: stage {name}"))
+    console.print(f"run folder: {workdir} (result.json: every stage's record)")
+    if results.get("mlflow_uri"):
+        console.print(f"MLflow: mlflow ui --backend-store-uri {results['mlflow_uri']}")
 
 
 def fresh_run_folder(recipe) -> Path:

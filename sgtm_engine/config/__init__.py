@@ -64,7 +64,8 @@ from sgtm_engine.config.vocabulary import (
 from sgtm_engine.errors import ConfigError, Problem
 
 __all__ = [
-    "BUILTIN_CORPORA", "FORBID_EXTRA", "INPUT_NAME_PATTERN", "MAX_STAGES", "MODEL_PRESETS", "MODEL_PRODUCERS", "STAGE_INPUTS",
+    "BUILTIN_CORPORA", "FORBID_EXTRA", "INPUT_NAME_PATTERN", "MAX_STAGES", "MODEL_PRESETS", "MODEL_PRODUCERS",
+    "STAGE_INPUTS",
     "STAGE_NAME_PATTERN", "STAGE_SPECS", "TOKENIZERS", "AblateSpec", "AblateStageSpec", "AblationKind", "AttackData",
     "AttackSpec", "CalibrateSpec", "Checks", "ConfigError", "DataSpec", "Device", "EvalSpec", "EvaluateSpec",
     "FalsePositiveSource", "FilterKind", "FilterMatching", "FilterSpec", "MaskMode", "MaskingSpec", "ModelSpec",
