@@ -255,12 +255,16 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
         if print_config:
             typer.echo(cells_yaml(sweep), nl=False)
             return
+        from sgtm_engine.progress import StageBars
         from sgtm_engine.runtime import setup_logging
 
-        setup_logging(level=logging.WARNING)
         workdir = workdir or Path("runs") / sweep.name
         uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
-        report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir, echo=typer.echo)
+        with StageBars() as bars:  # one bar per stage when they run here (--jobs 1), else a line per stage
+            setup_logging(level=logging.WARNING, handler=bars.log_handler())
+            report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir,
+                               echo=lambda line: bars.console.print(line, markup=False, highlight=False),
+                               events=bars.stage if jobs == 1 else None)
     except SgtmError as exc:
         _fail(exc)
     typer.echo("\n" + report_markdown(report))
