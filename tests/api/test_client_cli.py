@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import logging.config
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,7 @@ import api.client_jobs as client_jobs
 from api.client_cli import QuietReads, serve_log_config
 from api.config import Settings
 from api.db import jobs as repo
-from api.main import create_app
-from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 20, "batch_size": 4}
-
-
-@pytest.fixture
-def client(settings: Settings, enqueuer: RecordingEnqueuer) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, enqueuer=enqueuer), headers=AUTH) as c:
-        yield c
+from tests.api.test_routes import TINY
 
 
 @pytest.fixture

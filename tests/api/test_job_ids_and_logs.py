@@ -3,9 +3,6 @@ readable through the API (token required)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,17 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.config import Settings
 from api.db import jobs as repo
 from api.db.models import Job
-from api.main import create_app
-from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 20, "batch_size": 4}
-
-
-@pytest.fixture
-def client(settings: Settings, enqueuer: RecordingEnqueuer) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, enqueuer=enqueuer)) as c:
-        yield c
+from tests.api.test_routes import AUTH, TINY
 
 
 def _job_with_id(factory: sessionmaker[Session], job_id: str) -> None:
@@ -78,7 +65,7 @@ def test_the_engine_log_of_an_attempt_needs_a_token_and_comes_from_its_end(
     logs.mkdir(parents=True)
     (logs / "attempt-1.log").write_text("first attempt\n")
     (logs / "attempt-2.log").write_text("".join(f"line {i}\n" for i in range(10_000)))
-    assert client.get(f"/api/v1/jobs/{job['id']}/logs").status_code == 401
+    assert client.get(f"/api/v1/jobs/{job['id']}/logs", headers={"Authorization": ""}).status_code == 401
     latest = client.get(f"/api/v1/jobs/{job['id'][:8]}/logs", params={"tail": 16}, headers=AUTH)
     assert latest.status_code == 200 and latest.text == " 9998\nline 9999\n"
     assert latest.headers["X-Log-Attempt"] == "2" and int(latest.headers["X-Log-Size"]) > 16
