@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -118,6 +119,7 @@ def run_cmd(
         workdir = fresh_run_folder(parsed)
     with StageBars() as bars:
         setup_logging(level=logging.WARNING, handler=bars.log_handler())  # the bars say what INFO lines would
+        _quiet_mlflow()
         bars.console.print(f"[bold]{parsed.name}[/]: {len(parsed.stages)} stages in {workdir}")
         try:
             results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
@@ -130,6 +132,12 @@ def run_cmd(
     _summary(bars.console, workdir, results)
 
 
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (creating its tables, one per run) would tear the bars and say nothing the bars do not; a
+    level the user set wins. An environment variable, because MLflow sets its logger's level when it is imported."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def _summary(console, workdir: Path, results: dict) -> None:
     """The headline metrics of the run's last evaluation, where everything went, and how to look at it."""
     from sgtm_engine.progress import headline
@@ -138,9 +146,10 @@ def _summary(console, workdir: Path, results: dict) -> None:
     if evaluated:
         name, result = evaluated[-1]
         console.print(headline(result["metrics"], title=f"{results['recipe']}: stage {name}"))
-    console.print(f"run folder: {workdir} (result.json: every stage's record)")
+    console.print(f"run folder: {workdir} (result.json: every stage's record)", highlight=False)
     if results.get("mlflow_uri"):
-        console.print(f"MLflow: mlflow ui --backend-store-uri {results['mlflow_uri']}")
+        console.print(f"MLflow: mlflow ui --backend-store-uri {results['mlflow_uri']}", highlight=False,
+                      soft_wrap=True)
 
 
 def fresh_run_folder(recipe) -> Path:
@@ -262,6 +271,7 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
         uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
         with StageBars() as bars:  # one bar per stage when they run here (--jobs 1), else a line per stage
             setup_logging(level=logging.WARNING, handler=bars.log_handler())
+            _quiet_mlflow()
             report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir,
                                echo=lambda line: bars.console.print(line, markup=False, highlight=False),
                                events=bars.stage if jobs == 1 else None)
