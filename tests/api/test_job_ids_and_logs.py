@@ -74,3 +74,12 @@ def test_the_engine_log_of_an_attempt_needs_a_token_and_comes_from_its_end(
     assert first.text == "first attempt\n"
     missing = client.get(f"/api/v1/jobs/{job['id']}/logs", params={"attempt": 3}, headers=AUTH)
     assert missing.status_code == 404 and "attempts so far: 2" in missing.json()["detail"]
+
+
+def test_a_prefix_names_the_job_whose_events_are_streamed(client: TestClient) -> None:
+    job = client.post("/api/v1/jobs", json={"kind": "train", "spec": TINY}, headers=AUTH).json()
+    client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=AUTH)  # finished: the stream ends with `done`
+    with client.stream("GET", f"/api/v1/jobs/{job['id'][:8]}/events", headers=AUTH) as r:
+        assert r.status_code == 200
+        lines = list(r.iter_lines())
+    assert "event: done" in lines and any(line.startswith("data: ") and job["id"] in line for line in lines)
