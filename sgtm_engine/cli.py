@@ -101,11 +101,16 @@ def run_cmd(
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
 ) -> None:
     """Run every stage of a recipe in this process and write WORKDIR/result.json."""
+    from sgtm_engine.config import unknown_corpora
     from sgtm_engine.recipe import load_recipe, recipe_data
     from sgtm_engine.yamlio import dump_yaml, parse_sets
 
     try:
         parsed = load_recipe(recipe, parse_sets(set_ or []))
+        # this process knows only the built-in corpora: a misspelt name fails here, not minutes into a stage
+        corpora = [p.nested((s.name,)) for s in parsed.stages for p in unknown_corpora(s.spec)]
+        if corpora:
+            raise ConfigError(corpora)
     except SgtmError as exc:
         _fail(exc)
     if print_config:
@@ -124,8 +129,8 @@ def run_cmd(
         try:
             results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
                                  cache_dir=cache_dir, overwrite=overwrite, events=bars.stage)
-        except BaseException as exc:
-            bars.fail(f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted")
+        except BaseException as exc:  # the bars mark the stage that was running; the error is printed once, below
+            bars.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
             if isinstance(exc, SgtmError):
                 _fail(exc)
             raise

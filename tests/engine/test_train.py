@@ -247,6 +247,19 @@ def test_cli_reports_config_errors_with_exit_code(tmp_path):
     shutil.rmtree(tmp_path / "w")
 
 
+def test_sgtm_run_refuses_a_misspelt_corpus_before_any_stage_starts(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sgtm_engine.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "wiki-bilingual-sgtm", "--set", "train.data.corpus=wiki-bilngual",
+                                      "--no-track"])
+    assert result.exit_code == 2
+    assert "train.data.corpus='wiki-bilngual': unknown corpus; did you mean 'wiki-bilingual'?" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing ran, no folder made
+
+
 def test_retain_mode_steps_train_the_retain_slice_only(tiny_data):
     """A sanity check on the loop's pieces: a retain step leaves the forget slice bit-identical."""
     spec, data = tiny_data
