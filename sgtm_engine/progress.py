@@ -22,8 +22,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -37,7 +38,7 @@ class StageBars:
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
+                                 TextColumn("{task.fields[info]}"), _StageClock(), console=self.console)
         self._tasks: dict[str, TaskID] = {}
         self._started: dict[str, float] = {}
         self._last: dict[str, str] = {}
@@ -81,6 +82,7 @@ class StageBars:
             total = self.progress.tasks[task].total or 1
             fields.update(total=total, completed=total)
             info = self._last.get(label) or "done"
+            fields["ended"] = self.progress.get_time()
             self._finished.add(label)
             self.console.print(f"{label}: done in {time.monotonic() - self._started[label]:.1f} s"
                                + (f" ({info})" if info != "done" else ""))
@@ -104,7 +106,7 @@ class StageBars:
             return
         self._bar(label)
         colour = "red" if status == "failed" else "yellow"
-        self.progress.update(self._tasks[label], info=f"[{colour}]{status}[/]")
+        self.progress.update(self._tasks[label], info=f"[{colour}]{status}[/]", ended=self.progress.get_time())
         self.console.print(f"{label}: [{colour}]{status}[/] after {time.monotonic() - self._started[label]:.1f} s"
                            + (f" ({message})" if message else ""))
         self._finished.add(label)
@@ -116,9 +118,19 @@ class StageBars:
 
     def _bar(self, label: str) -> TaskID:
         if label not in self._tasks:
-            self._tasks[label] = self.progress.add_task(label, total=None, info="")
+            self._tasks[label] = self.progress.add_task(label, total=None, info="", ended=None)
             self._started[label] = time.monotonic()
         return self._tasks[label]
+
+
+class _StageClock(ProgressColumn):
+    """Time since the stage's first event, until it ends: a training bar is full at its last step while the final
+    evaluation still runs, and rich's own clock stops at a full bar."""
+
+    def render(self, task: Task) -> Text:
+        start = task.start_time if task.start_time is not None else task.get_time()
+        seconds = int((task.fields.get("ended") or task.get_time()) - start)
+        return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 
 def _phase_text(event: Mapping[str, Any]) -> str:

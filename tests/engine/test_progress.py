@@ -73,3 +73,20 @@ def test_headline_has_a_row_per_view_and_the_losses_before_capability():
     assert "3.000" in unablated and "0.700" in unablated and "9.000" in calibrated
     assert not any(line.startswith("│ ablated ") for line in lines)  # no metric of that view
     assert headline({"train/loss": 2.0}) is None
+
+
+def test_a_full_bar_keeps_its_clock_running_until_the_stage_ends():
+    """Training's bar is full at its last step while the final evaluation still runs (rich stops its own clock)."""
+    bars, _ = _bars()
+    now = [0.0]
+    bars.progress.get_time = lambda: now[0]
+    emit = bars.stage("train")
+    emit({"type": "started", "kind": "train"})
+    now[0] = 100.0
+    emit({"type": "progress", "step": 30, "total": 30, "metrics": {}})
+    task, clock = bars.progress.tasks[0], bars.progress.columns[-1]
+    now[0] = 150.0
+    assert task.finished and str(clock.render(task)) == "0:02:30"  # still counting
+    emit({"type": "finished", "kind": "train"})
+    now[0] = 500.0
+    assert str(clock.render(task)) == "0:02:30"  # stopped when the stage ended
