@@ -16,12 +16,12 @@ Choices made here:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
@@ -68,7 +68,9 @@ class StageBars:
         if isinstance(event.get("step"), int):
             fields["completed"] = event["step"]
         info = None
-        if kind == "started":
+        if kind == "started":  # the stage's clock starts here (a watched job may have waited in the queue)
+            self._started[label] = self.progress.get_time()
+            self.progress.reset(task, total=None)
             info = f"{event.get('kind', '')} started"
         elif kind == "resumed":
             info = f"resumed at step {event.get('step')}"
@@ -84,8 +86,8 @@ class StageBars:
             info = self._last.get(label) or "done"
             fields["ended"] = self.progress.get_time()
             self._finished.add(label)
-            self.console.print(f"{label}: done in {time.monotonic() - self._started[label]:.1f} s"
-                               + (f" ({info})" if info != "done" else ""))
+            self.console.print(f"{label}: done in {self._elapsed(label):.1f} s"
+                               + (f" ({escape(info)})" if info != "done" else ""))
         if info is not None:
             fields["info"] = info
             if kind in ("progress", "eval") and info.strip() not in ("", "eval"):
@@ -107,8 +109,8 @@ class StageBars:
         self._bar(label)
         colour = "red" if status == "failed" else "yellow"
         self.progress.update(self._tasks[label], info=f"[{colour}]{status}[/]", ended=self.progress.get_time())
-        self.console.print(f"{label}: [{colour}]{status}[/] after {time.monotonic() - self._started[label]:.1f} s"
-                           + (f" ({message})" if message else ""))
+        self.console.print(f"{label}: [{colour}]{status}[/] after {self._elapsed(label):.1f} s"
+                           + (f" ({escape(message)})" if message else ""))
         self._finished.add(label)
 
     def fail(self, message: str) -> None:
@@ -119,8 +121,11 @@ class StageBars:
     def _bar(self, label: str) -> TaskID:
         if label not in self._tasks:
             self._tasks[label] = self.progress.add_task(label, total=None, info="", ended=None)
-            self._started[label] = time.monotonic()
+            self._started[label] = self.progress.get_time()
         return self._tasks[label]
+
+    def _elapsed(self, label: str) -> float:
+        return self.progress.get_time() - self._started[label]
 
 
 class _StageClock(ProgressColumn):

@@ -90,3 +90,16 @@ def test_a_full_bar_keeps_its_clock_running_until_the_stage_ends():
     emit({"type": "finished", "kind": "train"})
     now[0] = 500.0
     assert str(clock.render(task)) == "0:02:30"  # stopped when the stage ended
+
+
+def test_a_watched_job_is_timed_from_its_start_not_from_its_time_in_the_queue():
+    bars, console = _bars()
+    now = [0.0]
+    bars.progress.get_time = lambda: now[0]
+    bars.note("ablate 1234abcd", "queued")
+    now[0] = 50.0
+    bars.update("ablate 1234abcd", {"type": "started", "kind": "ablate"})
+    now[0] = 80.0
+    bars.end("ablate 1234abcd", "succeeded")
+    assert "ablate 1234abcd: done in 30.0 s" in console.export_text()
+    assert str(bars.progress.columns[-1].render(bars.progress.tasks[0])) == "0:00:30"
