@@ -171,7 +171,7 @@ def jobs(status: Annotated[list[str] | None, typer.Option(help="queued, running,
         params["pipeline_id"] = pipeline
     with connect(url, token, data_root) as client:
         items = request(client, "GET", "/api/v1/jobs", params=params).json()["items"]
-    console.print(jobs_table(items))
+    console.print(jobs_table(items, console.width))
 
 
 @service_app.command()

@@ -6,8 +6,8 @@ Choices made here:
   draws them with the engine's stage bars (`sgtm_engine.progress`), so a job the service runs looks like a stage
   `sgtm run` runs. A dropped connection, or the server's hourly end of a stream, is resumed from the last event id
   (`Last-Event-ID`); the stream's `done` event carries the finished job.
-- Ids are shown whole (people copy them; a unique prefix of 8 or more characters is accepted too); the table gives
-  way in the other columns when the terminal is narrow.
+- Ids are shown whole (people copy them; a unique prefix of 8 or more characters is accepted too); a narrow terminal
+  gets fewer columns, never cut ones.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -121,21 +122,34 @@ def _sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, dict[str, Any]
 # Tables
 
 
-def jobs_table(items: list[dict[str, Any]]) -> Table:
-    """`sgtm jobs`: ids whole; the other columns wrap or shorten to fit the terminal."""
-    table = Table(expand=False)
-    table.add_column("id", no_wrap=True, min_width=36)
-    for name in ("kind", "stage", "status", "progress"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("method", overflow="fold")
-    table.add_column("created", no_wrap=True, overflow="ellipsis", max_width=19)
-    table.add_column("error", overflow="fold", ratio=1)
+#: `sgtm jobs` columns beyond the four always shown, in the order they are given up when the terminal is narrow.
+_OPTIONAL = ("error", "method", "created")
+
+
+def jobs_table(items: list[dict[str, Any]], width: int) -> Table:
+    """`sgtm jobs` for a terminal `width` wide: the id whole, stage, status and progress always; then the error,
+    method and creation time while they fit. The stage is the stage's name, with its kind when that differs."""
+    rows = []
     for j in items:
         p = j.get("progress") or {}
-        progress = f"{p.get('step')}/{p.get('total')}" if p.get("total") else ""
-        error = (j.get("error") or {}).get("type", "") if j["status"] != "succeeded" else ""
-        table.add_row(j["id"], j["kind"], j.get("stage_name") or "", j["status"], progress, j["method"],
-                      j["created_at"][:19].replace("T", " "), error)
+        stage = j.get("stage_name") or j["kind"]
+        rows.append({"id": j["id"], "stage": stage if stage == j["kind"] else f"{stage} ({j['kind']})",
+                     "status": j["status"], "progress": f"{p.get('step')}/{p.get('total')}" if p.get("total") else "",
+                     "error": (j.get("error") or {}).get("type", "") if j["status"] != "succeeded" else "",
+                     "method": j["method"], "created": j["created_at"][5:16].replace("T", " ")})
+    order = ["id", "stage", "status", "progress", "method", "created", "error"]
+    names = order[:4]
+    need = {n: max([len(n), *(len(r[n]) for r in rows)]) + 3 for n in order}  # + padding and the gap
+    for name in _OPTIONAL[::-1]:  # the creation time first, the error last
+        if any(r[name] for r in rows) and sum(need[n] for n in names) + need[name] + 1 <= width:
+            names.append(name)
+    names.sort(key=order.index)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in names:
+        table.add_column(name, no_wrap=name != "error", overflow="fold" if name == "error" else "ellipsis",
+                         min_width=36 if name == "id" else None)
+    for r in rows:
+        table.add_row(*(r[n] for n in names))
     return table
 
 

@@ -43,6 +43,7 @@ class StageBars:
         self._started: dict[str, float] = {}
         self._last: dict[str, str] = {}
         self._finished: set[str] = set()
+        self._stamps: dict[str, float | None] = {}
 
     def __enter__(self) -> StageBars:
         self.progress.start()
@@ -70,6 +71,7 @@ class StageBars:
         info = None
         if kind == "started":  # the stage's clock starts here (a watched job may have waited in the queue)
             self._started[label] = self.progress.get_time()
+            self._stamps[label] = event.get("t")
             self.progress.reset(task, total=None)
             info = f"{event.get('kind', '')} started"
         elif kind == "resumed":
@@ -85,8 +87,9 @@ class StageBars:
             fields.update(total=total, completed=total)
             info = self._last.get(label) or "done"
             fields["ended"] = self.progress.get_time()
+            fields["took"] = self._took(label, event)
             self._finished.add(label)
-            self.console.print(f"{label}: done in {self._elapsed(label):.1f} s"
+            self.console.print(f"{label}: done in {fields['took'] or self._elapsed(label):.1f} s"
                                + (f" ({escape(info)})" if info != "done" else ""))
         if info is not None:
             fields["info"] = info
@@ -120,12 +123,18 @@ class StageBars:
 
     def _bar(self, label: str) -> TaskID:
         if label not in self._tasks:
-            self._tasks[label] = self.progress.add_task(label, total=None, info="", ended=None)
+            self._tasks[label] = self.progress.add_task(label, total=None, info="", ended=None, took=None)
             self._started[label] = self.progress.get_time()
         return self._tasks[label]
 
     def _elapsed(self, label: str) -> float:
         return self.progress.get_time() - self._started[label]
+
+    def _took(self, label: str, finished: Mapping[str, Any]) -> float | None:
+        """The stage's duration by its events' own clock (`t`), which holds when the events are replayed later
+        (`sgtm watch` of a finished job); None without those stamps."""
+        start, end = self._stamps.get(label), finished.get("t")
+        return end - start if isinstance(start, int | float) and isinstance(end, int | float) else None
 
 
 class _StageClock(ProgressColumn):
@@ -134,7 +143,8 @@ class _StageClock(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         start = task.start_time if task.start_time is not None else task.get_time()
-        seconds = int((task.fields.get("ended") or task.get_time()) - start)
+        took = task.fields.get("took")
+        seconds = int(took if took is not None else (task.fields.get("ended") or task.get_time()) - start)
         return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 

@@ -78,16 +78,26 @@ def test_watch_of_an_unknown_job_exits_2(client: TestClient, screen: Console) ->
     assert e.value.exit_code == 2
 
 
-def test_the_jobs_table_keeps_ids_whole_in_a_narrow_terminal(client: TestClient) -> None:
-    for _ in range(3):
-        client.post("/api/v1/jobs", json={"kind": "train", "spec": TINY})
+def test_the_jobs_table_keeps_ids_whole_and_gives_up_columns_in_a_narrow_terminal(client: TestClient) -> None:
+    body = {"stages": [{"name": "reference", "kind": "train", "spec": TINY},
+                       {"name": "ablate", "kind": "ablate", "inputs": {"model": "reference"}}]}
+    client.post("/api/v1/pipelines", json=body)
     items = client.get("/api/v1/jobs").json()["items"]
-    for width in (80, 100):
+    wide = ["id", "stage", "status", "progress", "method", "created"]
+    for width, columns in ((80, ["id", "stage", "status"]), (140, wide)):
         console = Console(record=True, width=width)
-        console.print(client_jobs.jobs_table(items))
-        text = console.export_text()
-        assert all(j["id"] in text for j in items), text
-        assert max(len(line) for line in text.splitlines()) <= width
+        console.print(client_jobs.jobs_table(items, width))
+        lines = [line for line in console.export_text().splitlines() if line.strip()]
+        assert all(j["id"] in "".join(lines) for j in items), lines
+        assert max(len(line.rstrip()) for line in lines) <= width
+        header = lines[0].split()
+        assert header[:len(columns)] == columns and ("method" in header) == ("method" in columns), header
+        assert "…" not in "".join(lines)  # nothing shown cut short
+    narrow = Console(record=True, width=50)
+    narrow.print(client_jobs.jobs_table(items, 50))
+    shown = narrow.export_text()
+    assert all(j["id"] in shown for j in items), shown  # the id stays whole even where nothing else fits
+    assert "reference (train)" in "".join(lines)
 
 
 def test_show_prints_status_metrics_workdir_and_spec(client: TestClient, factory: sessionmaker[Session],

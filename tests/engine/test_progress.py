@@ -103,3 +103,12 @@ def test_a_watched_job_is_timed_from_its_start_not_from_its_time_in_the_queue():
     bars.end("ablate 1234abcd", "succeeded")
     assert "ablate 1234abcd: done in 30.0 s" in console.export_text()
     assert str(bars.progress.columns[-1].render(bars.progress.tasks[0])) == "0:00:30"
+
+
+def test_a_replayed_stage_is_timed_by_its_events_own_clock():
+    """`sgtm watch` of a finished job receives all its events at once: their `t` stamps give the duration."""
+    bars, console = _bars()
+    bars.update("train 1234abcd", {"type": "started", "kind": "train", "t": 1000.0})
+    bars.update("train 1234abcd", {"type": "finished", "kind": "train", "t": 1092.5})
+    assert "train 1234abcd: done in 92.5 s" in console.export_text()
+    assert str(bars.progress.columns[-1].render(bars.progress.tasks[0])) == "0:01:32"
