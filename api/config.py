@@ -26,7 +26,8 @@ MIN_TOKEN_LENGTH = 24
 class Settings(BaseSettings):
     """Everything the service needs to know about where it runs."""
 
-    model_config = SettingsConfigDict(env_prefix="SGTM_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a start-up error must not print the settings it was given (tokens, URLs with passwords)
+    model_config = SettingsConfigDict(env_prefix="SGTM_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     mode: Literal["embedded", "deployed"] = "embedded"
     """`embedded`: one machine, SQLite, no broker. `deployed`: PostgreSQL + Redis + MLflow server, strict secrets."""
@@ -53,15 +54,27 @@ class Settings(BaseSettings):
     """Public base URL of the MLflow UI, for links in job responses; None = no links."""
 
     api_tokens: Annotated[list[SecretStr], NoDecode] = []
-    """Bearer tokens accepted on mutating routes (comma-separated in the environment)."""
+    """Bearer tokens the API accepts (comma-separated in the environment); every /api/v1 route needs one."""
+    open_reads: bool = False
+    """True: read routes (jobs, pipelines, sweeps, events, reports) answer without a token; writes still need one.
+    For a trusted network only: reads show specs, metrics and server file paths."""
 
     engine_command: Annotated[list[str], NoDecode] = [sys.executable, "-m", "sgtm_engine"]
     """How the supervisor starts the engine; `run-stage …` is appended. Operator-set, never from a request."""
+    engine_env_passthrough: Annotated[list[str], NoDecode] = []
+    """Extra environment variable names the engine child inherits (comma-separated), e.g. an object store's
+    credentials; the child otherwise gets a minimal environment, never the service's own settings."""
     engine_cache_dir: Path | None = None
     """Passed to the engine as `--cache-dir` (its content-addressed data/tokenizer cache); None = the engine's."""
     torchrun_command: Annotated[list[str], NoDecode] = [sys.executable, "-m", "torch.distributed.run"]
     """Launcher for jobs that ask for several GPUs; `--standalone --nproc_per_node N -m sgtm_engine …` is appended."""
 
+    db_pool_size: int = Field(5, ge=1)
+    """Ledger connections the API keeps open between requests."""
+    db_max_overflow: int = Field(35, ge=0)
+    """Extra ledger connections the API opens under load and closes as soon as they are returned. With the pool
+    size this covers the 40 request threads, so a burst waits on the database, never on the pool (a 503), and
+    leaves only `db_pool_size` connections open afterwards."""
     heartbeat_interval_s: float = Field(2.0, gt=0)
     """How often a supervisor renews its lease; the same write reads the cancel flag."""
     progress_interval_s: float = Field(2.0, ge=0)
@@ -76,6 +89,8 @@ class Settings(BaseSettings):
     """A ready job still queued after this long is sent again (doubling each time): lost messages are re-sent."""
     reconcile_after_s: float = Field(30.0, ge=0)
     """A finished job whose MLflow run is still open after this long is closed by the reaper."""
+    final_write_timeout_s: float = Field(300.0, ge=0)
+    """How long a supervisor retries a finished job's final-state write through a ledger outage."""
     max_attempts: int = Field(3, ge=1)
     """Claims per job before a retryable failure becomes final."""
     visibility_timeout_s: int = Field(7 * 24 * 3600, gt=0)
@@ -85,7 +100,37 @@ class Settings(BaseSettings):
     local_poll_interval_s: float = Field(0.5, gt=0)
     """How often the embedded executor looks for ready jobs."""
 
-    @field_validator("worker_queues", "api_tokens", "engine_command", "torchrun_command", mode="before")
+    max_steps: int = Field(1_000_000, ge=1)
+    """Largest `steps` (and `warmup_steps`) of any stage a submission may ask for."""
+    max_batch_size: int = Field(4096, ge=1)
+    """Largest `batch_size` / `micro_batch_size` of any stage."""
+    max_n_layer: int = Field(128, ge=1)
+    """Deepest model a train spec may ask for."""
+    max_d_model: int = Field(16_384, ge=1)
+    """Widest model a train spec may ask for."""
+    max_context: int = Field(32_768, ge=1)
+    """Longest context a train spec may ask for."""
+    max_parameters: int = Field(2_000_000_000, ge=1)
+    """Largest estimated parameter count of a model to train."""
+    max_memory_gb: float = Field(80.0, gt=0)
+    """Largest estimated training memory (weights, AdamW state, activations): the workers' device memory."""
+    max_sweep_cells: int = Field(2000, ge=1)
+    """Most cells one sweep may expand into."""
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    """Largest request body accepted (413 beyond), checked before authentication and parsing."""
+    max_json_depth: int = Field(32, ge=4)
+    """Deepest JSON nesting accepted in a request body (422 beyond); specs need about six levels."""
+    min_free_disk_mb: int = Field(512, ge=0)
+    """`/ready` is not ready when the ledger's disk (embedded: the SQLite file's) has less free space than this."""
+    event_streams_max: int = Field(256, ge=1)
+    """Open `GET /jobs/{id}/events` streams the API serves at once; one more is a 429 with `Retry-After`."""
+    event_streams_per_client: int = Field(16, ge=1)
+    """Open event streams per API token."""
+    event_poll_interval_s: float = Field(1.0, gt=0)
+    """How often the API looks for new events of the jobs being streamed (one query for all open streams)."""
+
+    @field_validator("worker_queues", "api_tokens", "engine_command", "torchrun_command", "engine_env_passthrough",
+                     mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         # Environment variables carry lists as comma-separated (queues, tokens) or space-separated (commands) text.
@@ -105,16 +150,19 @@ class Settings(BaseSettings):
         password = _url_password(url)
         if password is not None and password.lower() in WEAK_SECRETS:
             problems.append("SGTM_DATABASE_URL: the database password is a default value; set a generated one")
-        for i, token in enumerate(self.api_tokens):
-            value = token.get_secret_value()
-            if value.lower() in WEAK_SECRETS or len(value) < MIN_TOKEN_LENGTH:
-                problems.append(f"SGTM_API_TOKENS[{i}]: too weak; use at least {MIN_TOKEN_LENGTH} random characters "
-                                f"(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        problems += self.weak_token_problems()
         if self.tracking and not self.mlflow_tracking_uri:
             problems.append("SGTM_MLFLOW_TRACKING_URI: deployed mode logs to the MLflow server (http://mlflow:5000)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def weak_token_problems(self) -> list[str]:
+        """One line per token a guesser could find (never showing any of it); the API refuses to start on any."""
+        return [f"SGTM_API_TOKENS[{i}]: too weak; use at least {MIN_TOKEN_LENGTH} random characters "
+                f"(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                for i, token in enumerate(self.api_tokens)
+                if token.get_secret_value().lower() in WEAK_SECRETS or len(token.get_secret_value()) < MIN_TOKEN_LENGTH]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Derived values

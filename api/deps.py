@@ -1,9 +1,10 @@
-"""Annotated dependencies: settings, a session per request, the enqueuer, and bearer-token auth."""
+"""Annotated dependencies: settings, a session per request, the enqueuer, bearer-token auth and event-stream slots."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -12,8 +13,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.config import Settings
-from api.errors import Unauthorized
+from api.db.models import Job
+from api.errors import NotFound, Unauthorized
 from api.queue import Enqueuer
+from api.schemas import UUID_PATTERN
+from api.streams import EventStreams, StreamSlot
 
 _bearer = HTTPBearer(auto_error=False, description="A token from SGTM_API_TOKENS (embedded: <data_root>/token).")
 
@@ -52,8 +56,44 @@ def require_token(settings: Annotated[Settings, Depends(get_settings)],
     return f"token-{matched}"
 
 
+def require_reader(settings: Annotated[Settings, Depends(get_settings)],
+                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """Reads (specs, metrics, events, reports, server paths) need a token too, unless the operator opened them
+    (`SGTM_OPEN_READS=true`, for a trusted network): then anyone may read, and only writes need a token."""
+    if settings.open_reads:
+        return "anonymous"
+    return require_token(settings, credentials)
+
+
+def get_streams(request: Request) -> EventStreams:
+    return request.app.state.streams  # type: ignore[no-any-return]
+
+
+async def stream_slot(job_id: str, request: Request, principal: Annotated[str, Depends(require_reader)],
+                      streams: Annotated[EventStreams, Depends(get_streams)]) -> StreamSlot:
+    """Admit one event stream of an existing job: the reader first, then the caps, then the id. The stream releases the
+    slot when it ends. The job is looked up with a session of its own, returned at once (not a per-request session,
+    which a stream would keep checked out for its whole life)."""
+    if principal == "anonymous":  # open reads: the per-client cap applies per address
+        principal = f"anonymous@{request.client.host if request.client else '?'}"
+    slot = streams.admit(principal)
+    try:
+        known = re.match(UUID_PATTERN, job_id) is not None and await streams.read(
+            lambda session: session.get(Job, job_id) is not None)
+        if not known:
+            raise NotFound(f"job {job_id[:64]!r} does not exist")
+    except BaseException:
+        slot.release()
+        raise
+    return slot
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 EnqueuerDep = Annotated[Enqueuer, Depends(get_enqueuer)]
 AuthDep = Annotated[str, Depends(require_token)]
+#: On every /api/v1 router: reads are authenticated by default (see require_reader).
+READ_AUTH = [Depends(require_reader)]
+StreamsDep = Annotated[EventStreams, Depends(get_streams)]
+AdmittedStream = Annotated[StreamSlot, Depends(stream_slot)]

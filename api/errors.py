@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -53,6 +54,7 @@ class Unavailable(Exception):
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(InvalidRequest, _invalid)
+    app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(JobNotFound, _not_found)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(IllegalTransition, _conflict)
@@ -78,6 +80,13 @@ async def _invalid(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidRequest)
     detail = [{"type": "value_error", "loc": list(p.loc), "msg": p.msg, "input": _jsonable(p.value)}
               for p in exc.problems]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _validation(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": _jsonable(e.get("msg")),
+               "input": _jsonable(e.get("input"))} for e in exc.errors()]
     return JSONResponse({"detail": detail}, status_code=422)
 
 
@@ -115,13 +124,28 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
 
 
-def _jsonable(value: Any) -> Any:
+#: An echoed input is cut to this many characters, list items or keys: a 422 names the bad value, it does not
+#: mirror the request.
+ECHO_LIMIT = 200
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)  # JSON has no NaN/Infinity; echoing one raw would turn a 422 into a 500
-    if value is None or isinstance(value, str | int | float | bool):
+    if isinstance(value, str):
+        text = value if len(value) <= ECHO_LIMIT else f"{value[:ECHO_LIMIT]}… ({len(value)} characters)"
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be encoded
+    if value is None or isinstance(value, int | float | bool):
         return value
+    if depth > 8:
+        return "…"
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        items = [_jsonable(v, depth + 1) for v in value[:ECHO_LIMIT // 10]]
+        return items + [f"… ({len(value)} items)"] if len(value) > ECHO_LIMIT // 10 else items
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
+        pairs = list(value.items())[:ECHO_LIMIT // 10]
+        out = {_jsonable(str(k)): _jsonable(v, depth + 1) for k, v in pairs}
+        if len(value) > len(pairs):
+            out["…"] = f"{len(value)} keys"
+        return out
+    return _jsonable(repr(value))

@@ -12,13 +12,16 @@ from contextlib import asynccontextmanager
 
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.config import Settings
 from api.db.session import make_engine, make_session_factory
 from api.errors import install_handlers
+from api.guard import RequestGuard, SecurityHeaders
 from api.migrate import alembic_config
 from api.queue import Enqueuer, make_enqueuer
 from api.routes import health, jobs, pipelines, sweeps
+from api.streams import EventStreams
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +31,32 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     if not settings.api_tokens:
         raise RuntimeError("no API tokens: set SGTM_API_TOKENS (comma-separated); `sgtm serve` creates one for "
                            "embedded mode in <data_root>/token")
-    engine = make_engine(settings.ledger_url)
+    weak = settings.weak_token_problems()  # embedded mode too: the API may listen beyond loopback
+    if weak:
+        raise RuntimeError("; ".join(weak))
+    engine = make_engine(settings.ledger_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+                         pool_timeout=30)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.streams.close()
         engine.dispose()
 
-    app = FastAPI(title="sgtm", version="1", lifespan=lifespan,
+    # Swagger UI and ReDoc from the fastapi-offline package's bundled assets: /docs works with no internet access.
+    app = FastAPIOffline(title="sgtm", version="1", lifespan=lifespan,
                   description="Submit training, ablation, evaluation, attack and RMU jobs; follow them; cancel "
                               "them. Specs are typed JSON and registry names only: never a path, URL or command.")
     app.state.settings = settings
     app.state.session_factory = make_session_factory(engine)
+    app.state.streams = EventStreams(app.state.session_factory, max_streams=settings.event_streams_max,
+                                     per_client=settings.event_streams_per_client,
+                                     poll_s=settings.event_poll_interval_s)
     app.state.enqueuer = enqueuer or make_enqueuer(settings)
     app.state.schema_head = _schema_head(settings.ledger_url)
     install_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
+    app.add_middleware(SecurityHeaders)
     for router in (health.router, jobs.router, pipelines.router, sweeps.router):
         app.include_router(router)
     return app

@@ -11,6 +11,8 @@ steps 0, 3, 6, 9; 0 is served first) and its BRPOP asks them in order, so nothin
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from typing import Any, Protocol
 
@@ -30,12 +32,19 @@ class Enqueuer(Protocol):
         """Ring the bell for `job_id` on `queue` ('gpu' or 'cpu'); raise if the broker cannot take it.
         `downstream`: the job reads a parent's output, and goes ahead of root jobs (module docstring)."""
 
+    def waiting(self, queue: str) -> set[str]:
+        """Job ids whose message sits in `queue`, not yet taken by a worker: the reaper does not send those again
+        (a long backlog is not a lost message). Raise if the broker cannot be read."""
+
 
 class NoopEnqueuer:
     """Embedded mode: the local executor polls the ledger for ready jobs, so there is nothing to ring."""
 
     def send(self, job_id: str, queue: str, *, downstream: bool = False) -> None:
         return None  # the executor's ledger query orders downstream jobs first itself (repo.ready_jobs)
+
+    def waiting(self, queue: str) -> set[str]:
+        return set()
 
 
 class CeleryEnqueuer:
@@ -61,6 +70,32 @@ class CeleryEnqueuer:
                                  priority=DOWNSTREAM_PRIORITY if downstream else ROOT_PRIORITY,
                                  retry=True, retry_policy={"max_retries": 2, "interval_start": 0,
                                                            "interval_step": 0.2, "interval_max": 0.5})
+
+
+    def waiting(self, queue: str) -> set[str]:
+        name = self._settings.queue_name(queue)
+        with self._celery().connection_for_read() as conn:
+            channel = conn.default_channel
+            client = channel.client
+            # kombu's Redis transport keeps one list per priority step (the first has the bare queue name)
+            lists = [channel._q_for_pri(name, step) for step in channel.priority_steps]
+            raw = [m for key in lists for m in client.lrange(key, 0, -1)]
+        return {job_id for job_id in map(_job_id_of, raw) if job_id is not None}
+
+
+def _job_id_of(raw: bytes) -> str | None:
+    """The job id a queued `run_job` message carries (Celery protocol 2: body = base64 JSON [args, kwargs, …])."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != RUN_JOB_TASK:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 def make_enqueuer(settings: Settings) -> Enqueuer:

@@ -96,7 +96,7 @@ def _unsafe_values(value: Any, loc: tuple[str | int, ...]) -> list[Problem]:
 
 
 def _method(kind: StageKind, spec: Any) -> str | None:
-    """The tag runs are compared by (anchors.md §3.3): a train spec's engine label (`config.method_name`); RMU is a
+    """The tag that runs are compared by: a train spec's engine label (`config.method_name`); RMU is a
     method of its own; other stages inherit their parent's."""
     if kind == StageKind.RMU:
         return "rmu"

@@ -25,6 +25,7 @@ from api.db.jobs import Keyed
 from api.db.models import Job, Pipeline
 from api.db.status import JobStatus
 from api.errors import Conflict, InvalidRequest, Problem
+from api.limits import limit_problems
 from api.queue import Enqueuer
 from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
 from api.specs import ValidSpec, validate
@@ -43,7 +44,7 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
         if existing is not None:
             return existing, False
 
-    valid = validate(body.kind, body.spec, ("body", "spec"))
+    valid = validate_within_limits(settings, body.kind, body.spec, ("body", "spec"))
     roles = input_role_problems(body.kind, body.inputs)  # the engine's rule, as for a pipeline's stages
     if roles:
         raise InvalidRequest([p.nested(("body",), label="") for p in roles])
@@ -85,7 +86,7 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
     for i, stage in enumerate(body.stages):
         loc = ("body", "stages", i)
         try:
-            valid = validate(stage.kind, stage.spec, loc + ("spec",))
+            valid = validate_within_limits(settings, stage.kind, stage.spec, loc + ("spec",))
         except InvalidRequest as e:
             problems += e.problems
             continue
@@ -156,6 +157,16 @@ def send_after_commit(session: Session, *, enqueuer: Enqueuer, jobs: Iterable[Jo
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def validate_within_limits(settings: Settings, kind: StageKind, data: dict[str, Any],
+                           loc: tuple[str | int, ...]) -> ValidSpec:
+    """A valid spec (`api.specs.validate`) within the operator's limits (`api.limits`), or InvalidRequest."""
+    valid = validate(kind, data, loc)
+    problems = limit_problems(settings, kind, valid.spec, loc)
+    if problems:
+        raise InvalidRequest(problems)
+    return valid
 
 
 def _check_parents(session: Session, *, inputs: dict[str, str], loc: tuple[str | int, ...]) -> dict[str, Job]:

@@ -29,7 +29,7 @@ from api.db.status import ACTIVE
 from api.errors import InvalidRequest, Problem
 from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCreate, SweepRead, SweepSummary
 from api.specs import ValidSpec, check_strings, validate
-from api.submissions import _hash, create_pipeline_rows, replay
+from api.submissions import _hash, create_pipeline_rows, replay, validate_within_limits
 from sgtm_engine.config import StageKind
 from sgtm_engine.sweep import Cell, SweepError, parse_sweep
 
@@ -60,10 +60,10 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
     if problems:
         raise InvalidRequest(problems)
     try:
-        definition = parse_sweep(data)
+        definition = parse_sweep(data, max_cells=settings.max_sweep_cells)
     except SweepError as e:
         raise InvalidRequest([Problem(("body",) + p.loc, p.msg, p.value) for p in e.problems]) from None
-    plans = {cell.cell_id: _cell_plans(cell) for cell in definition.cells}
+    plans = {cell.cell_id: _cell_plans(settings, cell) for cell in definition.cells}
     experiment = body.experiment or settings.mlflow_experiment
     spec = definition.to_dict() | {"base": data["base"]}
     try:
@@ -191,7 +191,7 @@ def sweep_summary(session: Session, sweep: Sweep) -> SweepSummary:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _cell_plans(cell: Cell) -> list[Plan]:
+def _cell_plans(settings: Settings, cell: Cell) -> list[Plan]:
     plans: list[Plan] = []
     index: dict[str, int] = {}
     problems: list[Problem] = []
@@ -199,7 +199,7 @@ def _cell_plans(cell: Cell) -> list[Plan]:
         kind = StageKind(stage["kind"])
         loc = ("body", "cells", cell.position, stage["name"])
         try:
-            valid = validate(kind, stage["spec"], loc + ("spec",))
+            valid = validate_within_limits(settings, kind, stage["spec"], loc + ("spec",))
         except InvalidRequest as e:
             problems += e.problems
             continue

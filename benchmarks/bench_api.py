@@ -1,12 +1,14 @@
 """API load and dispatch latency against real PostgreSQL and Redis on loopback.
 
-    .venv/bin/python benchmarks/bench_api.py [--clients 50] [--submits 10] [--reads 20] [--dispatch 5]
+    .venv/bin/python benchmarks/bench_api.py [--clients 50] [--submits 10] [--reads 20] [--dispatch 5] [--streams 200]
 
 1. Starts the API as docker-compose runs it (`uvicorn --factory api.main:create_app`, deployed mode) on a fresh
    PostgreSQL database, and a Celery worker (`celery -A workers.celery_app worker`) running the real engine child.
 2. 50 concurrent clients (one HTTP connection each) submit jobs and read job status: p50/p99 latency of each.
    Submissions go to a queue nobody consumes (the load phase measures the API + ledger + broker publish only).
-3. Dispatch: submit → engine child spawned (the ledger's `spawned` event: API, Redis, worker claim, fork/exec)
+3. Event streams: 200 clients hold `GET /jobs/{id}/events` open on a queued job while `/health` is timed
+   (p50/p99): open streams must not slow the rest of the API.
+4. Dispatch: submit → engine child spawned (the ledger's `spawned` event: API, Redis, worker claim, fork/exec)
    and submit → the engine's own `started` event (plus Python + torch start-up), over a few sequential jobs,
    each cancelled once started. MLflow tracking is off here (SGTM_TRACKING=false): this measures dispatch.
 The last line printed holds the figures.
@@ -15,6 +17,7 @@ The last line printed holds the figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -102,6 +105,52 @@ def load_phase(url: str, token: str, clients: int, submits: int, reads: int) -> 
     return submit_ms, read_ms
 
 
+def streams_phase(url: str, token: str, streams: int, samples: int = 200) -> tuple[list[float], int]:
+    """/health latencies (ms) while `streams` event streams are open, and how many streams opened (200 OK)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    job_id = httpx.post(f"{url}/api/v1/jobs", headers=auth, timeout=60,
+                        json={"kind": "train", "queue": "cpu", "spec": {**TINY, "seed": 7}}).json()["id"]
+    health_ms: list[float] = []
+    opened_ok = 0
+
+    async def hold(client: httpx.AsyncClient, opened: asyncio.Event, release: asyncio.Event) -> None:
+        nonlocal opened_ok
+        async with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
+            if r.status_code == 200:
+                lines = r.aiter_lines()  # kept open: a dropped iterator closes the connection
+                async for line in lines:
+                    if line.startswith("event:"):
+                        break
+                opened_ok += 1
+            if opened_ok == streams:
+                opened.set()
+            await release.wait()
+
+    def time_health() -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            http.get("/health")
+            for _ in range(samples):
+                t = time.perf_counter()
+                http.get("/health").raise_for_status()
+                health_ms.append((time.perf_counter() - t) * 1000)
+
+    async def run() -> None:
+        opened, release = asyncio.Event(), asyncio.Event()
+        limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, headers=auth, limits=limits, timeout=120) as client:
+            holders = [asyncio.create_task(hold(client, opened, release)) for _ in range(streams)]
+            try:
+                await asyncio.wait_for(opened.wait(), 120)
+            except TimeoutError:
+                pass  # reported below as fewer open streams
+            await asyncio.to_thread(time_health)
+            release.set()
+            await asyncio.gather(*holders, return_exceptions=True)
+
+    asyncio.run(run())
+    return health_ms, opened_ok
+
+
 def dispatch_phase(url: str, token: str, ledger: str, samples: int,
                    settle_s: float = 5.0) -> tuple[list[float], list[float], list[float]]:
     engine = create_engine(ledger)
@@ -147,6 +196,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--submits", type=int, default=10, help="submissions per client")
     parser.add_argument("--reads", type=int, default=20, help="status reads per client")
+    parser.add_argument("--streams", type=int, default=200, help="open event streams while /health is timed")
     parser.add_argument("--dispatch", type=int, default=5, help="sequential jobs for the dispatch latency")
     parser.add_argument("--pg-admin-url", default=os.environ.get(
         "SGTM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
@@ -165,7 +215,8 @@ def main() -> None:
            "SGTM_DATABASE_URL": ledger, "SGTM_BROKER_URL": f"{args.redis}/{redis_db}", "SGTM_API_TOKENS": token,
            "SGTM_QUEUE_PREFIX": prefix, "SGTM_DATA_ROOT": str(work / "data"), "SGTM_TRACKING": "false",
            "SGTM_ENGINE_CACHE_DIR": str(work / "cache"), "SGTM_HEARTBEAT_INTERVAL_S": "0.5",
-           "UVICORN_HOST": "127.0.0.1", "UVICORN_PORT": str(port), "UVICORN_LOG_LEVEL": "warning"}
+           "UVICORN_HOST": "127.0.0.1", "UVICORN_PORT": str(port), "UVICORN_LOG_LEVEL": "warning",
+           "SGTM_EVENT_STREAMS_PER_CLIENT": str(args.streams), "SGTM_EVENT_STREAMS_MAX": str(args.streams)}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         subprocess.run(["alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True, capture_output=True)
@@ -185,6 +236,7 @@ def main() -> None:
             time.sleep(0.2)
 
         submit_ms, read_ms = load_phase(url, token, args.clients, args.submits, args.reads)
+        health_ms, streams_open = streams_phase(url, token, args.streams)
         claimed_ms, spawned_ms, started_ms = dispatch_phase(url, token, ledger, args.dispatch)
     finally:
         for proc in reversed(procs):
@@ -201,7 +253,8 @@ def main() -> None:
         return f"p50={percentile(values, 50):.1f}ms p99={percentile(values, 99):.1f}ms"
 
     print(f"bench_api: {args.clients} concurrent clients on PostgreSQL: submit {fmt(submit_ms)} (n={len(submit_ms)}), "
-          f"status read {fmt(read_ms)} (n={len(read_ms)}); submit→claimed by a worker {fmt(claimed_ms)}, "
+          f"status read {fmt(read_ms)} (n={len(read_ms)}); /health with {streams_open} open event streams "
+          f"{fmt(health_ms)}; submit→claimed by a worker {fmt(claimed_ms)}, "
           f"submit→engine child spawned {fmt(spawned_ms)}, "
           f"submit→engine started (python+torch up) p50={statistics.median(started_ms):.0f}ms "
           f"(n={len(spawned_ms)})")

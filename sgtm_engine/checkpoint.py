@@ -81,7 +81,10 @@ def save_checkpoint(root: Path, step: int, model: GPTNeoLM, state: dict[str, Any
 
 
 def latest_checkpoint(root: Path) -> Checkpoint | None:
-    """The newest complete checkpoint under `root/checkpoints/`, or None."""
+    """The newest complete checkpoint under `root/checkpoints/`, or None. Called as a stage starts, it first removes
+    what a killed writer left half-written: a partial checkpoint can be gigabytes, and on a full disk it would make
+    every later attempt fail at once."""
+    remove_partial_checkpoints(root)
     pointer = root / "checkpoints" / "latest"
     if not pointer.exists():
         return None
@@ -91,6 +94,14 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     state = _upgrade(state)
     return Checkpoint(path, int(state["step"]), state)
+
+
+def remove_partial_checkpoints(root: Path) -> None:
+    """Delete `.tmp-step-*` folders and a stray `.latest.tmp` (only the workdir's one engine process writes here)."""
+    ckpts = root / "checkpoints"
+    for partial in ckpts.glob(".tmp-step-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    (ckpts / ".latest.tmp").unlink(missing_ok=True)
 
 
 def _upgrade(state: dict[str, Any]) -> dict[str, Any]:

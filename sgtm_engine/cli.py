@@ -215,7 +215,7 @@ def sweep_cmd(
         submit = _SHADOWED.get("sweep")  # the service's own `sweep` command
         if submit is None:
             _fail(ConfigError("sgtm sweep without --local submits to the service, which is not installed here; "
-                              "add --local to run the cells on this machine"))
+                              "add --local to run the cells locally"))
         shadow = typer.Typer()
         shadow.registered_commands.append(submit)
         typer.main.get_command(shadow)([sweep, *(a for p in set_ or [] for a in ("--set", p)), *ctx.args],

@@ -1,8 +1,8 @@
-"""`sgtm sweep FILE --local`: run a sweep's cells on this machine, resumably, and write its report.
+"""`sgtm sweep FILE --local`: run a sweep's cells locally, resumably, and write its report.
 
 The cells are `sweep.parse_sweep`'s (the same expansion, cell ids and dedupe as the service's sweeps) and the report
 `report.build_report`'s. The run folder (stages shared between cells, cell records, report) and how stages are
-scheduled, resumed and tracked are user documentation: docs/sweeps.md, "Running on this machine".
+scheduled, resumed and tracked are user documentation: docs/sweeps.md, "Running locally".
 """
 
 from __future__ import annotations

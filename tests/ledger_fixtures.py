@@ -36,6 +36,9 @@ class RecordingEnqueuer:
             if downstream:
                 self.downstream.add(job_id)
 
+    def waiting(self, queue: str) -> set[str]:
+        return set()  # nothing is ever left in a queue: every message counts as taken at once
+
     @property
     def job_ids(self) -> list[str]:
         return [job_id for job_id, _ in self.sent]

@@ -1,4 +1,4 @@
-"""The Celery app: Redis broker, the reliability settings of architecture.md, queues per device kind, beat.
+"""The Celery app: Redis broker, the reliability settings of docs/architecture.md, queues per device kind, beat.
 
     celery -A workers.celery_app worker            # consumes SGTM_WORKER_QUEUES (default gpu,cpu), one job at a time
     celery -A workers.celery_app worker -B --max-tasks-per-child 1000   # with SGTM_WORKER_QUEUES=control: beat + reaper
@@ -23,10 +23,12 @@ app.conf.update(
     # A job is acknowledged only when its supervisor returns, and re-queued if the worker process dies mid-job.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    # One job per process, one process per GPU: no prefetching a second long job behind the first, and a fresh
-    # process (fresh memory, no leaked CUDA or file handles) for every job.
+    # One job at a time, one process per GPU: no prefetching a second long job behind the first. Every job's
+    # engine runs in a fresh child process (fresh memory, no leaked CUDA handles); the supervising pool process
+    # never imports torch and is kept across messages, so a backlog of stale messages (cancelled jobs,
+    # duplicates) is acked in milliseconds each instead of paying a process start per message.
     worker_prefetch_multiplier=1,
-    worker_max_tasks_per_child=1,
+    worker_max_tasks_per_child=100,
     worker_concurrency=1,
     # Redis redelivers unacknowledged messages after the visibility timeout: keep it above the longest job. A
     # redelivery that still happens is a logged no-op (the claim), and lost work is the reaper's job, not Redis'.

@@ -7,6 +7,10 @@ Choices made here:
   keeps training on a job the reaper is about to requeue. SIGKILL for a plain child (it resumes from its last
   checkpoint); SIGTERM for torchrun, which forwards it to its workers.
 - Output goes to `<workdir>/logs/attempt-<n>.log`; its tail becomes the job's error message on failure.
+- An explicit, minimal environment (`engine_env`): the toolchain, locale, accelerator and thread settings, MLflow's
+  own client credentials, and the names the operator lists in `engine_env_passthrough`. Never the service's
+  settings (`SGTM_*`: API tokens, database and broker URLs with their passwords) nor anything else a worker
+  happens to have: a training run executes user-chosen configurations and has no use for them.
 """
 
 from __future__ import annotations
@@ -40,17 +44,40 @@ def build_argv(settings: Settings, *, kind: str, spec_path: Path, workdir: Path,
     return [*settings.engine_command, *tail]
 
 
+#: Inherited by name: program lookup, home, locale, time zone, temp folder, the Python environment, the dynamic
+#: loader (a preloaded allocator), offline switches of the HF libraries, MLflow's client credentials (the child logs
+#: its metrics itself) and the image's code version.
+ENGINE_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "MALLOC_CONF", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "SGTM_CODE_VERSION",
+})
+#: Inherited by prefix: locale categories and the accelerator, collective and thread-pool settings.
+ENGINE_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "TORCH_", "PYTORCH_", "OMP_", "MKL_", "OPENBLAS_")
+
+
+def engine_env(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The engine child's whole environment, chosen from ours (see the module doc)."""
+    source = os.environ if environ is None else environ
+    passthrough = set(settings.engine_env_passthrough)
+    env = {key: value for key, value in source.items()
+           if key in ENGINE_ENV_NAMES or key in passthrough or key.startswith(ENGINE_ENV_PREFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 class Child:
     """A started engine process (group)."""
 
-    def __init__(self, argv: Sequence[str], *, cwd: Path, log_path: Path, env: Mapping[str, str] | None = None,
+    def __init__(self, argv: Sequence[str], *, cwd: Path, log_path: Path, env: Mapping[str, str],
                  pass_fds: Sequence[int] = (), death_signal: int = signal.SIGKILL):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else None, start_new_session=True, close_fds=True,
+                env=dict(env), start_new_session=True, close_fds=True,
                 pass_fds=tuple(pass_fds), preexec_fn=_die_with_parent(death_signal))
         self.pid = self.proc.pid
 

@@ -19,6 +19,7 @@ from types import FrameType
 from api.config import Settings
 from api.db import jobs as repo
 from api.db.session import session_scope
+from api.liveness import write_executor_heartbeat
 from api.queue import NoopEnqueuer
 from workers.context import WorkerContext, build_worker_context
 from workers.reaper import reap
@@ -92,10 +93,22 @@ def main() -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     threading.Thread(target=_stop_when_orphaned, args=(stop,), daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(settings, stop), daemon=True).start()
     try:
         LocalExecutor(settings, stop=stop).run_forever()
     finally:
         os.close(lock)
+
+
+def _heartbeat(settings: Settings, stop: threading.Event) -> None:
+    """Tell the API (`/ready`) that jobs are being run; a thread of its own, so a long job does not silence it."""
+    while True:
+        try:
+            write_executor_heartbeat(settings.data_root)
+        except OSError as e:  # a full disk: /ready reports the disk, and the heartbeat resumes when it clears
+            log.warning("executor heartbeat not written (%s)", e)
+        if stop.wait(settings.heartbeat_interval_s):
+            return
 
 
 def _stop_when_orphaned(stop: threading.Event) -> None:

@@ -1,7 +1,8 @@
 """The reaper (beat runs it every `reap_interval_s`; the embedded executor when idle). It repairs what crashes leave:
 
-1. running jobs whose heartbeat is stale (a lost worker, a killed supervisor): requeued — they resume from their
-   last checkpoint — or cancelled if a cancel was pending, or failed when out of attempts;
+1. running jobs whose heartbeat is stale (a lost worker, a killed supervisor): succeeded if their workdir holds
+   the finished stage's result.json (the final write was lost), else requeued — they resume from their last
+   checkpoint — or cancelled if a cancel was pending, or failed when out of attempts;
 2. queued jobs whose parent failed or was cancelled: settled the same way;
 3. ready jobs nobody claimed (a message lost, or never sent): sent again, with a doubling wait;
 4. MLflow runs of finished jobs and pipelines still open: closed with the matching status; finished sweeps get
@@ -21,6 +22,7 @@ from api.db import jobs as repo
 from api.db.base import utcnow
 from api.db.session import session_scope
 from api.queue import Enqueuer
+from workers.results import read_result
 from workers.run_store import RunStore
 from workers.runs import close_finished_pipelines, close_finished_sweeps, close_job_run
 
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class ReapReport:
     requeued: list[str] = dataclasses.field(default_factory=list)
+    recovered: list[str] = dataclasses.field(default_factory=list)
+    """Stale jobs whose stage had finished (result.json in the workdir): marked succeeded from that result."""
     failed: list[str] = dataclasses.field(default_factory=list)
     cancelled: list[str] = dataclasses.field(default_factory=list)
     settled: list[str] = dataclasses.field(default_factory=list)
@@ -46,17 +50,25 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
     with session_scope(factory) as session:
         candidates = repo.find_stale(session, older_than=stale)
     for job_id, attempt in candidates:
+        result = read_result(settings.workdir(job_id) / "result.json")
         with session_scope(factory) as session:
-            status = repo.reap_stale(session, job_id=job_id, attempt=attempt)
+            if result is not None:  # the stage finished; only its final state was lost: record it, never re-run
+                status = "succeeded" if repo.mark_succeeded(session, job_id=job_id, attempt=attempt,
+                                                            result=result) else None
+            else:
+                status = repo.reap_stale(session, job_id=job_id, attempt=attempt)
         if status is None:
             continue
         log.warning("reaper: job %s attempt %d had a stale heartbeat → %s", job_id, attempt, status)
-        {"queued": report.requeued, "failed": report.failed, "cancelled": report.cancelled}[status].append(job_id)
+        {"queued": report.requeued, "failed": report.failed, "cancelled": report.cancelled,
+         "succeeded": report.recovered}[status].append(job_id)
 
     with session_scope(factory) as session:
         report.settled = repo.settle_orphans(session)
         requeued = {j.id: j.queue for j in repo.ready_jobs(session, job_ids=report.requeued)}
         due = [(j.id, j.queue) for j in repo.find_unsent(session, resend_after_s=settings.resend_after_s)]
+    due = _not_waiting(enqueuer, due)
+    with session_scope(factory) as session:
         downstream = repo.with_parents(session, job_ids=[*requeued, *(job_id for job_id, _ in due)])
     for job_id, queue in list(requeued.items()) + [d for d in due if d[0] not in requeued]:
         try:
@@ -81,3 +93,14 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
         report.runs_closed += close_finished_pipelines(run_store=run_store, factory=factory)
         report.runs_closed += close_finished_sweeps(run_store=run_store, factory=factory)
     return report
+
+
+def _not_waiting(enqueuer: Enqueuer, due: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop the jobs whose message is still in the broker's queue: they wait behind a backlog, nothing was lost."""
+    waiting: set[str] = set()
+    for queue in sorted({queue for _, queue in due}):
+        try:
+            waiting |= enqueuer.waiting(queue)
+        except Exception as e:  # noqa: BLE001 - the broker cannot be read: re-send (duplicates are no-ops)
+            log.warning("reaper: could not read queue %s (%s); re-sending its due jobs", queue, e)
+    return [(job_id, queue) for job_id, queue in due if job_id not in waiting]

@@ -151,14 +151,3 @@ def make_run_store(uri: str | None, *, artifact_root: Path | None = None) -> Run
 
 
 flatten = flat_params  # the engine's rendering, so both sides log identical spec params
-
-
-def child_env() -> dict[str, str]:
-    """The environment for the engine child: ours, minus the retry settings we shortened for the supervisor (the
-    child's metric logging keeps MLflow's own retry policy)."""
-    env = dict(os.environ)
-    for key, value in _CLIENT_ENV.items():
-        if env.get(key) == value:
-            env.pop(key)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env

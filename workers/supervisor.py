@@ -37,9 +37,10 @@ from api.db.session import session_scope
 from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
 from sgtm_engine.provenance import code_version
-from workers.child import Child, build_argv, describe_exit
+from workers.child import Child, build_argv, describe_exit, engine_env
 from workers.events import EventTail, ProgressBuffer
-from workers.run_store import RunStore, child_env
+from workers.results import read_result
+from workers.run_store import RunStore
 from workers.runs import LeaseLost, close_finished_pipelines, close_finished_sweeps, close_job_run, open_job_run
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,16 @@ class Supervisor:
         lock_fd = _lock_workdir(workdir, self.settings, job_id, attempt, self.factory)
         child: Child | None = None
         try:
+            finished = read_result(workdir / "result.json")
+            if finished is not None:
+                # An earlier attempt finished but its final state never reached the ledger (an outage, a crash
+                # after the child exited): record that result instead of training again.
+                log.warning("job %s attempt %d: adopting the finished result.json of an earlier attempt", job_id,
+                            attempt)
+                outcome = self._finalize(job_id, attempt, Outcome.SUCCEEDED, lambda s: repo.mark_succeeded(
+                    s, job_id=job_id, attempt=attempt, result=finished))
+                self._after_final(job_id, outcome, job.mlflow_run_id, finished, job.pipeline_id)
+                return outcome
             spec_path = workdir / "spec.json"
             _write_atomic(spec_path, json.dumps(job.spec, indent=2, sort_keys=True))
             run_id = open_job_run(run_store=self.run_store, factory=self.factory, job=job, attempt=attempt,
@@ -124,8 +135,9 @@ class Supervisor:
             tail = EventTail(workdir / "events.jsonl", from_end=True)
             for stale in ("result.json", "error.json"):  # a result (or error) must come from this attempt
                 (workdir / stale).unlink(missing_ok=True)
-            child = Child(argv, cwd=workdir, log_path=workdir / "logs" / f"attempt-{attempt}.log", env=child_env(),
-                          pass_fds=[lock_fd], death_signal=signal.SIGTERM if job.gpus > 1 else signal.SIGKILL)
+            child = Child(argv, cwd=workdir, log_path=workdir / "logs" / f"attempt-{attempt}.log",
+                          env=engine_env(self.settings), pass_fds=[lock_fd],
+                          death_signal=signal.SIGTERM if job.gpus > 1 else signal.SIGKILL)
             checkpoints = workdir / "checkpoints"
             resume = checkpoints.is_dir() and any(checkpoints.iterdir())
             with session_scope(self.factory) as session:
@@ -197,7 +209,7 @@ class Supervisor:
                 run_id: str | None, pipeline_id: str | None) -> Outcome:
         code = watch.exit_code
         assert code is not None
-        result = _read_result(workdir / "result.json") if code == 0 else None
+        result = read_result(workdir / "result.json") if code == 0 else None
         if code == 0 and result is not None:
             outcome = self._finalize(job_id, attempt, Outcome.SUCCEEDED,
                                      lambda s: repo.mark_succeeded(s, job_id=job_id, attempt=attempt, result=result))
@@ -212,6 +224,13 @@ class Supervisor:
             outcome = self._finalize_failure(job_id, attempt, EXIT_CODE_NAMES[code], _explain(workdir, child), code)
         else:
             outcome = self._retry(job_id, attempt, max_attempts, code, child, workdir, watch.shutdown)
+        self._after_final(job_id, outcome, run_id, result, pipeline_id)
+        log.info("job %s attempt %d: %s (%s)", job_id, attempt, outcome.value, describe_exit(code))
+        return outcome
+
+    def _after_final(self, job_id: str, outcome: Outcome, run_id: str | None, result: dict[str, Any] | None,
+                     pipeline_id: str | None) -> None:
+        """Close the job's MLflow run, send the children it made ready, close finished pipelines and sweeps."""
         if outcome in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED) and run_id:
             close_job_run(run_store=self.run_store, factory=self.factory, job_id=job_id, run_id=run_id,
                           status=outcome.value, result=result)
@@ -220,8 +239,6 @@ class Supervisor:
         if pipeline_id and outcome != Outcome.REQUEUED:
             close_finished_pipelines(run_store=self.run_store, factory=self.factory, pipeline_ids=[pipeline_id])
             close_finished_sweeps(run_store=self.run_store, factory=self.factory, pipeline_ids=[pipeline_id])
-        log.info("job %s attempt %d: %s (%s)", job_id, attempt, outcome.value, describe_exit(code))
-        return outcome
 
     def _retry(self, job_id: str, attempt: int, max_attempts: int, code: int, child: Child, workdir: Path,
                shutdown: bool) -> Outcome:
@@ -241,12 +258,27 @@ class Supervisor:
         return Outcome.REQUEUED
 
     def _finalize(self, job_id: str, attempt: int, outcome: Outcome, write: Any) -> Outcome:
-        with session_scope(self.factory) as session:
-            if not write(session):
-                return Outcome.LOST
-            if outcome != Outcome.SUCCEEDED:
-                repo.settle_orphans(session)  # descendants of a failed/cancelled stage can never run
-        return outcome
+        """Write the final state, retrying through a ledger outage (doubling waits, for up to
+        `final_write_timeout_s`): a finished result is worth waiting for. Should the reaper have settled the job
+        meanwhile (from the same result.json), its write stands and counts as ours."""
+        delay, deadline = 0.5, time.monotonic() + self.settings.final_write_timeout_s
+        while True:
+            try:
+                with session_scope(self.factory) as session:
+                    if write(session):
+                        if outcome != Outcome.SUCCEEDED:
+                            repo.settle_orphans(session)  # descendants of a failed/cancelled stage can never run
+                        return outcome
+                    job = repo.get(session, job_id=job_id)
+                    settled = job is not None and job.attempt == attempt and job.status == outcome.value
+                    return outcome if settled else Outcome.LOST
+            except OperationalError as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s attempt %d: ledger unavailable writing %s (%s); retrying in %.1fs", job_id,
+                            attempt, outcome.value, e.__class__.__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def _finalize_failure(self, job_id: str, attempt: int, error_type: str, message: str,
                           code: int | None) -> Outcome:
@@ -289,23 +321,12 @@ def _write_progress(session: Session, job_id: str, attempt: int, buffer: Progres
 
 def _explain(workdir: Path, child: Child) -> str:
     """The engine's own account (`error.json`: type, message, every config problem), else its log's tail."""
-    record = _read_result(workdir / "error.json")
+    record = read_result(workdir / "error.json")
     if record and record.get("message"):
         lines = [f"{record.get('type', 'Error')}: {record['message']}"]
         lines += [f"  - {p}" for p in record.get("problems") or [] if p not in record["message"]]
         return "\n".join(lines)
     return child.log_tail()
-
-
-def _read_result(path: Path) -> dict[str, Any] | None:
-    try:
-        # NaN/Infinity become strings: JSON columns (PostgreSQL) cannot store them as numbers
-        data = json.loads(path.read_text(), parse_constant=str)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    return data
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,7 +1,7 @@
 """Ledger tables: sweeps and their cells, pipelines, jobs, the inputs that link a stage to its parents, and throttled
 job events.
 
-Table models are not API schemas (`api.schemas` has those). Columns mirror the control plane of anchors.md §2.3:
+Table models are not API schemas (`api.schemas` has those). Columns hold each job's control plane:
 status, attempt (the fencing token), lease owner, heartbeat, cancel request, idempotency key.
 """
 

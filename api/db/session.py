@@ -12,18 +12,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for the ledger. SQLite gets WAL + a busy timeout (the API and the embedded executor are two
-    processes writing one file); PostgreSQL gets a pool sized for the API's request threads."""
+    processes writing one file). Pool options (`pool_size`, `max_overflow`, …) apply to both backends; without
+    them a process (a worker, the reaper) gets a small pool that opens connections lazily."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    options: dict[str, Any] = {"pool_pre_ping": True}
-    if "poolclass" not in kwargs:
-        # As many pooled connections as the API has request threads (anyio's default: 40), so a burst does not
-        # open and close overflow connections on every request; lazily opened, so a worker holds one or two.
-        options.update(pool_size=40, max_overflow=10, pool_timeout=30)
-    options.update(kwargs)
-    return create_engine(url, **options)
+    return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

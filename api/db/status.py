@@ -1,4 +1,5 @@
-"""The job state machine. Every transition in `api.db.jobs` is a conditional UPDATE guarded by these sets."""
+"""The job state machine. Every transition in the repositories (`api.db.lease`, `api.db.jobs`) is a conditional
+UPDATE guarded by these sets."""
 
 from __future__ import annotations
 
@@ -29,3 +30,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 
 def can_transition(src: JobStatus, dst: JobStatus) -> bool:
     return dst in TRANSITIONS[src]
+
+QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
+SUCCEEDED, FAILED, CANCELLED = JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value
+TERMINAL_VALUES = tuple(s.value for s in TERMINAL)

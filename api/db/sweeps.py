@@ -14,9 +14,10 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from api.db.base import utcnow
-from api.db.jobs import QUEUED, RUNNING, new_id, pipeline_status
+from api.db.base import new_id, utcnow
 from api.db.models import Job, Pipeline, Sweep, SweepCell
+from api.db.pipelines import pipeline_status
+from api.db.status import QUEUED, RUNNING
 
 #: Serializes sweep submissions on PostgreSQL (pg_advisory_xact_lock), so two submissions sharing a cell cannot both
 #: start it. SQLite (embedded) serializes writers by itself.

@@ -1,4 +1,5 @@
-"""Liveness (`/health`: the process answers) and readiness (`/ready`: the ledger answers, schema at head)."""
+"""Liveness (`/health`: the process answers) and readiness (`/ready`: the ledger answers, schema at head, the ledger
+can be written, and in embedded mode the executor is alive)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
-from api.deps import SessionFactoryDep
+from api.deps import SessionFactoryDep, SettingsDep
+from api.liveness import executor_check, ledger_writable_check
 from api.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -19,7 +21,7 @@ def health() -> Health:
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
-def ready(request: Request, factory: SessionFactoryDep) -> JSONResponse:
+def ready(request: Request, factory: SessionFactoryDep, settings: SettingsDep) -> JSONResponse:
     checks: dict[str, str] = {}
     expected = request.app.state.schema_head
     try:
@@ -36,8 +38,12 @@ def ready(request: Request, factory: SessionFactoryDep) -> JSONResponse:
             checks["schema"] = f"at {version}, expected {expected}: run migrations"
         else:
             checks["schema"] = "ok"
+        with factory() as session:
+            checks["ledger_writable"] = ledger_writable_check(settings, session)
     except SQLAlchemyError as e:
         checks["database"] = f"unavailable ({e.__class__.__name__})"
+    if settings.mode == "embedded":
+        checks["executor"] = executor_check(settings)
     ok = all(v == "ok" for v in checks.values())
     body = Readiness(status="ready" if ok else "not_ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -7,34 +7,39 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy.orm import Session
 
 from api import views
+from api.config import Settings
 from api.db import jobs as repo
 from api.db.models import Job
 from api.db.status import TERMINAL, JobStatus
-from api.deps import AuthDep, EnqueuerDep, SessionDep, SessionFactoryDep, SettingsDep
+from api.deps import READ_AUTH, AdmittedStream, AuthDep, EnqueuerDep, SessionDep, SettingsDep, StreamsDep
 from api.errors import InvalidRequest, NotFound, Problem
 from api.ids import find_by_id
-from api.schemas import UUID_PATTERN, IdempotencyKey, JobCreate, JobPage, JobRead
+from api.schemas import UUID_PATTERN, EventRead, IdempotencyKey, JobCreate, JobPage, JobRead
 from api.submissions import send_after_commit, submit_job
 from sgtm_engine.config import StageKind
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=READ_AUTH,
+                   responses={401: {"description": "Missing or invalid bearer token"}})
 
 ERRORS = {401: {"description": "Missing or invalid bearer token"},
           404: {"description": "No such job"},
           409: {"description": "The job's state does not allow this (e.g. cancelling a finished job)"},
-          422: {"description": "Invalid request; `detail[].loc` names the field"}}
-SSE_POLL_S = 0.5
+          422: {"description": "Invalid request; `detail[].loc` names the field"},
+          429: {"description": "Too many open event streams; retry after `Retry-After` seconds"}}
+EVENTS_PER_READ = 500
 SSE_MAX_S = 3600.0  # a stream ends after an hour; clients reconnect with Last-Event-ID
 
 
@@ -83,7 +88,7 @@ def get_job(job: ExistingJob, session: SessionDep, settings: SettingsDep) -> Job
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRead,
              responses={k: ERRORS[k] for k in (401, 404, 409)})
-def cancel_job(job: ExistingJob, session: SessionDep, settings: SettingsDep, _principal: AuthDep) -> JobRead:
+def cancel_job(_principal: AuthDep, job: ExistingJob, session: SessionDep, settings: SettingsDep) -> JobRead:
     """Queued: cancelled at once. Running: the supervisor sends SIGTERM within a heartbeat, SIGKILL after the
     grace period. Finished: 409. The cancel is stored in the ledger, so it survives worker restarts."""
     updated = repo.request_cancel(session, job_id=job.id)
@@ -91,32 +96,44 @@ def cancel_job(job: ExistingJob, session: SessionDep, settings: SettingsDep, _pr
     return views.job_read(session, settings, updated)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={404: ERRORS[404]})
-def stream_events(job: ExistingJob, factory: SessionFactoryDep, settings: SettingsDep,
-                  after: Annotated[int, Query(ge=0, le=2**62, description="Send events after this id")] = 0,
-                  follow: Annotated[bool, Query(description="Keep streaming until the job finishes")] = True,
-                  last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,18}$")] = None,
-                  ) -> Iterator[ServerSentEvent]:
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={k: ERRORS[k] for k in (401, 404, 429)})
+async def stream_events(job_id: str, slot: AdmittedStream, streams: StreamsDep, settings: SettingsDep,
+                        after: Annotated[int, Query(ge=0, le=2**62, description="Send events after this id")] = 0,
+                        follow: Annotated[bool, Query(description="Keep streaming until the job finishes")] = True,
+                        last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,18}$")] = None,
+                        ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: `status` (state changes) and the engine's `progress`/`eval`/`checkpoint`/… events,
-    each with its ledger id (resume with `Last-Event-ID` or `after`), then one `done` event carrying the job."""
-    cursor = max(after, int(last_event_id or 0))
-    deadline = time.monotonic() + SSE_MAX_S
-    while True:
-        with factory() as session:
-            events = repo.events_after(session, job_id=job.id, after=cursor)
-            current = repo.get(session, job_id=job.id)
-            done = current is None or current.status in TERMINAL
-            final = views.job_read(session, settings, current) if done and current is not None else None
-        for event in events:
-            cursor = event.id
-            yield ServerSentEvent(id=str(event.id), event=event.type, data=views.event_read(event))
-        if events and len(events) >= 500:
-            continue  # a backlog: drain it before checking for the end
-        if done or not follow or time.monotonic() > deadline:
-            if final is not None:
-                yield ServerSentEvent(event="done", data=final)
-            return
-        time.sleep(SSE_POLL_S)
+    each with its ledger id (resume with `Last-Event-ID` or `after`), then one `done` event carrying the job.
+    Open streams are capped per token and in total (429 with `Retry-After` beyond); a stream ends after an hour."""
+    try:
+        cursor = max(after, int(last_event_id or 0))
+        deadline = time.monotonic() + SSE_MAX_S
+        while True:
+            events, final = await streams.read(functools.partial(_events_since, settings, job_id, cursor))
+            for event in events:
+                cursor = event.id
+                yield ServerSentEvent(id=str(event.id), event=event.type, data=event)
+            if len(events) >= EVENTS_PER_READ:
+                continue  # a backlog: drain it before checking for the end
+            remaining = deadline - time.monotonic()
+            if final is not None or not follow or remaining <= 0:
+                if final is not None:
+                    yield ServerSentEvent(event="done", data=final)
+                return
+            await streams.wait_for_news(job_id, after=cursor, timeout=remaining)
+    finally:
+        slot.release()
+
+
+def _events_since(settings: Settings, job_id: str, cursor: int, session: Session) -> tuple[list[EventRead],
+                                                                                          JobRead | None]:
+    """The job's events after `cursor` and, once it has finished, the job itself (for the `done` event)."""
+    events = repo.events_after(session, job_id=job_id, after=cursor, limit=EVENTS_PER_READ)
+    current = repo.get(session, job_id=job_id)
+    final = views.job_read(session, settings, current) if current is not None and current.status in TERMINAL \
+        else None
+    return [views.event_read(e) for e in events], final
 
 
 def _encode_cursor(job: Job) -> str:

@@ -10,13 +10,14 @@ from api import views
 from api.db import jobs as repo
 from api.db.models import Pipeline
 from api.db.status import ACTIVE
-from api.deps import AuthDep, EnqueuerDep, SessionDep, SettingsDep
+from api.deps import READ_AUTH, AuthDep, EnqueuerDep, SessionDep, SettingsDep
 from api.ids import find_by_id
 from api.routes.jobs import ERRORS
 from api.schemas import IdempotencyKey, PipelineCreate, PipelineRead
 from api.submissions import send_after_commit, submit_pipeline
 
-router = APIRouter(prefix="/api/v1/pipelines", tags=["pipelines"])
+router = APIRouter(prefix="/api/v1/pipelines", tags=["pipelines"], dependencies=READ_AUTH,
+                   responses={401: {"description": "Missing or invalid bearer token"}})
 
 
 @router.post("", status_code=202, response_model=PipelineRead, responses={k: ERRORS[k] for k in (401, 409, 422)})

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from api import reports
 from api.db import sweeps as sweep_repo
 from api.db.models import Sweep
-from api.deps import AuthDep, EnqueuerDep, SessionDep, SettingsDep
+from api.deps import READ_AUTH, AuthDep, EnqueuerDep, SessionDep, SettingsDep
 from api.errors import InvalidRequest, NotFound, Problem
 from api.ids import find_by_id
 from api.routes.jobs import ERRORS
@@ -22,7 +22,8 @@ from api.schemas import UUID_PATTERN, IdempotencyKey, SweepCreate, SweepPage, Sw
 from api.submissions import send_after_commit
 from api.sweeps import cancel_sweep, resume_sweep, submit_sweep, sweep_read, sweep_summary
 
-router = APIRouter(prefix="/api/v1/sweeps", tags=["sweeps"])
+router = APIRouter(prefix="/api/v1/sweeps", tags=["sweeps"], dependencies=READ_AUTH,
+                   responses={401: {"description": "Missing or invalid bearer token"}})
 NOT_FOUND = {404: {"description": "No such sweep"}}
 FIGURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -72,7 +73,7 @@ def get_sweep(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep) 
 
 @router.post("/{sweep_id}/cancel", status_code=202, response_model=SweepRead,
              responses={401: ERRORS[401], **NOT_FOUND})
-def cancel(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep, _principal: AuthDep) -> SweepRead:
+def cancel(_principal: AuthDep, sweep: ExistingSweep, session: SessionDep, settings: SettingsDep) -> SweepRead:
     """Cancel every queued or running job of every cell; finished cells keep their state. A cell whose pipeline
     another (not cancelled) sweep also uses keeps running for that sweep: it stops once every sweep using it is
     cancelled. `cancelled_at` is set until a resume."""
@@ -82,8 +83,8 @@ def cancel(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep, _pr
 
 @router.post("/{sweep_id}/resume", status_code=202, response_model=SweepRead,
              responses={401: ERRORS[401], **NOT_FOUND})
-def resume(sweep: ExistingSweep, session: SessionDep, settings: SettingsDep, enqueuer: EnqueuerDep,
-           _principal: AuthDep) -> SweepRead:
+def resume(_principal: AuthDep, sweep: ExistingSweep, session: SessionDep, settings: SettingsDep,
+           enqueuer: EnqueuerDep) -> SweepRead:
     """Run again only the cells that failed or were cancelled; succeeded and running cells are left alone."""
     jobs = resume_sweep(session, settings=settings, sweep=sweep)
     send_after_commit(session, enqueuer=enqueuer, jobs=jobs)

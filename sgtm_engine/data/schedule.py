@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from sgtm_engine.config import FilterKind, FilterMatching, FilterSpec, MaskMode, NoiseSpec, Split
@@ -57,38 +56,73 @@ def entries_per_epoch(n_examples: int, upsample: float) -> int:
 # The plan
 
 
-@dataclass(frozen=True)
 class TrainingPlan:
-    """Per-step entries plus what they add up to."""
+    """Per-step entries plus what they add up to. The entries are generated epoch by epoch as they are read, never
+    stored all at once: a plan of a billion steps holds one schedule epoch in memory. Reading in step order (as
+    training does) is O(1) a step; reading backwards regenerates from the start (the plan is a pure function)."""
 
-    steps: tuple[PlanStep, ...]
-    pools: Mapping[str, PoolInfo]
-    entries: Mapping[str, int]  # per schedule epoch
-    rates: StepRates | None  # batch granularity only
-    epochs: float  # schedule epochs consumed
+    def __init__(self, n_steps: int, pools: Mapping[str, PoolInfo], entries: Mapping[str, int],
+                 rates: StepRates | None, generate: Callable[[], Iterator[tuple[PlanStep, float]]]):
+        self.n_steps = n_steps
+        self.pools = pools
+        self.entries = entries  # per schedule epoch
+        self.rates = rates  # batch granularity only
+        self._generate = generate
+        self._cursor: Iterator[tuple[PlanStep, float]] | None = None
+        self._index = -1
+        self._current: PlanStep | None = None
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return self.n_steps
 
     def __getitem__(self, step: int) -> PlanStep:
-        return self.steps[step]
+        if not 0 <= step < self.n_steps:
+            raise IndexError(f"step {step} is outside the plan's {self.n_steps} steps")
+        if self._cursor is None or step < self._index:
+            self._cursor, self._index = self._generate(), -1
+        while self._index < step:
+            self._current, _ = next(self._cursor)
+            self._index += 1
+        assert self._current is not None
+        return self._current
 
     def __iter__(self) -> Iterator[PlanStep]:
-        return iter(self.steps)
+        return (entry for entry, _ in self._generate())
+
+    @property
+    def epochs(self) -> float:
+        """Schedule epochs the plan consumes (one pass over it)."""
+        consumed = 0.0
+        for _entry, consumed in self._generate():  # noqa: B007 - the last value is the total
+            pass
+        return consumed
 
     def counts(self) -> dict[str, Any]:
-        """Steps per mode and pool, skipped steps, and the label confusion matrix in steps, for logging."""
-        trained = [s for s in self.steps if not s.skip]
-        skipped = [s for s in self.steps if s.skip]
+        """Steps per mode and pool, skipped steps, and the label confusion matrix in steps, for logging (one pass
+        over the plan, counters only)."""
+        per_mode: Counter[MaskMode] = Counter()
+        per_pool: Counter[str] = Counter()
+        skipped_per_pool: Counter[str] = Counter()
+        labels: Counter[tuple[Split, MaskMode]] = Counter()
+        epochs = 0.0
+        for entry, consumed in self._generate():
+            epochs = consumed
+            if entry.skip:
+                skipped_per_pool[entry.pool] += 1
+            else:
+                per_mode[entry.mode] += 1
+                per_pool[entry.pool] += 1
+                labels[(entry.split, entry.mode)] += 1
+        trained = sum(per_pool.values())
         return {
-            "steps": len(self.steps),
-            "trained_steps": len(trained),
-            "skipped_steps": len(skipped),
-            "steps_per_mode": {m.value: sum(s.mode == m for s in trained) for m in MaskMode},
-            "steps_per_pool": dict(sorted(Counter(s.pool for s in trained).items())),
-            "skipped_per_pool": dict(sorted(Counter(s.pool for s in skipped).items())),
-            "label_confusion_steps": confusion((s.split, s.mode) for s in trained),
-            "schedule_epochs": round(self.epochs, 4),
+            "steps": self.n_steps,
+            "trained_steps": trained,
+            "skipped_steps": self.n_steps - trained,
+            "steps_per_mode": {m.value: per_mode[m] for m in MaskMode},
+            "steps_per_pool": dict(sorted(per_pool.items())),
+            "skipped_per_pool": dict(sorted(skipped_per_pool.items())),
+            "label_confusion_steps": confusion(labels.elements()),
+            "schedule_epochs": round(epochs, 4),
         }
 
 
@@ -118,26 +152,31 @@ def build_plan(pools: Mapping[str, PoolInfo], steps: int, *, upsample: Mapping[S
             per_split[pools[n].split] += entries[n]
         rates = step_rates(noise, per_split)
 
-    rng = random.Random(f"sgtm-schedule:{seed}:{noise.seed}")
-    out: list[PlanStep] = []
-    epochs = 0.0
-    while len(out) < steps:
-        order = epoch.copy()
-        rng.shuffle(order)
-        kept = taken = 0
-        for name in order:
-            taken += 1
-            info = pools[name]
-            mode = info.mode if info.mode is not None else draw_mode(info.split, rates, rng)  # type: ignore[arg-type]
-            removed = pool_removed(info.split, mode, filter)
-            if removed and filter.matching == FilterMatching.COMPUTE:
-                continue
-            out.append(PlanStep(name, info.split, mode, removed))
-            kept += not removed
-            if len(out) == steps:
-                break
-        epochs += taken / len(order)
-        if kept == 0 and taken == len(order):
-            raise DataError(f"filter {filter.kind.value}: it removes every training step; "
-                            f"keep some retain data or use filter.kind='none'")
-    return TrainingPlan(tuple(out), dict(pools), entries, rates, epochs)
+    def generate() -> Iterator[tuple[PlanStep, float]]:
+        """(entry, schedule epochs consumed through it) for every step, in order."""
+        rng = random.Random(f"sgtm-schedule:{seed}:{noise.seed}")
+        produced, epochs = 0, 0.0
+        while produced < steps:
+            order = epoch.copy()
+            rng.shuffle(order)
+            kept = taken = 0
+            for name in order:
+                taken += 1
+                info = pools[name]
+                mode = info.mode if info.mode is not None else draw_mode(info.split, rates, rng)  # type: ignore[arg-type]
+                removed = pool_removed(info.split, mode, filter)
+                if removed and filter.matching == FilterMatching.COMPUTE:
+                    continue
+                produced += 1
+                kept += not removed
+                yield PlanStep(name, info.split, mode, removed), epochs + taken / len(order)
+                if produced == steps:
+                    return
+            epochs += 1.0
+            if kept == 0:
+                raise DataError(f"filter {filter.kind.value}: it removes every training step; "
+                                f"keep some retain data or use filter.kind='none'")
+
+    for _ in zip(range(min(steps, len(epoch) + 1)), generate(), strict=False):
+        pass  # a filter that removes everything fails here, at build time, not steps into training
+    return TrainingPlan(steps, dict(pools), entries, rates, generate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +40,9 @@ def test_services_and_exposure(compose: dict) -> None:
     services = compose["services"]
     assert set(services) == {"postgres", "redis", "mlflow", "migrate", "api", "worker-gpu", "worker-cpu", "beat"}
     published = {name for name, s in services.items() if s.get("ports")}
-    assert published == {"api", "mlflow"}  # only the API and the MLflow UI
+    assert published == {"api"}  # MLflow has no authentication: it stays on the internal network
+    assert services["api"]["ports"] == ["127.0.0.1:8000:8000"]  # loopback unless SGTM_BIND says otherwise
+    assert load_compose({**VARS, "SGTM_BIND": "0.0.0.0"})["services"]["api"]["ports"] == ["0.0.0.0:8000:8000"]
     for name, service in services.items():
         if name != "migrate":
             assert "healthcheck" in service, f"{name} has no health check"
@@ -71,3 +74,35 @@ def test_mlflow_server_is_pinned_to_the_client_version_on_postgres(compose: dict
     pinned = [line.split('"')[1] for line in pyproject.splitlines() if line.strip().startswith('"mlflow-skinny==')]
     assert pinned and pinned[0].replace("mlflow-skinny", "mlflow") in dockerfile
     assert "mlflow-artifacts" not in mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"]
+
+
+def test_images_install_what_their_code_imports_and_keep_torch_in_its_own_layer() -> None:
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "requirements.py pyproject.toml service report" in dockerfile  # the API renders sweep reports
+    assert "requirements.py pyproject.toml engine service" in dockerfile
+    assert "gcc" not in dockerfile  # the engine compiles nothing
+    for target in ("api", "worker"):  # dependencies first, the source after: a code edit keeps the torch layer
+        stage = dockerfile.split(f"AS {target}\n", 1)[1].split("FROM ", 1)[0]
+        assert stage.index("COPY --from=source") < stage.index("pip install --no-deps -e .")
+        deps = dockerfile.split(f"AS {target}-deps\n", 1)[1].split("FROM ", 1)[0]
+        assert "COPY" not in deps and "pip install -r requirements.txt" in deps
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+def test_the_docs_work_offline(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.config import Settings
+    from api.main import create_app
+
+    app = create_app(Settings(_env_file=None, api_tokens=["x" * 32], database_url=f"sqlite:///{tmp_path / 'l.db'}",
+                              data_root=tmp_path))
+    with TestClient(app) as client:
+        for page in ("/docs", "/redoc"):
+            html = client.get(page).text
+            assert "cdn." not in html and "unpkg" not in html and "googleapis" not in html, page
+        assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+        assert client.get("/static-offline-docs/redoc.standalone.js").status_code == 200
+        headers = client.get("/health").headers
+        assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"

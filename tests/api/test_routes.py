@@ -15,17 +15,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.config import Settings
 from api.db import jobs as repo
 from api.db.session import session_scope
+from api.liveness import write_executor_heartbeat
 from api.main import create_app
 from sgtm_engine.config import STAGE_SPECS, StageKind
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NO_AUTH = {"Authorization": ""}
 TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 20, "batch_size": 4}
 
 
 @pytest.fixture
 def client(settings: Settings, enqueuer: RecordingEnqueuer) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, enqueuer=enqueuer)) as c:
+    with TestClient(create_app(settings, enqueuer=enqueuer), headers=AUTH) as c:  # reads need a token too
         yield c
 
 
@@ -33,8 +35,10 @@ def submit(client: TestClient, body: dict[str, Any], **headers: str) -> Any:
     return client.post("/api/v1/jobs", json=body, headers={**AUTH, **headers})
 
 
-def test_health_ready_and_docs(client: TestClient) -> None:
+def test_health_ready_and_docs(client: TestClient, settings: Settings) -> None:
     assert client.get("/health").json() == {"status": "ok"}
+    settings.data_root.mkdir(parents=True, exist_ok=True)
+    write_executor_heartbeat(settings.data_root)  # as the embedded executor does (tests/api/test_health.py)
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert client.get("/docs").status_code == 200
@@ -42,10 +46,10 @@ def test_health_ready_and_docs(client: TestClient) -> None:
 
 
 def test_mutating_routes_need_a_valid_bearer_token(client: TestClient) -> None:
-    assert client.post("/api/v1/jobs", json={"kind": "train"}).status_code == 401
+    assert client.post("/api/v1/jobs", json={"kind": "train"}, headers=NO_AUTH).status_code == 401
     bad = client.post("/api/v1/jobs", json={"kind": "train"}, headers={"Authorization": "Bearer nope"})
     assert bad.status_code == 401 and bad.headers["WWW-Authenticate"] == "Bearer"
-    assert client.get("/api/v1/jobs").status_code == 200  # reads are open
+    assert client.get("/api/v1/jobs").status_code == 200
 
 
 def test_submit_returns_202_location_and_rings_the_bell(client: TestClient, enqueuer: RecordingEnqueuer) -> None:
@@ -135,7 +139,7 @@ def test_unknown_jobs_are_404(client: TestClient) -> None:
     for job_id in ("00000000-0000-4000-8000-000000000000", "nope", "%00", "..%2F..%2Fetc"):
         assert client.get(f"/api/v1/jobs/{job_id}").status_code == 404
         assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 404
-        assert client.get(f"/api/v1/jobs/{job_id}/events").status_code == 404
+        assert client.get(f"/api/v1/jobs/{job_id}/events", headers=AUTH).status_code == 404
 
 
 def test_cancel_queued_then_409_on_finished(client: TestClient, factory: sessionmaker[Session]) -> None:
@@ -265,7 +269,7 @@ def test_events_stream_as_sse_with_ids_and_a_done_event(client: TestClient, fact
 
 
 def _read_sse(client: TestClient, url: str, headers: dict[str, str] | None = None) -> list[dict[str, str]]:
-    with client.stream("GET", url, headers=headers or {}) as r:
+    with client.stream("GET", url, headers={**AUTH, **(headers or {})}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         return _parse_sse("".join(r.iter_text()))
 

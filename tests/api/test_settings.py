@@ -40,3 +40,19 @@ def test_deployed_mode_refuses_weak_settings(changes: dict[str, object], words: 
 def test_the_api_refuses_to_start_without_tokens(tmp_path: object) -> None:
     with pytest.raises(RuntimeError, match="SGTM_API_TOKENS"):
         create_app(Settings(_env_file=None, api_tokens=[], data_root=tmp_path))  # type: ignore[arg-type]
+
+
+def test_a_start_up_error_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    token, password = "abcdefghijklmnopqrstuvwxyz-SECRET-TAIL", "db-password-tail"
+    with pytest.raises(ValidationError) as error:
+        Settings(_env_file=None, mode="deployed", api_tokens=[token],  # type: ignore[arg-type]
+                 database_url=f"postgresql+psycopg://sgtm:{password}@db/sgtm", mlflow_tracking_uri=None)
+    text = str(error.value)
+    assert "MLFLOW_TRACKING_URI" in text and "TAIL" not in text and "tail" not in text
+
+
+@pytest.mark.parametrize("token", ["x", "changeme", "short-token"])
+def test_the_api_refuses_a_weak_token_in_embedded_mode_too(token: str, tmp_path: object) -> None:
+    with pytest.raises(RuntimeError, match=r"SGTM_API_TOKENS\[0\]: too weak") as error:
+        create_app(Settings(_env_file=None, api_tokens=[token], data_root=tmp_path))  # type: ignore[arg-type]
+    assert token not in str(error.value)

@@ -45,7 +45,7 @@ def sweep_body(**extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def client(settings: Settings, enqueuer: RecordingEnqueuer) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, enqueuer=enqueuer)) as c:
+    with TestClient(create_app(settings, enqueuer=enqueuer), headers=AUTH) as c:  # reads need a token too
         yield c
 
 
@@ -199,7 +199,7 @@ def test_cancel_cancels_every_cell_and_resume_reruns_only_those(
         repo.mark_cancelled(session, job_id=job.id, attempt=job.attempt)
         repo.settle_orphans(session)
     assert client.get(f"/api/v1/sweeps/{sweep['id']}").json()["counts"] == {"succeeded": 1, "cancelled": 7}
-    assert client.post(f"/api/v1/sweeps/{sweep['id']}/cancel").status_code == 401
+    assert client.post(f"/api/v1/sweeps/{sweep['id']}/cancel", headers={"Authorization": ""}).status_code == 401
 
     resumed = client.post(f"/api/v1/sweeps/{sweep['id']}/resume", headers=AUTH).json()
     assert resumed["id"] == sweep["id"] and resumed["counts"] == {"succeeded": 1, "queued": 7}

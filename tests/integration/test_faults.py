@@ -1,6 +1,6 @@
 """Faults against the deployed stack (real PostgreSQL, Redis, Celery workers, beat, MLflow, the real engine child):
 duplicate delivery, kill -9 of the engine child, loss of the whole supervising process, cancel + worker restart,
-and a burst of identical submissions."""
+a burst of identical submissions, and a database outage as a job finishes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from api.config import Settings
 from api.queue import CeleryEnqueuer
-from tests.integration.checks import job_events, ledger_rows, wait_for, wait_for_jobs
+from tests.conftest import PG_ADMIN_URL
+from tests.integration.checks import TERMINAL, job_events, ledger_rows, wait_for, wait_for_jobs
 from tests.integration.conftest import Stack, tiny_train
 
 pytestmark = pytest.mark.integration
@@ -142,3 +144,34 @@ def test_50_concurrent_submissions_with_one_idempotency_key_create_one_job(stack
         rows = ledger_rows(stack.ledger_url, "SELECT count(*) AS n FROM jobs WHERE idempotency_key = :k", k=key)
         assert rows[0]["n"] == 1
         client.post(f"/api/v1/jobs/{ids.pop()}/cancel")  # it need not run
+
+
+def test_a_database_outage_as_the_job_finishes_keeps_its_result(stack: Stack) -> None:
+    """The ledger's database refuses every connection (ALLOW_CONNECTIONS false, sessions terminated) from the moment
+    the engine has written result.json until 10 s later: the supervisor's final write waits the outage out, and the
+    job succeeds on its first attempt, run once."""
+    database = stack.ledger_url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with stack.client() as client:
+        job_id = str(_submit(client, tiny_train(steps=10))["id"])
+        result = stack.data_root / "jobs" / job_id / "result.json"
+        wait_for(result.exists, 300, "the engine's result.json", stack.logs)
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false'))
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": database})
+            time.sleep(10)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true'))
+            admin.dispose()
+
+        def finished() -> dict[str, object] | None:
+            r = client.get(f"/api/v1/jobs/{job_id}")
+            return r.json() if r.status_code == 200 and r.json()["status"] in TERMINAL else None
+
+        done = wait_for(finished, 120, "the job to finish", stack.logs)
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done
+    assert len(_spawned(stack, job_id)) == 1
+    assert "ledger unavailable writing succeeded" in stack.processes["worker"].log_tail(200_000)

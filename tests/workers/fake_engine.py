@@ -3,7 +3,8 @@ tested against): it parses the same flags, appends events to events.jsonl, check
 stops on SIGTERM at a step boundary with exit code 5, and writes result.json.
 
 Behaviour comes from the spec's `fake` mapping: steps, sleep (s per step), exit_code (at the end instead of 0),
-crash_at (step at which to SIGKILL itself, first attempt only), ignore_sigterm, checkpoint_every, no_result.
+crash_at (step at which to SIGKILL itself, first attempt only), ignore_sigterm, checkpoint_every, no_result,
+dump_env (write the environment it was given to env.json).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> int:
     every = int(fake.get("checkpoint_every", 2))
     ckdir = workdir / "checkpoints"
     ckdir.mkdir(exist_ok=True)
+    if fake.get("dump_env"):
+        (workdir / "env.json").write_text(json.dumps(dict(os.environ)))
     attempts = sorted(workdir.glob("argv-*.json"))
     attempt = len(attempts) + 1
     (workdir / f"argv-{attempt}.json").write_text(json.dumps(sys.argv[1:]))
