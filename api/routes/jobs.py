@@ -110,7 +110,7 @@ async def stream_events(job_id: str, slot: AdmittedStream, streams: StreamsDep, 
         cursor = max(after, int(last_event_id or 0))
         deadline = time.monotonic() + SSE_MAX_S
         while True:
-            events, final = await streams.read(functools.partial(_events_since, settings, job_id, cursor))
+            events, final = await streams.read(functools.partial(_events_since, settings, slot.job_id, cursor))
             for event in events:
                 cursor = event.id
                 yield ServerSentEvent(id=str(event.id), event=event.type, data=event)
@@ -121,7 +121,7 @@ async def stream_events(job_id: str, slot: AdmittedStream, streams: StreamsDep, 
                 if final is not None:
                     yield ServerSentEvent(event="done", data=final)
                 return
-            await streams.wait_for_news(job_id, after=cursor, timeout=remaining)
+            await streams.wait_for_news(slot.job_id, after=cursor, timeout=remaining)
     finally:
         slot.release()
 
