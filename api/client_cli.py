@@ -1,6 +1,6 @@
 """Service commands of `sgtm` (registered through the `sgtm.commands` entry point): `serve`, `worker`, `submit`,
-`jobs`, `cancel`, `watch`, and for sweeps `sweep`, `sweeps`, `sweep-status`, `sweep-cancel`, `sweep-resume`,
-`report`.
+`jobs`, `show`, `logs`, `cancel`, `watch`, and for sweeps `sweep`, `sweeps`, `sweep-status`, `sweep-cancel`,
+`sweep-resume`, `report`.
 
 `serve` starts the embedded stack: the API on SQLite, the local executor (`python -m workers.local`, the same
 supervisor as the Celery workers) and a local MLflow store — one command, nothing to install. `worker` execs a Celery
@@ -10,6 +10,8 @@ here (the API package does not import `workers`).
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import secrets
 import signal
@@ -22,10 +24,10 @@ from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from api.client_http import EXIT, TERMINAL, connect, console, err, request
+from api.client_jobs import follow, jobs_table, show_job
 from sgtm_engine.config import STAGE_SPECS, StageKind, apply_overrides, apply_stage_overrides, from_dict, to_dict
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.recipe import find_recipe, load_recipe, read_sweep, recipe_data
@@ -33,11 +35,6 @@ from sgtm_engine.sweep import apply_sweep_overrides
 from sgtm_engine.yamlio import dump_yaml, load_file, parse_sets
 
 service_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Job service: serve, submit, follow.")
-console = Console()
-err = Console(stderr=True)
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
-EXIT = {"succeeded": 0, "failed": 1, "cancelled": 3}
 
 UrlOpt = Annotated[str, typer.Option(envvar="SGTM_URL", help="API base URL")]
 TokenOpt = Annotated[str | None, typer.Option(envvar="SGTM_TOKEN", help="bearer token (default: <data root>/token)")]
@@ -73,7 +70,8 @@ def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     try:
         import uvicorn
 
-        uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info")
+        uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info",
+                    log_config=serve_log_config())
     finally:
         if executor.poll() is None:
             executor.send_signal(signal.SIGTERM)  # the running job checkpoints and is requeued for the next start
@@ -81,6 +79,27 @@ def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
                 executor.wait(timeout=settings.cancel_grace_s + 20)
             except subprocess.TimeoutExpired:
                 executor.kill()
+
+
+class QuietReads(logging.Filter):
+    """Drops the access-log lines of reads that succeeded (GET/HEAD below 400): clients following jobs poll and
+    stream, health checks probe, and a console of those hides the submissions, cancels and errors it should show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's access record: (client, method, path, HTTP version, status code)
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[4], int):
+            return not (args[1] in ("GET", "HEAD") and args[4] < 400)
+        return True
+
+
+def serve_log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration with successful reads left out of the access log (`QuietReads`)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["quiet_reads"] = {"()": "api.client_cli.QuietReads"}
+    config["handlers"]["access"]["filters"] = ["quiet_reads"]
+    return config
 
 
 @service_app.command()
@@ -127,8 +146,8 @@ def submit(recipe: Annotated[str, typer.Argument(help="a recipe/job YAML file, o
     except ConfigError as e:
         _invalid(e)
     path = "/api/v1/pipelines" if "stages" in body else "/api/v1/jobs"
-    with _client(url, token, data_root) as client:
-        r = _request(client, "POST", path, json=body,
+    with connect(url, token, data_root) as client:
+        r = request(client, "POST", path, json=body,
                      headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
         data = r.json()
         jobs = data["jobs"] if "jobs" in data else [data]
@@ -136,7 +155,7 @@ def submit(recipe: Annotated[str, typer.Argument(help="a recipe/job YAML file, o
         console.print(f"submitted {what}: " + ", ".join(f"{j.get('stage_name') or j['kind']}={j['id']}"
                                                           for j in jobs))
         if watch:
-            raise typer.Exit(_follow(client, [j["id"] for j in jobs]))
+            raise typer.Exit(follow(client, [j["id"] for j in jobs]))
 
 
 @service_app.command()
@@ -150,16 +169,38 @@ def jobs(status: Annotated[list[str] | None, typer.Option(help="queued, running,
     params: dict[str, Any] = {"limit": limit, "status": status or [], "kind": kind or []}
     if pipeline:
         params["pipeline_id"] = pipeline
-    with _client(url, token, data_root) as client:
-        items = _request(client, "GET", "/api/v1/jobs", params=params).json()["items"]
-    table = Table("id", "kind", "stage", "status", "progress", "method", "created", "error")
-    for j in items:
-        p = j.get("progress") or {}
-        progress = f"{p.get('step')}/{p.get('total')}" if p.get("total") else ""
-        error = (j.get("error") or {}).get("type", "") if j["status"] != "succeeded" else ""
-        table.add_row(j["id"], j["kind"], j.get("stage_name") or "", j["status"], progress, j["method"],
-                      j["created_at"][:19], error)
-    console.print(table)
+    with connect(url, token, data_root) as client:
+        items = request(client, "GET", "/api/v1/jobs", params=params).json()["items"]
+    console.print(jobs_table(items, console.width))
+
+
+@service_app.command()
+def show(job_id: Annotated[str, typer.Argument(help="a job id, or a unique prefix of 8+ characters")],
+         as_json: Annotated[bool, typer.Option("--json", help="print the job as the API returns it")] = False,
+         url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """One job: status, progress, metrics, MLflow run, workdir and spec."""
+    with connect(url, token, data_root) as client:
+        job = request(client, "GET", f"/api/v1/jobs/{job_id}").json()
+    if as_json:
+        console.print_json(data=job)
+    else:
+        show_job(job)
+
+
+@service_app.command()
+def logs(job_id: Annotated[str, typer.Argument(help="a job id, or a unique prefix of 8+ characters")],
+         attempt: Annotated[int | None, typer.Option(help="which attempt (default: the latest)")] = None,
+         tail: Annotated[int, typer.Option(help="bytes from the end of the log")] = 64 * 1024,
+         url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
+    """The engine's output (stdout and stderr) of a job's attempt."""
+    params: dict[str, Any] = {"tail": tail, **({"attempt": attempt} if attempt else {})}
+    with connect(url, token, data_root) as client:
+        r = request(client, "GET", f"/api/v1/jobs/{job_id}/logs", params=params)
+    size, shown = int(r.headers.get("X-Log-Size", 0)), len(r.content)
+    if size > shown:
+        err.print(f"[dim]… the last {shown} of {size} bytes (--tail for more)[/]")
+    sys.stdout.write(r.text)
+    sys.stdout.flush()
 
 
 @service_app.command()
@@ -168,21 +209,23 @@ def cancel(job_id: Annotated[str, typer.Argument(help="a job id (or a pipeline i
            url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
     """Cancel a job: queued ones at once, running ones stop at their next step (SIGTERM, then SIGKILL)."""
     path = f"/api/v1/{'pipelines' if pipeline else 'jobs'}/{job_id}/cancel"
-    with _client(url, token, data_root) as client:
-        data = _request(client, "POST", path).json()
+    with connect(url, token, data_root) as client:
+        data = request(client, "POST", path).json()
     for j in data.get("jobs", [data]):
         console.print(f"{j['id']}: {j['status']}{' (cancel requested)' if j.get('cancel_requested_at') else ''}")
 
 
 @service_app.command()
-def watch(job_ids: Annotated[list[str], typer.Argument(help="job ids, or one pipeline id with --pipeline")],
+def watch(job_ids: Annotated[list[str], typer.Argument(help="job ids (or unique prefixes of 8+ characters), or "
+                                                           "one pipeline id with --pipeline")],
           pipeline: Annotated[bool, typer.Option("--pipeline", help="watch every stage of a pipeline")] = False,
           url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
-    """Follow jobs with progress bars until they finish; exit 0/1/3 on succeeded/failed/cancelled."""
-    with _client(url, token, data_root) as client:
+    """Follow jobs with progress bars (their server-sent events) until they finish; exit 0/1/3 on
+    succeeded/failed/cancelled."""
+    with connect(url, token, data_root) as client:
         if pipeline:
-            job_ids = [j["id"] for j in _request(client, "GET", f"/api/v1/pipelines/{job_ids[0]}").json()["jobs"]]
-        raise typer.Exit(_follow(client, job_ids))
+            job_ids = [j["id"] for j in request(client, "GET", f"/api/v1/pipelines/{job_ids[0]}").json()["jobs"]]
+        raise typer.Exit(follow(client, job_ids))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,8 +249,8 @@ def sweep(recipe: Annotated[str, typer.Argument(help="a sweep YAML (kind: sweep)
         _invalid(e)
     if experiment:
         body["experiment"] = experiment
-    with _client(url, token, data_root) as client:
-        data = _request(client, "POST", "/api/v1/sweeps", json=body,
+    with connect(url, token, data_root) as client:
+        data = request(client, "POST", "/api/v1/sweeps", json=body,
                         headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex}).json()
         reused = sum(1 for c in data["cells"] if c["reused"])
         console.print(f"submitted sweep {data['id']}: {len(data['cells'])} cells ({_counts(data['counts'])}; "
@@ -220,8 +263,8 @@ def sweep(recipe: Annotated[str, typer.Argument(help="a sweep YAML (kind: sweep)
 def sweeps(limit: Annotated[int, typer.Option(help="rows")] = 20,
            url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
     """List sweeps, newest first."""
-    with _client(url, token, data_root) as client:
-        items = _request(client, "GET", "/api/v1/sweeps", params={"limit": limit}).json()["items"]
+    with connect(url, token, data_root) as client:
+        items = request(client, "GET", "/api/v1/sweeps", params={"limit": limit}).json()["items"]
     table = Table("id", "name", "status", "cells", "created")
     for s in items:
         table.add_row(s["id"], s["name"], s["status"], _counts(s["counts"]), s["created_at"][:19])
@@ -232,8 +275,8 @@ def sweeps(limit: Annotated[int, typer.Option(help="rows")] = 20,
 def sweep_status(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
                  url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
     """Every cell of a sweep: variant, grid values, seed, status, pipeline."""
-    with _client(url, token, data_root) as client:
-        data = _request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
+    with connect(url, token, data_root) as client:
+        data = request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
     _print_sweep(data)
 
 
@@ -241,8 +284,8 @@ def sweep_status(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
 def sweep_cancel(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
                  url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
     """Cancel every queued or running job of every cell of a sweep."""
-    with _client(url, token, data_root) as client:
-        data = _request(client, "POST", f"/api/v1/sweeps/{sweep_id}/cancel").json()
+    with connect(url, token, data_root) as client:
+        data = request(client, "POST", f"/api/v1/sweeps/{sweep_id}/cancel").json()
     console.print(f"sweep {data['id']}: {_counts(data['counts'])}")
 
 
@@ -251,8 +294,8 @@ def sweep_resume(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
                  wait: Annotated[bool, typer.Option("--wait", help="poll until every cell finished")] = False,
                  url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, data_root: DataRootOpt = Path(".sgtm")) -> None:
     """Run again only the failed or cancelled cells of a sweep."""
-    with _client(url, token, data_root) as client:
-        data = _request(client, "POST", f"/api/v1/sweeps/{sweep_id}/resume").json()
+    with connect(url, token, data_root) as client:
+        data = request(client, "POST", f"/api/v1/sweeps/{sweep_id}/resume").json()
         console.print(f"sweep {data['id']}: {_counts(data['counts'])}")
         if wait:
             raise typer.Exit(_wait_sweep(client, data["id"]))
@@ -267,12 +310,12 @@ def report(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
     import json
 
     out.mkdir(parents=True, exist_ok=True)
-    with _client(url, token, data_root) as client:
-        data = _request(client, "GET", f"/api/v1/sweeps/{sweep_id}/report").json()
+    with connect(url, token, data_root) as client:
+        data = request(client, "GET", f"/api/v1/sweeps/{sweep_id}/report").json()
         (out / "report.md").write_text(data["markdown"])
         (out / "report.json").write_text(json.dumps(data["report"], indent=1, sort_keys=True))
         for name, link in data["figures"].items():
-            (out / f"{name}.png").write_bytes(_request(client, "GET", link).content)
+            (out / f"{name}.png").write_bytes(request(client, "GET", link).content)
     console.print(data["markdown"])
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(data['figures'])} figures to {out}")
 
@@ -285,7 +328,7 @@ def _load_sweep(recipe: str, overrides: list[str]) -> dict[str, Any]:
 def _wait_sweep(client: httpx.Client, sweep_id: str) -> int:
     last = ""
     while True:
-        data = _request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
+        data = request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
         line = _counts(data["counts"])
         if line != last:
             console.print(f"{time.strftime('%H:%M:%S')} sweep {sweep_id[:8]}: {line}")
@@ -312,32 +355,6 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _follow(client: httpx.Client, job_ids: list[str]) -> int:
-    """Progress bars from the job rows (polled: one request per job per second, robust to reconnects)."""
-    final: dict[str, dict[str, Any]] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        tasks = {job_id: progress.add_task(job_id[:8], total=None, info="") for job_id in job_ids}
-        while len(final) < len(job_ids):
-            for job_id in job_ids:
-                if job_id in final:
-                    continue
-                job = _request(client, "GET", f"/api/v1/jobs/{job_id}").json()
-                p = job.get("progress") or {}
-                loss = (job.get("last_metrics") or {}).get("train/loss")
-                info = job["status"] + (f" loss {loss:.3f}" if isinstance(loss, float) else "")
-                progress.update(tasks[job_id], description=f"{job.get('stage_name') or job['kind']} {job_id[:8]}",
-                                total=p.get("total"), completed=p.get("step") or 0, info=info)
-                if job["status"] in TERMINAL:
-                    final[job_id] = job
-            time.sleep(1.0)
-    for job in final.values():
-        if job["status"] != "succeeded":
-            error = job.get("error") or {}
-            err.print(f"{job['id']}: {job['status']} ({error.get('type')}): {(error.get('message') or '')[-500:]}")
-    return max(EXIT[j["status"]] for j in final.values())
 
 
 def _load_body(recipe: str, overrides: list[str]) -> dict[str, Any]:
@@ -372,52 +389,12 @@ def _invalid(exc: ConfigError) -> NoReturn:
     typer.echo(exc.report(), err=True)
     raise typer.Exit(exc.exit_code)
 
-
 def _ensure_token(data_root: Path) -> str:
     path = data_root / "token"
     if not path.exists():
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(32))
     return path.read_text().strip()
-
-
-def _client(url: str, token: str | None, data_root: Path) -> httpx.Client:
-    if token is None and (data_root / "token").exists():
-        token = (data_root / "token").read_text().strip()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=30.0)
-
-
-def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """Retries connection failures (submissions carry an Idempotency-Key, so a retry never duplicates a job)."""
-    for attempt in range(4):
-        try:
-            r = client.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            if attempt == 3:
-                err.print(f"cannot reach {client.base_url}: {e}")
-                raise typer.Exit(2) from None
-            time.sleep(0.5 * 2**attempt)
-            continue
-        if r.status_code >= 400:
-            _explain(r)
-            raise typer.Exit(2)
-        return r
-    raise AssertionError("unreachable")
-
-
-def _explain(r: httpx.Response) -> None:
-    try:
-        detail = r.json().get("detail")
-    except ValueError:
-        detail = r.text
-    if isinstance(detail, list):
-        err.print(f"[red]{r.status_code}[/]: the request is invalid:")
-        for problem in detail:
-            where = ".".join(str(p) for p in problem.get("loc", []) if p != "body")
-            err.print(f"  - {where}: {problem.get('msg')}")
-    else:
-        err.print(f"[red]{r.status_code}[/]: {detail}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -14,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.config import Settings
 from api.db.models import Job
-from api.errors import NotFound, Unauthorized
+from api.errors import Unauthorized
+from api.ids import find_by_id
 from api.queue import Enqueuer
-from api.schemas import UUID_PATTERN
 from api.streams import EventStreams, StreamSlot
 
 _bearer = HTTPBearer(auto_error=False, description="A token from SGTM_API_TOKENS (embedded: <data_root>/token).")
@@ -77,11 +76,8 @@ async def stream_slot(job_id: str, request: Request, principal: Annotated[str, D
     if principal == "anonymous":  # open reads: the per-client cap applies per address
         principal = f"anonymous@{request.client.host if request.client else '?'}"
     slot = streams.admit(principal)
-    try:
-        known = re.match(UUID_PATTERN, job_id) is not None and await streams.read(
-            lambda session: session.get(Job, job_id) is not None)
-        if not known:
-            raise NotFound(f"job {job_id[:64]!r} does not exist")
+    try:  # a whole id or a unique prefix (api/ids.py)
+        slot.job_id = await streams.read(lambda session: find_by_id(session, Job, job_id, what="job").id)
     except BaseException:
         slot.release()
         raise

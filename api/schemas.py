@@ -142,6 +142,8 @@ class JobRead(BaseModel):
     updated_at: dt.datetime
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    workdir: str | None = Field(None, description="The job's folder on the workers' machines (embedded mode: this "
+                                                  "machine): result.json, checkpoints, logs/attempt-N.log.")
     links: dict[str, str]
 
 

@@ -9,6 +9,8 @@ Choices made here:
   sciences') and RMU selects parameters by glob ('transformer.h.*.mlp.c_fc.weight'); the API still never accepts a
   path, a URL or a shell command in any spec field, present or future.
 - Non-finite numbers are refused (JSON has none; PostgreSQL's json type rejects them).
+- Corpus names are checked against the engine's built-in corpora (`config.BUILTIN_CORPORA`): a job runs in a fresh
+  engine process, which knows no others, so a typo is a 422 at the door, not a failure when the job runs.
 - The stored spec is the canonical one (defaults filled in), and its hash is the engine's `spec_hash`.
 """
 
@@ -21,7 +23,7 @@ import re
 from typing import Any
 
 from api.errors import InvalidRequest, Problem
-from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, method_name, spec_hash, to_dict
+from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, method_name, spec_hash, to_dict, unknown_corpora
 from sgtm_engine.errors import ConfigError
 
 SAFE_STRING = re.compile(r"^(?! )[\w .+*,'()&\[\]-]{1,128}(?<! )$")  # \w: letters and digits of any script, and _
@@ -60,6 +62,9 @@ def validate(kind: StageKind, data: dict[str, Any], loc: tuple[str | int, ...]) 
         # e.g. an integer too large for a float field; the engine's validator reports most things, not this
         message = f"spec: a value cannot be represented ({e.__class__.__name__}: {e})"
         raise InvalidRequest([Problem(loc, message)]) from None
+    corpora = unknown_corpora(spec)  # the engine child knows only the built-in corpora
+    if corpora:
+        raise InvalidRequest([p.nested(loc, label="spec") for p in corpora])
     canonical = to_dict(spec)
     return ValidSpec(spec=canonical, hash=spec_hash(spec), method=_method(kind, spec), seed=_seed(canonical),
                      wants_cpu=(canonical.get("runtime") or {}).get("device") == "cpu")

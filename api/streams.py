@@ -47,6 +47,8 @@ class StreamSlot:
 
     def __init__(self, streams: EventStreams, principal: str):
         self._finalizer = weakref.finalize(self, streams._release, principal)
+        self.job_id = ""
+        """The streamed job's whole id, once admitted (the request may name it by a prefix)."""
 
     def release(self) -> None:
         self._finalizer()  # runs once, however often it is called

@@ -54,7 +54,7 @@ def _job_read(settings: Settings, job: Job, inputs: dict[str, str], waiting: lis
     if job.error_type is not None and job.status != "succeeded":
         error = JobError(type=job.error_type, message=job.error_message, exit_code=job.exit_code)
     links = {"self": f"{API}/jobs/{job.id}", "events": f"{API}/jobs/{job.id}/events",
-             "cancel": f"{API}/jobs/{job.id}/cancel"}
+             "cancel": f"{API}/jobs/{job.id}/cancel", "logs": f"{API}/jobs/{job.id}/logs"}
     mlflow = _mlflow(settings, job.mlflow_experiment_id, job.mlflow_run_id)
     if mlflow and mlflow.url:
         links["mlflow"] = mlflow.url
@@ -67,7 +67,8 @@ def _job_read(settings: Settings, job: Job, inputs: dict[str, str], waiting: lis
         summary=job.summary,
         checkpoint=CheckpointRef(uri=job.checkpoint_uri, sha256=job.checkpoint_sha256) if job.checkpoint_uri else None,
         code_version=job.code_version, mlflow=mlflow, error=error, created_at=job.created_at,
-        updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at, links=links)
+        updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
+        workdir=str(settings.workdir(job.id)), links=links)
 
 
 def _mlflow(settings: Settings, experiment_id: str | None, run_id: str | None) -> MlflowRef | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -102,13 +103,17 @@ def run_cmd(
                                                       "registry under this name (sets <stage>.register)")] = None,
 ) -> None:
     """Run every stage of a recipe in this process and write WORKDIR/result.json."""
-    from sgtm_engine.config import spec_hash
+    from sgtm_engine.config import spec_hash, unknown_corpora
     from sgtm_engine.recipe import load_recipe, recipe_data
     from sgtm_engine.yamlio import dump_yaml, parse_sets
 
     try:
         overrides = parse_sets(set_ or [])
         parsed = load_recipe(recipe, overrides)
+        # this process knows only the built-in corpora: a misspelt name fails here, not minutes into a stage
+        corpora = [p.nested((s.name,)) for s in parsed.stages for p in unknown_corpora(s.spec)]
+        if corpora:
+            raise ConfigError(corpora)
         if register is not None:
             from sgtm_engine.runner import register_last_model
 
@@ -119,19 +124,46 @@ def run_cmd(
     if print_config:
         typer.echo(dump_yaml(recipe_data(parsed)), nl=False)
         return
+    from sgtm_engine.progress import StageBars
     from sgtm_engine.runner import run_recipe
     from sgtm_engine.runtime import setup_logging
 
-    setup_logging()
     if workdir is None:
         workdir = fresh_run_folder(parsed)
     run_name = " ".join([parsed.name, *(set_ or []), f"({spec_hash(recipe_data(parsed))[:8]})"])
-    try:
-        results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
-                             cache_dir=cache_dir, overwrite=overwrite, run_name=run_name)
-    except SgtmError as exc:
-        _fail(exc)
-    typer.echo(f"wrote {workdir / 'result.json'} ({len(results['stages'])} stages)")
+    with StageBars() as bars:
+        setup_logging(level=logging.WARNING, handler=bars.log_handler())  # the bars say what INFO lines would
+        _quiet_mlflow()
+        bars.console.print(f"[bold]{parsed.name}[/]: {len(parsed.stages)} stages in {workdir}")
+        try:
+            results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
+                                 cache_dir=cache_dir, overwrite=overwrite, events=bars.stage, run_name=run_name)
+        except BaseException as exc:  # the bars mark the stage that was running; the error is printed once, below
+            bars.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
+            if isinstance(exc, SgtmError):
+                _fail(exc)
+            raise
+    _summary(bars.console, workdir, results)
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (creating its tables, one per run) would tear the bars and say nothing the bars do not; a
+    level the user set wins. An environment variable, because MLflow sets its logger's level when it is imported."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def _summary(console, workdir: Path, results: dict) -> None:
+    """The headline metrics of the run's last evaluation, where everything went, and how to look at it."""
+    from sgtm_engine.progress import headline
+
+    evaluated = [(name, r) for name, r in results["stages"].items() if headline(r.get("metrics") or {})]
+    if evaluated:
+        name, result = evaluated[-1]
+        console.print(headline(result["metrics"], title=f"{results['recipe']}: stage {name}"))
+    console.print(f"run folder: {workdir} (result.json: every stage's record)", highlight=False)
+    if results.get("mlflow_uri"):
+        console.print(f"MLflow: mlflow ui --backend-store-uri {results['mlflow_uri']}", highlight=False,
+                      soft_wrap=True)
 
 
 def fresh_run_folder(recipe) -> Path:
@@ -246,12 +278,17 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
         if print_config:
             typer.echo(cells_yaml(sweep), nl=False)
             return
+        from sgtm_engine.progress import StageBars
         from sgtm_engine.runtime import setup_logging
 
-        setup_logging(level=logging.WARNING)
         workdir = workdir or Path("runs") / sweep.name
         uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
-        report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir, echo=typer.echo)
+        with StageBars() as bars:  # one bar per stage when they run here (--jobs 1), else a line per stage
+            setup_logging(level=logging.WARNING, handler=bars.log_handler())
+            _quiet_mlflow()
+            report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir,
+                               echo=lambda line: bars.console.print(line, markup=False, highlight=False),
+                               events=bars.stage if jobs == 1 else None)
     except SgtmError as exc:
         _fail(exc)
     typer.echo("\n" + report_markdown(report))

@@ -18,8 +18,9 @@ import copy
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -250,32 +251,45 @@ def capability(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Run
 
 def evaluate_views(model: GPTNeoLM, data: PreparedData, eval_spec: EvalSpec, ablate_spec: AblateSpec | None,
                    calibrate_spec: CalibrateSpec, runtime: Runtime, with_capability: bool = True,
-                   save_calibrated: Path | None = None) -> dict[str, dict[str, float]]:
+                   save_calibrated: Path | None = None, emit: Callable[[dict[str, Any]], None] | None = None
+                   ) -> dict[str, dict[str, float]]:
     """{'eval': unablated, 'eval_ablated': ..., 'eval_calibrated': ...} metrics; the model is left untouched.
     `save_calibrated`: where to write the calibrated model (the deployable one), when calibration runs.
 
     A clean model (strategy none) has nothing to ablate: its ablated view equals the unablated one and is not
-    recomputed, but it is still calibrated, as every method is in the paper.
+    recomputed, but it is still calibrated, as every method is in the paper. Each phase (a view measured, the
+    calibration fitted) is announced as a `phase` event before it starts: `{"type": "phase", "phase": "ablated",
+    "index": 1, "count": 4}`; it carries no step, so a training run's step count stays the progress.
     """
-    def measure(m: GPTNeoLM) -> dict[str, float]:
+    ablates = ablate_spec is not None and model.masking.strategy != Strategy.NONE
+    calibrates = ablate_spec is not None and calibrate_spec.enabled and calibrate_spec.steps > 0
+    phases = ["unablated", *(["ablated"] if ablates else []), *(["calibrating", "calibrated"] if calibrates else [])]
+
+    def phase(name: str) -> None:
+        if emit is not None:
+            emit({"type": "phase", "phase": name, "index": phases.index(name), "count": len(phases)})
+
+    def measure(m: GPTNeoLM, name: str) -> dict[str, float]:
+        phase(name)
         metrics = loss_table(m, data, eval_spec, runtime)
         if with_capability:
             metrics.update(capability(m, data, eval_spec, runtime))
         return metrics
 
-    views = {"eval": measure(model)}
+    views = {"eval": measure(model, "unablated")}
     if ablate_spec is None:
         return views
     ablated = model
-    if model.masking.strategy != Strategy.NONE:
+    if ablates:
         ablated = copy.deepcopy(model)
         ablate(ablated, ablate_spec)
-        views["eval_ablated"] = measure(ablated)
+        views["eval_ablated"] = measure(ablated, "ablated")
     else:
         views["eval_ablated"] = views["eval"]
-    if calibrate_spec.enabled and calibrate_spec.steps > 0:
+    if calibrates:
+        phase("calibrating")
         calibrated = calibrate(ablated, data, calibrate_spec, runtime)
-        views["eval_calibrated"] = measure(calibrated)
+        views["eval_calibrated"] = measure(calibrated, "calibrated")
         if save_calibrated is not None and runtime.is_main:
             save_hf(calibrated, save_calibrated)
     return views

@@ -73,9 +73,11 @@ def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
 
 
 def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | None = None,
-              cache_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+              cache_dir: Path | None = None, echo: Callable[[str], None] = print,
+              events: Callable[[str], Callable[[dict[str, Any]], None]] | None = None) -> dict[str, Any]:
     """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.
-    `mlflow_uri` None: no tracking."""
+    `mlflow_uri` None: no tracking. `events(stage label)`: where a stage run in this process (`jobs` 1) also sends
+    its progress events (progress bars, which then tell when it is done)."""
     from sgtm_engine.provenance import code_version
     from sgtm_engine.runner import open_run
     from sgtm_engine.stage import write_json
@@ -107,7 +109,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
                                            {r: folders[p] for r, p in stage["inputs"].items()},
                                            f"{stage['name']} {cell_label(cell)}", run.run_id, tags, sweep.name)
     try:
-        errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo)
+        errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo, events)
     except BaseException:  # interrupted: no run stays RUNNING; a rerun continues from the finished stages
         for run in [*cell_runs.values(), parent]:
             run.close("KILLED")
@@ -130,7 +132,8 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
 
 
 def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: str, cache_dir: Path | None,
-               echo: Callable[[str], None]) -> dict[str, str]:
+               echo: Callable[[str], None], events: Callable[[str], Callable[[dict[str, Any]], None]] | None
+               ) -> dict[str, str]:
     """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {folder name: error} of the
     failed ones (a task whose input failed fails without running)."""
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
@@ -146,14 +149,16 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                     pending.remove(task)
                 elif all(k in done or k not in tasks for k in after) and len(running) < jobs:
                     started = time.perf_counter()
-                    running[_submit(pool, task, uri, experiment, cache_dir)] = (task, started)
+                    emit = events(task.name) if events and pool is None else None
+                    running[_submit(pool, task, uri, experiment, cache_dir, emit)] = (task, started)
                     pending.remove(task)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 task, started = running.pop(future)
                 if future.exception() is None:
                     done.add(task.folder.name)
-                    echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
+                    if events is None or pool is not None:  # else its bar said so
+                        echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
                 else:
                     exc = future.exception()
                     errors[task.folder.name] = "".join(traceback.format_exception(exc))  # kept in the cell's file
@@ -173,13 +178,14 @@ def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
     return future
 
 
-def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None) -> None:
+def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None,
+              emit: Callable[[dict[str, Any]], None] | None = None) -> None:
     from sgtm_engine.runner import run_tracked_stage
 
     kind = StageKind(task.kind)
     run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
                       experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,
-                      recipe=task.recipe, cache_dir=cache_dir)
+                      recipe=task.recipe, cache_dir=cache_dir, emit=emit)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

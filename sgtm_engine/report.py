@@ -270,7 +270,8 @@ _MD_ATTACK = (("start_forget_loss", "forget loss at step 0"), ("start_retain_los
 
 
 def _final_columns(columns: Sequence[str]) -> list[tuple[str, str | None, str]]:
-    """(main key, bracketed unablated key or None, header): losses per split, then capability metrics."""
+    """(main key, bracketed unablated key or None, header): losses per split, then capability metrics. The main
+    number is of the most processed view (calibrated, else ablated) and the header says which."""
     names = [f"{split}/loss" for split in ("retain", "forget", "adjacent")]
     names += sorted({k.split("/", 1)[1] for k in columns if "/capability/" in k})
     out = []
@@ -281,7 +282,8 @@ def _final_columns(columns: Sequence[str]) -> list[tuple[str, str | None, str]]:
             continue
         bracket = f"eval/{name}" if f"eval/{name}" in columns and not main.startswith("eval/") else None
         header = name.replace("/loss", " loss").replace("capability/", "")
-        out.append((main, bracket, f"{header} (unablated)" if bracket else header))
+        view = main.split("/", 1)[0].removeprefix("eval").lstrip("_")  # which model the main number is of
+        out.append((main, bracket, f"{header}, {view} (unablated)" if bracket else header))
     return out
 
 

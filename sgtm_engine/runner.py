@@ -59,13 +59,15 @@ def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str
 
 
 def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, track: bool = True,
-               cache_dir: Path | None = None, experiment: str | None = None, emit=None, overwrite: bool = False,
+               cache_dir: Path | None = None, experiment: str | None = None,
+               events: Callable[[str], Callable[[dict[str, Any]], None]] | None = None, overwrite: bool = False,
                run_name: str | None = None) -> dict[str, Any]:
     """Run every stage; returns (and writes to WORKDIR/result.json) {'recipe', 'stages': {name: result}}.
 
     The MLflow store is a SQLite file in WORKDIR with its artifacts beside it, unless `mlflow_uri` names another.
     The parent run is named `run_name` (default: the recipe's name and spec hash) and carries the stages' headline
-    metrics (`headline_metrics`)."""
+    metrics (`headline_metrics`). `events(stage name)`, when given, is where that stage's progress events also go
+    (progress bars)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     uri = (mlflow_uri or local_tracking_uri(workdir)) if track else None
@@ -82,7 +84,8 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
             inputs = {role: workdir / parent_name for role, parent_name in stage.inputs.items()}
             results[stage.name] = run_tracked_stage(stage.kind, stage.spec, workdir / stage.name, inputs, uri=uri,
                                                     experiment=experiment, name=stage.name,
-                                                    parent_run_id=parent.run_id, cache_dir=cache_dir, emit=emit,
+                                                    parent_run_id=parent.run_id, cache_dir=cache_dir,
+                                                    emit=events(stage.name) if events else None,
                                                     overwrite=overwrite, recipe=recipe.name,
                                                     artifact_root=artifact_root)
         parent.log_metrics(headline_metrics(results), step=0)

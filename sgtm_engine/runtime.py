@@ -121,8 +121,11 @@ class StopFlag:
         return bool(flag.item())
 
 
-def setup_logging(runtime: Runtime | None = None, level: int = logging.INFO) -> None:
-    """Rank 0 logs at `level`; other ranks only warnings, so multi-process output stays readable."""
+def setup_logging(runtime: Runtime | None = None, level: int = logging.INFO, handler: logging.Handler | None = None
+                  ) -> None:
+    """Rank 0 logs at `level`; other ranks only warnings, so multi-process output stays readable. `handler`: where
+    records go instead of stderr (progress bars hand theirs in, which prints above the bars)."""
     if runtime is not None and not runtime.is_main:
         level = logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[handler] if handler else None)

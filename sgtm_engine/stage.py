@@ -1,7 +1,8 @@
 """`run_stage`: the one in-process entry to every stage, shared by `sgtm run`, the service's engine child and tests.
 
 A stage runs in its own workdir and leaves there:
-- `events.jsonl`: progress events, one JSON object a line (`started`, `progress`, `eval`, `checkpoint`, `finished`);
+- `events.jsonl`: progress events, one JSON object a line (`started`, `phase`, `progress`, `eval`, `checkpoint`,
+  `finished`; a `phase` names a long step without a step count: preparing data, each evaluation view);
 - `result.json`: what it produced: metrics, summary, artifacts (model folders), checkpoint path + sha256, the
   resolved spec, seed, code version, data manifest hash and `backends` (device, dtype, attention backend, torch and
   CUDA versions): the reproducibility record;
@@ -122,9 +123,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 # Stages
 
 
-def _prepare(data_spec: DataSpec, context: int, cache_dir: Path, noise: NoiseSpec, filter: FilterSpec):
+def _prepare(data_spec: DataSpec, context: int, cache_dir: Path, noise: NoiseSpec, filter: FilterSpec, emit):
     from sgtm_engine.data.prepare import prepare_data
 
+    emit({"type": "phase", "phase": "preparing data"})
     return prepare_data(data_spec, context, cache_dir, noise, filter)
 
 
@@ -132,7 +134,7 @@ def run_train(spec: TrainSpec, workdir: Path, inputs: dict[str, Path], runtime: 
               tracker: Tracker, emit, stop: StopFlag) -> dict[str, Any]:
     from sgtm_engine.train import train
 
-    data = _prepare(spec.data, spec.model.context, cache_dir, spec.noise, spec.filter)
+    data = _prepare(spec.data, spec.model.context, cache_dir, spec.noise, spec.filter, emit)
     if runtime.is_main:
         data.tokenizer.save_pretrained(workdir / "tokenizer")
     result = train(spec, workdir, data, runtime, tracker, emit, stop)
@@ -184,13 +186,19 @@ def run_evaluate(spec: EvaluateSpec, workdir: Path, inputs: dict[str, Path], run
     parent = _lineage(inputs)
     model = load_hf(parent["artifacts"]["model"], device=runtime.device)
     data = _prepare(from_dict(DataSpec, parent["data_spec"]), parent["context"], cache_dir,
-                    from_dict(NoiseSpec, parent["noise_spec"]), from_dict(FilterSpec, parent["filter_spec"]))
-    views = evaluate_views(model, data, spec.eval, spec.ablate, spec.calibrate, runtime,
+                    from_dict(NoiseSpec, parent["noise_spec"]), from_dict(FilterSpec, parent["filter_spec"]), emit)
+    phases = {"count": 1}
+
+    def phase(event: dict[str, Any]) -> None:  # the phases are this stage's steps: its progress counts them
+        phases["count"] = event["count"]
+        emit({**event, "step": event["index"], "total": event["count"]})
+
+    views = evaluate_views(model, data, spec.eval, spec.ablate, spec.calibrate, runtime, emit=phase,
                            save_calibrated=workdir / "calibrated_model")
     metrics = flat_metrics(views)
     if runtime.is_main:
         tracker.log_metrics(metrics, 0)
-    emit({"type": "eval", "step": 1, "total": 1, "metrics": metrics})
+    emit({"type": "eval", "step": phases["count"], "total": phases["count"], "metrics": metrics})
     artifacts = dict(parent["artifacts"])
     if "eval_calibrated" in views:  # the ablated model with its calibrated output bias: the one to deploy
         artifacts["calibrated_model"] = str(workdir / "calibrated_model")

@@ -180,7 +180,8 @@ def _evaluate(model: GPTNeoLM, data: PreparedData, spec: TrainSpec, runtime: Run
               tracker: Tracker, emit: Emit) -> None:
     final = state.step == spec.steps
     views = evaluate_views(model, data, spec.eval, spec.ablate if spec.eval_ablated else None, spec.calibrate
-                           if spec.eval_calibrated else _no_calibration(spec), runtime, with_capability=final)
+                           if spec.eval_calibrated else _no_calibration(spec), runtime, with_capability=final,
+                           emit=emit)
     metrics = flat_metrics(views)
     state.history.append({"step": state.step, "tokens": state.tokens, "flops": 6.0 * model.num_parameters()
                           * state.tokens, "metrics": metrics})

@@ -15,8 +15,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: Events that always reach the ledger at once; `progress` is throttled to one write per interval.
-URGENT_TYPES = frozenset({"started", "eval", "checkpoint", "finished"})
+#: Events that always reach the ledger at once (a few per stage); `progress` is throttled to one write per interval.
+URGENT_TYPES = frozenset({"started", "phase", "eval", "checkpoint", "finished"})
 
 
 class EventTail:

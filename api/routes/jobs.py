@@ -1,4 +1,6 @@
-"""/api/v1/jobs: submit, read, list, cancel, and stream a job's events (SSE)."""
+"""/api/v1/jobs: submit, read, list, cancel, stream a job's events (SSE) and read its engine log.
+
+A job is named by its whole id or a unique prefix of at least 8 hex characters (api/ids.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,14 @@ import base64
 import binascii
 import datetime as dt
 import functools
+import os
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.orm import Session
 
@@ -22,6 +26,7 @@ from api.db.models import Job
 from api.db.status import TERMINAL, JobStatus
 from api.deps import READ_AUTH, AdmittedStream, AuthDep, EnqueuerDep, SessionDep, SettingsDep, StreamsDep
 from api.errors import InvalidRequest, NotFound, Problem
+from api.ids import find_by_id
 from api.schemas import UUID_PATTERN, EventRead, IdempotencyKey, JobCreate, JobPage, JobRead
 from api.submissions import send_after_commit, submit_job
 from sgtm_engine.config import StageKind
@@ -39,11 +44,7 @@ SSE_MAX_S = 3600.0  # a stream ends after an hour; clients reconnect with Last-E
 
 
 def existing_job(job_id: str, session: SessionDep) -> Job:
-    # Any id that is not a UUID is simply unknown (404); it never reaches the database.
-    job = repo.get(session, job_id=job_id) if re.match(UUID_PATTERN, job_id) else None
-    if job is None:
-        raise NotFound(f"job {job_id[:64]!r} does not exist")
-    return job
+    return find_by_id(session, Job, job_id, what="job")  # a whole id or a unique prefix (api/ids.py)
 
 
 ExistingJob = Annotated[Job, Depends(existing_job)]
@@ -109,7 +110,7 @@ async def stream_events(job_id: str, slot: AdmittedStream, streams: StreamsDep, 
         cursor = max(after, int(last_event_id or 0))
         deadline = time.monotonic() + SSE_MAX_S
         while True:
-            events, final = await streams.read(functools.partial(_events_since, settings, job_id, cursor))
+            events, final = await streams.read(functools.partial(_events_since, settings, slot.job_id, cursor))
             for event in events:
                 cursor = event.id
                 yield ServerSentEvent(id=str(event.id), event=event.type, data=event)
@@ -120,7 +121,7 @@ async def stream_events(job_id: str, slot: AdmittedStream, streams: StreamsDep, 
                 if final is not None:
                     yield ServerSentEvent(event="done", data=final)
                 return
-            await streams.wait_for_news(job_id, after=cursor, timeout=remaining)
+            await streams.wait_for_news(slot.job_id, after=cursor, timeout=remaining)
     finally:
         slot.release()
 
@@ -150,3 +151,30 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         raise InvalidRequest([Problem(("query", "cursor"), "cursor: not a cursor this API issued; pass "
                                       "`next_cursor` from the previous page unchanged", cursor)]) from None
     return when, job_id
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The engine child's log
+
+LOG_TAIL_DEFAULT = 64 * 1024
+LOG_TAIL_MAX = 8 * 1024 * 1024
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse, responses={k: ERRORS[k] for k in (401, 404)})
+def job_logs(job: ExistingJob, settings: SettingsDep, _principal: AuthDep,
+             attempt: Annotated[int | None, Query(ge=1, le=10_000, description="Default: the latest")] = None,
+             tail: Annotated[int, Query(ge=1, le=LOG_TAIL_MAX, description="Bytes from the end")] = LOG_TAIL_DEFAULT,
+             ) -> PlainTextResponse:
+    """The engine child's output (stdout and stderr) of one attempt, its last `tail` bytes; headers name the attempt
+    and the whole log's size. A token is needed even where reads are open: a log shows tracebacks and paths."""
+    n = attempt or job.attempt
+    # job.id comes from the ledger (a UUID), never from the request, so the path stays inside the jobs folder
+    path = settings.workdir(job.id) / "logs" / f"attempt-{n}.log"
+    if n < 1 or not path.is_file():
+        raise NotFound(f"job {job.id}: no log for attempt {n} " + ("(it has not started yet)" if job.attempt < 1
+                                                                   else f"(attempts so far: {job.attempt})"))
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail))
+        text = f.read().decode("utf-8", errors="replace")
+    return PlainTextResponse(text, headers={"X-Log-Attempt": str(n), "X-Log-Size": str(size)})

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
 from api import views
 from api.db import jobs as repo
+from api.db.models import Pipeline
 from api.db.status import ACTIVE
 from api.deps import READ_AUTH, AuthDep, EnqueuerDep, SessionDep, SettingsDep
-from api.errors import NotFound
+from api.ids import find_by_id
 from api.routes.jobs import ERRORS
-from api.schemas import UUID_PATTERN, IdempotencyKey, PipelineCreate, PipelineRead
+from api.schemas import IdempotencyKey, PipelineCreate, PipelineRead
 from api.submissions import send_after_commit, submit_pipeline
 
 router = APIRouter(prefix="/api/v1/pipelines", tags=["pipelines"], dependencies=READ_AUTH,
@@ -37,9 +37,7 @@ def create_pipeline(body: PipelineCreate, response: Response, session: SessionDe
 
 @router.get("/{pipeline_id}", response_model=PipelineRead, responses={404: {"description": "No such pipeline"}})
 def get_pipeline(pipeline_id: str, session: SessionDep, settings: SettingsDep) -> PipelineRead:
-    pipeline = repo.get_pipeline(session, pipeline_id=pipeline_id) if re.match(UUID_PATTERN, pipeline_id) else None
-    if pipeline is None:
-        raise NotFound(f"pipeline {pipeline_id[:64]!r} does not exist")
+    pipeline = find_by_id(session, Pipeline, pipeline_id, what="pipeline")
     return views.pipeline_read(session, settings, pipeline)
 
 
@@ -48,9 +46,7 @@ def get_pipeline(pipeline_id: str, session: SessionDep, settings: SettingsDep) -
 def cancel_pipeline(pipeline_id: str, session: SessionDep, settings: SettingsDep,
                     _principal: AuthDep) -> PipelineRead:
     """Cancel every queued or running stage; finished stages keep their state."""
-    pipeline = repo.get_pipeline(session, pipeline_id=pipeline_id) if re.match(UUID_PATTERN, pipeline_id) else None
-    if pipeline is None:
-        raise NotFound(f"pipeline {pipeline_id[:64]!r} does not exist")
+    pipeline = find_by_id(session, Pipeline, pipeline_id, what="pipeline")
     for job in repo.pipeline_jobs(session, pipeline_id=pipeline.id):
         if job.status in ACTIVE:
             repo.request_cancel(session, job_id=job.id)

@@ -16,6 +16,7 @@ from api.db import sweeps as sweep_repo
 from api.db.models import Sweep
 from api.deps import READ_AUTH, AuthDep, EnqueuerDep, SessionDep, SettingsDep
 from api.errors import InvalidRequest, NotFound, Problem
+from api.ids import find_by_id
 from api.routes.jobs import ERRORS
 from api.schemas import UUID_PATTERN, IdempotencyKey, SweepCreate, SweepPage, SweepRead
 from api.submissions import send_after_commit
@@ -28,10 +29,7 @@ FIGURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def existing_sweep(sweep_id: str, session: SessionDep) -> Sweep:
-    sweep = sweep_repo.get_sweep(session, sweep_id=sweep_id) if re.match(UUID_PATTERN, sweep_id) else None
-    if sweep is None:
-        raise NotFound(f"sweep {sweep_id[:64]!r} does not exist")
-    return sweep
+    return find_by_id(session, Sweep, sweep_id, what="sweep")
 
 
 ExistingSweep = Annotated[Sweep, Depends(existing_sweep)]

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from sgtm_engine.config.checks import FORBID_EXTRA, Checks
+from sgtm_engine.config.convert import did_you_mean
 from sgtm_engine.config.vocabulary import (
     FalsePositiveSource,
     FilterKind,
@@ -13,9 +16,15 @@ from sgtm_engine.config.vocabulary import (
     NoiseGranularity,
     NoiseModel,
 )
+from sgtm_engine.errors import Loc, Problem
 
 #: Registered tokenizers (name -> Hugging Face hub id). The API takes these names, never a path or URL.
 TOKENIZERS: dict[str, str] = {"gpt2": "openai-community/gpt2"}
+
+#: The corpora every engine ships: `sgtm_engine.data`'s registry starts with exactly these (a test holds the two
+#: together). A library user may register more in their own process, so `DataSpec` takes any name; a job the service
+#: runs starts a fresh engine process that knows only these, so the API refuses other names at submit time.
+BUILTIN_CORPORA: tuple[str, ...] = ("wiki-bilingual", "wiki-bio", "tinystories-bilingual", "wikipedia-ores")
 
 
 @dataclass(frozen=True)
@@ -108,3 +117,18 @@ class FilterSpec:
     matching: FilterMatching = FilterMatching.COMPUTE
 
 
+
+
+def unknown_corpora(spec: Any, loc: Loc = ()) -> list[Problem]:
+    """A problem for every `DataSpec` inside `spec` (a spec object, searched field by field) naming a corpus that is
+    not built in: its field, its value, a did-you-mean and the built-in names."""
+    if isinstance(spec, DataSpec):
+        if spec.corpus in BUILTIN_CORPORA:
+            return []
+        guess = did_you_mean(spec.corpus, BUILTIN_CORPORA)
+        hint = f"did you mean {guess!r}? " if guess else ""
+        return [Problem.at((*loc, "corpus"), f"unknown corpus; {hint}known corpora: {list(BUILTIN_CORPORA)}",
+                           spec.corpus)]
+    if not dataclasses.is_dataclass(spec):
+        return []
+    return [p for f in dataclasses.fields(spec) for p in unknown_corpora(getattr(spec, f.name), (*loc, f.name))]

@@ -73,6 +73,12 @@ def test_submit_returns_202_location_and_rings_the_bell(client: TestClient, enqu
     ({"data": {"corpus": "x; rm -rf /"}}, ["body", "spec", "data", "corpus"], ["commands"]),
     ({"masking": {"forget_mlp_dim": 10_000}}, ["body", "spec", "masking", "forget_mlp_dim"], ["below the MLP"]),
     ({"steps": "many"}, ["body", "spec", "steps"], ["expected an integer"]),
+    # names checked at the door, not when the job runs: field, value, did-you-mean and the valid names
+    ({"data": {"corpus": "wiki-bilngual"}}, ["body", "spec", "data", "corpus"],
+     ["'wiki-bilngual'", "did you mean 'wiki-bilingual'?", "wikipedia-ores"]),
+    ({"data": {"corpus": "klingon"}}, ["body", "spec", "data", "corpus"], ["unknown corpus", "wiki-bio"]),
+    ({"data": {"tokenizer": "gtp2"}}, ["body", "spec", "data", "tokenizer"], ["'gtp2'", "gpt2"]),
+    ({"masking": {"strategy": "sgmt"}}, ["body", "spec", "masking", "strategy"], ["'sgmt'", "did you mean 'sgtm'"]),
 ])
 def test_bad_specs_are_422_naming_the_field(client: TestClient, spec: dict[str, Any], loc: list[str],
                                             words: list[str]) -> None:

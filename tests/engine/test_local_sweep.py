@@ -226,7 +226,8 @@ def test_the_report_pairs_each_final_metric_with_its_unablated_value():
     records = [{"cell_id": "a", "variant": "no_filter", "params": {}, "seed": None, "status": "succeeded",
                 "stages": {"evaluate": {"kind": "evaluate", "metrics": metrics}}}]
     md = report_markdown(build_report(records))
-    assert "| retain loss (unablated) | forget loss (unablated) | forget_es_share (unablated) |" in md
+    assert ("| retain loss, calibrated (unablated) | forget loss, calibrated (unablated) "
+            "| forget_es_share, calibrated (unablated) |") in md
     assert "| no_filter | 1/1 | 6.000 (6.100) | 8.300 (6.200) | 0.000 (0.650) |" in md
 
 
@@ -248,8 +249,10 @@ def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, 
     tasks = {t.folder.name: t for t in (task("train-a"), task("attack-a", ("train-a",)), task("train-b"),
                                         task("attack-b", ("train-b", "train-done-before")))}
     lines: list[str] = []
-    errors = local._run_tasks(tasks, 1, None, "x", None, lines.append)
+    bars: dict[str, list] = {}
+    errors = local._run_tasks(tasks, 1, None, "x", None, lines.append, lambda name: bars.setdefault(name, []).append)
     assert ran == ["train-a", "train-b", "attack-b"]  # a stage done in an earlier run counts as done
+    assert set(bars) == set(ran)  # each stage run here got its own event callback (its progress bar)
     assert set(errors) == {"train-a", "attack-a"} and errors["attack-a"] == "input train-a failed"
     assert "RuntimeError: out of memory" in errors["train-a"] and "Traceback" in errors["train-a"]
     assert "train-a: FAILED (RuntimeError: out of memory)" in lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sgtm_engine.config import CalibrateSpec, MaskMode, TrainSpec, from_dict
+from sgtm_engine.config import AblateSpec, CalibrateSpec, EvalSpec, MaskMode, TrainSpec, from_dict
 from sgtm_engine.data.prepare import prepare_data
 from sgtm_engine.errors import Cancelled
-from sgtm_engine.evaluate import calibrate
+from sgtm_engine.evaluate import calibrate, evaluate_views
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import run_recipe
 from sgtm_engine.runtime import Runtime
@@ -92,6 +93,23 @@ def test_calibration_changes_only_the_output_bias(tiny_data):
             assert torch.equal(v, before[k]), f"calibration changed {k}"
 
 
+@pytest.mark.parametrize(("strategy", "phases"), [
+    ("sgtm", ["unablated", "ablated", "calibrating", "calibrated"]),
+    ("none", ["unablated", "calibrating", "calibrated"]),  # nothing to ablate: that view is not measured again
+])
+def test_evaluation_announces_each_phase_before_it_starts(tiny_data, strategy, phases):
+    spec, data = tiny_data
+    model = build_model(dataclasses.replace(spec, masking=dataclasses.replace(spec.masking, strategy=strategy)),
+                        data.vocab_size, CPU.device)
+    events = []
+    views = evaluate_views(model, data, EvalSpec(max_batches=1, capability=False), AblateSpec(),
+                           CalibrateSpec(steps=2, batch_size=2), CPU, emit=events.append)
+    assert [e["phase"] for e in events] == phases and {e["type"] for e in events} == {"phase"}
+    assert [e["index"] for e in events] == list(range(len(phases))) and {e["count"] for e in events} == {len(phases)}
+    assert all("step" not in e for e in events)  # inside training, the step count stays the progress
+    assert set(views) == {"eval", "eval_ablated", "eval_calibrated"}
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
     """torchrun with 2 CPU ranks (gloo) at the same effective batch ends where one process ends."""
@@ -132,6 +150,11 @@ def test_stage_chain_and_result_records(tmp_path, cache):
     events = [json.loads(line) for line in (tmp_path / "train" / "events.jsonl").read_text().splitlines()]
     assert events[0]["type"] == "started" and events[-1]["type"] == "finished"
     assert any(e["type"] == "progress" for e in events)
+    evaluation = [json.loads(line) for line in (tmp_path / "eval" / "events.jsonl").read_text().splitlines()]
+    phases = [(e["phase"], e.get("step"), e.get("total")) for e in evaluation if e["type"] == "phase"]
+    assert phases == [("preparing data", None, None), ("unablated", 0, 4), ("ablated", 1, 4), ("calibrating", 2, 4),
+                      ("calibrated", 3, 4)]
+    assert [(e["step"], e["total"]) for e in evaluation if e["type"] == "eval"] == [(4, 4)]
 
 
 @pytest.mark.slow
@@ -222,6 +245,19 @@ def test_cli_reports_config_errors_with_exit_code(tmp_path):
     err = json.loads((tmp_path / "w" / "error.json").read_text())
     assert err["type"] == "ConfigError" and len(err["problems"]) == 2
     shutil.rmtree(tmp_path / "w")
+
+
+def test_sgtm_run_refuses_a_misspelt_corpus_before_any_stage_starts(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sgtm_engine.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "wiki-bilingual-sgtm", "--set", "train.data.corpus=wiki-bilngual",
+                                      "--no-track"])
+    assert result.exit_code == 2
+    assert "train.data.corpus='wiki-bilngual': unknown corpus; did you mean 'wiki-bilingual'?" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing ran, no folder made
 
 
 def test_retain_mode_steps_train_the_retain_slice_only(tiny_data):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sgtm_engine.config import DataSpec, Split
+from sgtm_engine.config import BUILTIN_CORPORA, DataSpec, Split
 from sgtm_engine.data import embedded, known_corpora, load_corpus, load_jsonl, register_jsonl_corpus
 from sgtm_engine.data.adjacency import rank_adjacent
 from sgtm_engine.data.corpora import Corpus, Document
@@ -108,6 +108,11 @@ def test_unknown_corpus_names_field_value_and_choices() -> None:
     assert "data.corpus='wiki-klingon'" in message
     for name in ("wiki-bilingual", "wiki-bio", "tinystories-bilingual", "wikipedia-ores"):
         assert name in message
+
+
+def test_the_registry_starts_with_the_built_in_corpora_the_api_accepts() -> None:
+    """The API checks corpus names against `config.BUILTIN_CORPORA` (it cannot import the registry)."""
+    assert known_corpora() == sorted(BUILTIN_CORPORA)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
