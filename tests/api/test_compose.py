@@ -63,6 +63,8 @@ def test_workers_dispatch_and_ordering(compose: dict) -> None:
     for name in ("api", "worker-gpu", "beat"):
         assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert services["api"]["environment"]["SGTM_MODE"] == "deployed"
+    # the API reads the engine logs the workers write (sgtm logs), and never writes there
+    assert services["api"]["volumes"] == ["jobs:/data:ro"] and services["worker-gpu"]["volumes"] == ["jobs:/data"]
 
 
 def test_mlflow_server_is_pinned_to_the_client_version_on_postgres(compose: dict) -> None:
