@@ -23,7 +23,7 @@ import re
 import unicodedata
 from typing import Any
 
-from sgtm_engine.config import flat_params
+from sgtm_engine.config import Split, flat_params
 
 MAX_KEY_LENGTH = 250
 _REFUSED = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -64,3 +64,16 @@ def run_tags(*, kind: str | None = None, method: str | None = None, seed: int | 
 def spec_params(spec: dict[str, Any]) -> dict[str, str]:
     """A stage's spec as MLflow params (`spec.model.n_layer`, ...): logged on every stage run, by whoever opens it."""
     return flat_params(spec, "spec.")
+
+
+def headline_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The stages' split-level numbers (`eval/forget/loss`, `eval_calibrated/retain/loss`, not per category or per
+    step), under `<stage>/...`: what a recipe's or a pipeline's parent run shows in MLflow's run table."""
+    splits = {split.value for split in Split}
+    out = {}
+    for stage, result in results.items():
+        for key, value in (result.get("metrics") or {}).items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[1] in splits and isinstance(value, int | float):
+                out[f"{stage}/{key}"] = float(value)
+    return out

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sgtm_engine.config import Split, StageKind, spec_hash, to_dict
+from sgtm_engine.config import StageKind, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.mlflow_keys import run_tags, spec_params
+from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe, recipe_data
 from sgtm_engine.stage import run_stage, write_json
@@ -22,7 +22,6 @@ from sgtm_engine.tracking import MlflowTracker, NullTracker, Tracker, local_arti
 
 log = logging.getLogger(__name__)
 
-SPLIT_NAMES = frozenset(split.value for split in Split)
 
 
 def open_run(uri: str | None, experiment: str, name: str, *, parent_run_id: str | None = None,
@@ -95,18 +94,6 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
     summary = {"recipe": recipe.name, "mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id, "stages": results}
     write_json(workdir / "result.json", summary)
     return summary
-
-
-def headline_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The stages' split-level numbers (`eval/forget/loss`, `eval_calibrated/retain/loss`, not per category or per
-    step), under `<stage>/...`: what a parent run shows in MLflow's run table."""
-    out = {}
-    for stage, result in results.items():
-        for key, value in (result.get("metrics") or {}).items():
-            parts = key.split("/")
-            if len(parts) == 3 and parts[1] in SPLIT_NAMES and isinstance(value, int | float):
-                out[f"{stage}/{key}"] = float(value)
-    return out
 
 
 def register_last_model(recipe: Recipe, name: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from api.db import jobs as repo
 from api.db import sweeps as sweep_repo
 from api.db.models import Job, SweepCell
 from api.db.session import session_scope
-from sgtm_engine.mlflow_keys import run_tags, spec_params
+from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from workers.run_store import RUN_STATUS, RunStore
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,12 @@ def close_finished_pipelines(*, run_store: RunStore, factory: sessionmaker[Sessi
         with session_scope(factory) as session:
             if not repo.claim_pipeline_close(session, pipeline_id=pipeline_id):
                 continue
-            status = repo.pipeline_status(j.status for j in repo.pipeline_jobs(session, pipeline_id=pipeline_id))
+            jobs = repo.pipeline_jobs(session, pipeline_id=pipeline_id)
+            status = repo.pipeline_status(j.status for j in jobs)
+            headline = headline_metrics({j.stage_name or j.id: {"metrics": j.last_metrics} for j in jobs})
         try:
+            if headline:  # the pipeline's run shows its stages' headline numbers, as `sgtm run`'s parent run does
+                run_store.log_metrics(str(run_id), headline)
             run_store.close(str(run_id), RUN_STATUS[status])
             closed += 1
         except Exception as e:  # noqa: BLE001 - reopen so the reaper retries

@@ -86,11 +86,11 @@ def main() -> int:
             (workdir / "error.json").write_text(json.dumps({"type": "ConfigError", "message": "steps=0: must be >= 1",
                                                            "problems": ["steps=0: must be >= 1", "lr=-1: > 0"]}))
         return code
-    emit(type="finished", step=steps, total=steps, metrics={"train/loss": 1.0 / steps})
+    emit(type="finished", step=steps, total=steps, metrics={"train/loss": 1.0 / steps, **fake.get("final_metrics", {})})
     if not fake.get("no_result"):
         final = ckdir / f"step-{steps}.ck"
         result = {"kind": args.kind, "summary": {"steps": steps, "resumed_from": start, "inputs": args.input},
-                  "metrics": {"train/loss": 1.0 / steps}, "artifacts": {},
+                  "metrics": {"train/loss": 1.0 / steps, **fake.get("final_metrics", {})}, "artifacts": {},
                   "checkpoint": {"path": str(final), "sha256": hashlib.sha256(final.read_bytes()).hexdigest()},
                   "resolved_spec": spec, "code_version": "fake", "manifest_hash": "m0"}
         (workdir / "result.json").write_text(json.dumps(result))

@@ -59,6 +59,9 @@ class FakeRunStore:
     def log_dict(self, run_id: str, data: dict[str, Any], name: str) -> None:
         self.runs[run_id]["dicts"][name] = data
 
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        self.runs[run_id].setdefault("metrics", {}).update(metrics)
+
     def close(self, run_id: str, status: str) -> None:
         self.runs[run_id]["status"] = status
 
@@ -265,7 +268,8 @@ def test_pipeline_runs_nest_under_one_parent_that_closes_with_the_last_job(
     with session_scope(factory) as s:
         pipeline_id = repo.create_pipeline(s, name="chain", experiment="sgtm").id
     train = make(factory, {"steps": 2}, pipeline_id=pipeline_id)
-    ablate = make(factory, {"steps": 1}, kind="ablate", inputs={"model": train}, pipeline_id=pipeline_id)
+    ablate = make(factory, {"steps": 1, "final_metrics": {"eval/forget/loss": 7.5, "eval/forget/Geografía/loss": 7.0}},
+                  kind="ablate", inputs={"model": train}, pipeline_id=pipeline_id)
     assert supervisor.run(train) == Outcome.SUCCEEDED
     with factory() as s:
         pipeline = repo.get_pipeline(s, pipeline_id=pipeline_id)
@@ -274,6 +278,9 @@ def test_pipeline_runs_nest_under_one_parent_that_closes_with_the_last_job(
     assert run_store.runs[parent_run]["status"] == "RUNNING"
     assert supervisor.run(ablate) == Outcome.SUCCEEDED
     assert run_store.runs[parent_run]["status"] == "FINISHED"
+    # the parent run carries its stages' split-level numbers (not per category), as `sgtm run`'s does
+    stage = row(factory, ablate).stage_name or ablate
+    assert run_store.runs[parent_run]["metrics"] == {f"{stage}/eval/forget/loss": 7.5}
     assert {run_store.runs[run_id(row(factory, j))]["parent"] for j in (train, ablate)} == {parent_run}
     assert run_store.runs[run_id(row(factory, ablate))]["tags"]["input.model"] == train
 
