@@ -203,6 +203,8 @@ def _cell_plans(settings: Settings, cell: Cell) -> list[Plan]:
         except InvalidRequest as e:
             problems += e.problems
             continue
+        if any(parent not in index for parent in stage["inputs"].values()):
+            continue  # a parent was refused above: its problems already say why
         create = StageCreate(name=stage["name"], kind=kind, spec={}, inputs=stage["inputs"], queue=stage["queue"],
                              gpus=stage["gpus"])
         plans.append((create, valid, {role: index[parent] for role, parent in stage["inputs"].items()}))

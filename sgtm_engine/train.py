@@ -40,7 +40,7 @@ from sgtm_engine.data.sampler import PoolSampler
 from sgtm_engine.errors import Cancelled, ConfigError, DataError
 from sgtm_engine.evaluate import evaluate_views, flat_metrics
 from sgtm_engine.model.gpt_neo import GPTNeoLM
-from sgtm_engine.model.hf import load_state
+from sgtm_engine.model.hf import load_state, read_state
 from sgtm_engine.model.optim import build_optimizer, lr_at, set_lr
 from sgtm_engine.runtime import Runtime, StopFlag
 from sgtm_engine.steps import optimizer_step
@@ -222,9 +222,7 @@ def _restore(saved: dict[str, Any], path: Path, model: GPTNeoLM, optimizer: torc
     if saved.get("manifest_hash") != data.manifest_hash:
         raise DataError(f"checkpoint {path} was trained on data {saved.get('manifest_hash')}, this run has "
                         f"{data.manifest_hash}: refuse to resume on different data (use a fresh workdir)")
-    from safetensors.torch import load_file
-
-    load_state(model, load_file(str(path / "model.safetensors")))
+    load_state(model, read_state(path))  # the output bias lives beside the stock weights
     optimizer.load_state_dict(saved["optimizer"])
     sampler.load_state_dict(saved["sampler"])
     restore_rng_states(saved["rng"])

@@ -116,17 +116,24 @@ def load_hf(path: str | Path, masking: MaskingSpec | None = None, device: str | 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
     spec, saved_masking, vocab = spec_from_hf_config(cfg)
+    state = read_state(path)
+    if "lm_head.bias" in state and not spec.output_bias:
+        spec = dataclasses.replace(spec, output_bias=True)
+    model = GPTNeoLM(spec, masking or saved_masking or MaskingSpec(strategy=Strategy.NONE), vocab_size=vocab)
+    load_state(model, state)
+    return model.to(device)
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder: the stock weights and, beside them, our output bias if it was kept."""
+    path = Path(path)
     if (path / WEIGHTS_NAME).exists():
         state = load_file(str(path / WEIGHTS_NAME))
     else:
         state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     if (path / OUTPUT_BIAS_NAME).exists():
         state.update(load_file(str(path / OUTPUT_BIAS_NAME)))
-    if "lm_head.bias" in state and not spec.output_bias:
-        spec = dataclasses.replace(spec, output_bias=True)
-    model = GPTNeoLM(spec, masking or saved_masking or MaskingSpec(strategy=Strategy.NONE), vocab_size=vocab)
-    load_state(model, state)
-    return model.to(device)
+    return state
 
 
 def load_state(model: GPTNeoLM, state: dict[str, torch.Tensor]) -> None:

@@ -282,3 +282,12 @@ def test_simultaneous_submissions_sharing_cells_start_each_cell_once(client: Tes
     assert n_pipelines(factory) == 8  # 2 variants x 2 recalls x 2 seeds, once each
     pipelines = {tuple(sorted(c["pipeline_id"] for c in r.json()["cells"])) for r in responses}
     assert len(pipelines) == 1
+
+
+def test_a_cell_whose_stage_is_refused_is_a_422_for_that_cell_not_a_crash(client: TestClient) -> None:
+    """A refused train stage (an unknown corpus) must not break the cells' later stages that read from it."""
+    r = post(client, sweep_body(grid={"train.data.corpus": ["wiki-bilingual", "wiki-bilngual"]}))
+    assert r.status_code == 422, r.text
+    problems = r.json()["detail"]
+    assert problems and all(p["loc"][:2] == ["body", "cells"] for p in problems)
+    assert any("wiki-bilngual" in p["msg"] and "wiki-bilingual" in p["msg"] for p in problems), problems

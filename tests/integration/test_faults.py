@@ -51,6 +51,11 @@ def _spawned(stack: Stack, job_id: str) -> list[dict[str, object]]:
     return [e for e in job_events(stack.ledger_url, job_id) if e["type"] == "spawned"]
 
 
+#: Long enough that a kill sent after the first checkpoint lands mid-training on a fast, idle machine (a child that
+#: had already finished would leave a result the next attempt adopts instead of resuming).
+STEPS_TO_OUTLAST_A_KILL = 300
+
+
 def _checkpointed(stack: Stack, job_id: str) -> bool:
     return any(e["type"] == "checkpoint" for e in job_events(stack.ledger_url, job_id))
 
@@ -75,7 +80,7 @@ def test_a_message_delivered_twice_runs_the_job_once(stack: Stack) -> None:
 
 def test_kill_9_of_the_engine_child_requeues_and_resumes_from_its_checkpoint(stack: Stack) -> None:
     with stack.client() as client:
-        job_id = str(_submit(client, tiny_train(steps=20))["id"])
+        job_id = str(_submit(client, tiny_train(steps=STEPS_TO_OUTLAST_A_KILL))["id"])
         wait_for(lambda: _checkpointed(stack, job_id), 240, "a first checkpoint", stack.logs)
         pid = int(_spawned(stack, job_id)[0]["data"]["pid"])  # type: ignore[index]
         os.kill(pid, signal.SIGKILL)
@@ -85,14 +90,14 @@ def test_kill_9_of_the_engine_child_requeues_and_resumes_from_its_checkpoint(sta
     assert [e["data"]["resume"] for e in events if e["type"] == "spawned"] == [False, True]
     resumed = [e for e in events if e["type"] == "resumed"]
     assert resumed and resumed[0]["attempt"] == 2 and resumed[0]["step"] >= 5
-    assert done["summary"]["steps"] == 20
+    assert done["summary"]["steps"] == STEPS_TO_OUTLAST_A_KILL
 
 
 def test_a_lost_worker_is_reaped_and_the_job_resumes(stack: Stack) -> None:
     """kill -9 of the supervising Celery process: its engine child dies with it (PDEATHSIG), the heartbeat goes
     stale, beat's reaper requeues the job, a worker claims it (attempt 2) and the engine resumes."""
     with stack.client() as client:
-        job_id = str(_submit(client, tiny_train(steps=20))["id"])
+        job_id = str(_submit(client, tiny_train(steps=STEPS_TO_OUTLAST_A_KILL))["id"])
         wait_for(lambda: _checkpointed(stack, job_id), 240, "a first checkpoint", stack.logs)
         row = ledger_rows(stack.ledger_url, "SELECT lease_owner FROM jobs WHERE id = :j", j=job_id)[0]
         supervisor_pid = int(row["lease_owner"].rsplit(":", 1)[1])

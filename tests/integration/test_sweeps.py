@@ -1,8 +1,9 @@
 """Sweeps through the real service: the deployed stack (PostgreSQL, Redis, a Celery worker, the MLflow server) and
 `sgtm serve` (SQLite, local executor, local MLflow store).
 
-Cells are tiny (tiny_train with a few steps, evaluate without calibration); a failure is injected with a corpus the
-engine does not know, which passes validation (corpora are registry names) and fails at run time.
+Cells are tiny (tiny_train with a few steps, evaluate without calibration); a failure is injected with a learning rate
+that passes validation and makes training diverge, so the cell fails at run time (an unknown corpus is refused at
+the door).
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ pytestmark = pytest.mark.integration
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def sweep_body(name: str, *, steps: int, corpora: list[str], seeds: list[int]) -> dict[str, Any]:
+#: A learning rate that passes validation and makes training diverge: the cell fails when it runs, not at the door.
+DIVERGES = 1.0e6
+
+
+def sweep_body(name: str, *, steps: int, lrs: list[float], seeds: list[int]) -> dict[str, Any]:
     return {"kind": "sweep", "name": name, "base": {"stages": [
-        {"name": "train", "kind": "train", "spec": tiny_train(steps=steps)},
+        {"name": "train", "kind": "train", "spec": tiny_train(steps=steps, optim={"lr": 3.0e-3, "warmup_steps": 0})},
         {"name": "evaluate", "kind": "evaluate", "inputs": {"model": "train"}, "spec": FAST_EVALUATE},
-    ]}, "grid": {"train.data.corpus": corpora}, "seeds": seeds}
+    ]}, "grid": {"train.optim.lr": lrs}, "seeds": seeds}
 
 
 def wait_for_sweep(client: httpx.Client, sweep_id: str, timeout: float, logs: Any = None) -> dict[str, Any]:
@@ -51,7 +56,7 @@ def jobs_per_cell(ledger_url: str, cell_ids: list[str]) -> dict[str, int]:
 
 
 def test_resubmitting_after_a_partial_failure_reruns_only_the_failed_cells(stack: Stack) -> None:
-    body = sweep_body("dedupe", steps=6, corpora=["wiki-bilingual", "no-such-corpus"], seeds=[0, 1])
+    body = sweep_body("dedupe", steps=6, lrs=[3.0e-3, DIVERGES], seeds=[0, 1])
     with stack.client() as client:
         r = client.post("/api/v1/sweeps", json=body, headers={"Idempotency-Key": "dedupe-1"})
         assert r.status_code == 202, r.text
@@ -59,8 +64,8 @@ def test_resubmitting_after_a_partial_failure_reruns_only_the_failed_cells(stack
         assert first["counts"] == {"succeeded": 2, "failed": 2}, first
         ok = [c for c in first["cells"] if c["status"] == "succeeded"]
         bad = [c for c in first["cells"] if c["status"] == "failed"]
-        assert {c["params"]["train.data.corpus"] for c in bad} == {"no-such-corpus"}
-        assert all(c["error"]["type"] in ("config_error", "data_error") for c in bad), bad
+        assert {c["params"]["train.optim.lr"] for c in bad} == {DIVERGES}
+        assert all(c["error"]["type"] == "training_diverged" for c in bad), bad
         cell_ids = [c["cell_id"] for c in first["cells"]]
         before = jobs_per_cell(stack.ledger_url, cell_ids)
 
@@ -105,11 +110,11 @@ def _check_mlflow(mlflow_uri: str, sweep: dict[str, Any], client: httpx.Client) 
         assert tags["mlflow.parentRunId"] == run_id
         assert (tags["sgtm.sweep_id"], tags["sgtm.cell_id"], tags["sgtm.seed"]) == (sweep["id"], cell["cell_id"],
                                                                                str(cell["seed"]))
-        assert tags["sgtm.param.train.data.corpus"] == cell["params"]["train.data.corpus"]
+        assert float(tags["sgtm.param.train.optim.lr"]) == cell["params"]["train.optim.lr"]
 
 
 def test_cancel_cancels_the_whole_sweep(stack: Stack) -> None:
-    body = sweep_body("cancel", steps=3000, corpora=["wiki-bilingual"], seeds=[0, 1, 2])
+    body = sweep_body("cancel", steps=3000, lrs=[3.0e-3], seeds=[0, 1, 2])
     with stack.client() as client:
         sweep = client.post("/api/v1/sweeps", json=body).json()
         wait_for(lambda: client.get(f"/api/v1/sweeps/{sweep['id']}").json()["counts"].get("running"), 120,
@@ -125,7 +130,7 @@ def test_cancel_cancels_the_whole_sweep(stack: Stack) -> None:
 
 def test_sweep_cli_wait_and_report_in_embedded_mode(embedded: Embedded, tmp_path: Path) -> None:
     recipe = tmp_path / "sweep.yaml"
-    recipe.write_text(yaml.safe_dump(sweep_body("cli", steps=6, corpora=["wiki-bilingual"], seeds=[0, 1])))
+    recipe.write_text(yaml.safe_dump(sweep_body("cli", steps=6, lrs=[3.0e-3], seeds=[0, 1])))
     cli = [sys.executable, "-m", "api.client_cli"]
     common = ["--url", embedded.api_url, "--data-root", str(embedded.data_root)]
     done = subprocess.run([*cli, "sweep", str(recipe), "--set", "train.steps=7", "--wait", *common],
