@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
 
 from api.db.status import JobStatus
-from sgtm_engine.config import INPUT_NAME_PATTERN, MAX_STAGES, STAGE_NAME_PATTERN, StageKind
+from sgtm_engine.config import INPUT_NAME_PATTERN, MAX_STAGES, STAGE_NAME_PATTERN, STAGE_SPECS, StageKind
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 JobId = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
@@ -29,6 +29,35 @@ _SPEC_DOC = ("The stage spec as JSON: the fields of the engine's spec class for 
              "fields are errors. Strings are registry names or enum values only.")
 
 
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """A JSON schema with its local `$ref`s replaced by the definitions they name (specs do not nest recursively)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):  # the definition, with the node's own keys on top
+            target = _inline(defs[ref.removeprefix("#/$defs/")], defs)
+            return {**target, **{k: _inline(v, defs) for k, v in node.items() if k != "$ref"}}
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def _spec_schema() -> dict[str, Any]:
+    """The OpenAPI schema of a stage spec: one of the engine's spec classes (the stage's `kind` says which), drawn
+    from the dataclasses themselves, every field with its type, default and docstring. Validation stays the
+    engine's (`api.specs`): this documents the body, it does not check it."""
+    variants = []
+    for kind, cls in STAGE_SPECS.items():
+        schema = TypeAdapter(cls).json_schema()
+        variant = _inline(schema, schema.get("$defs", {}))
+        variant["title"] = f"{cls.__name__} (kind: {kind.value})"
+        variants.append(variant)
+    return {"type": "object", "anyOf": variants}
+
+
+StageSpec = Annotated[dict[str, Any], WithJsonSchema(_spec_schema())]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,7 +66,7 @@ class JobCreate(_Body):
     """Submit one stage."""
 
     kind: StageKind
-    spec: dict[str, Any] = Field(default_factory=dict, description=_SPEC_DOC)
+    spec: StageSpec = Field(default_factory=dict, description=_SPEC_DOC)
     inputs: dict[InputName, JobId] = Field(
         default_factory=dict, description="Parent jobs whose outputs this stage reads, by input name: "
                                           "{'model': '<train job id>'}. Only job ids: never a path or URL.")
@@ -52,7 +81,7 @@ class StageCreate(_Body):
 
     name: StageName
     kind: StageKind
-    spec: dict[str, Any] = Field(default_factory=dict, description=_SPEC_DOC)
+    spec: StageSpec = Field(default_factory=dict, description=_SPEC_DOC)
     inputs: dict[InputName, Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,35}$")]] = Field(
         default_factory=dict, description="{'model': 'train'}: an earlier stage's name, or an existing job id.")
     queue: Queue | None = None

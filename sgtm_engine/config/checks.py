@@ -21,8 +21,9 @@ from typing import Any
 
 from sgtm_engine.errors import NO_VALUE, ConfigError, Problem
 
-FORBID_EXTRA = {"extra": "forbid"}
-"""`__pydantic_config__` of every spec: pydantic's TypeAdapter refuses unknown keys (a plain dict: no pydantic here)."""
+FORBID_EXTRA = {"extra": "forbid", "use_attribute_docstrings": True}
+"""`__pydantic_config__` of every spec (a plain dict: no pydantic here): pydantic's TypeAdapter refuses unknown keys,
+and the JSON schema it draws for the API's OpenAPI takes each field's description from its attribute docstring."""
 
 _SUSPECT: contextvars.ContextVar[tuple[type, frozenset[str]] | None] = contextvars.ContextVar("suspect_fields",
                                                                                               default=None)

@@ -313,3 +313,22 @@ def test_ready_reports_an_unmigrated_database(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as c:
         r = c.get("/ready")
     assert r.status_code == 503 and "alembic upgrade head" in r.json()["checks"]["schema"]
+
+
+def test_every_spec_field_is_documented_in_the_openapi_from_the_dataclasses(client: TestClient) -> None:
+    """A stage spec in the OpenAPI is one of the engine's spec classes, each field with its type, default and the
+    attribute docstring the dataclass gives it (not an opaque object)."""
+    from sgtm_engine.config import STAGE_SPECS
+
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for body in ("JobCreate", "StageCreate"):
+        spec = schemas[body]["properties"]["spec"]
+        variants = {v["title"].split(" ")[0]: v for v in spec["anyOf"]}
+        assert set(variants) == {cls.__name__ for cls in STAGE_SPECS.values()}
+        train = variants["TrainSpec"]["properties"]
+        assert train["steps"] == {"default": 1000, "description": "Optimizer steps.", "title": "Steps",
+                                  "type": "integer"}
+        model = train["model"]["properties"]
+        assert model["n_layer"]["description"] == "Transformer blocks." and model["n_layer"]["type"] == "integer"
+        assert train["model"]["additionalProperties"] is False  # unknown fields are refused, as the engine does
+        assert "$ref" not in str(spec)
