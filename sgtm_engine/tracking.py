@@ -69,8 +69,6 @@ class NullTracker:
         pass
 
 
-flatten = flat_params  # kept as the tracker's name for it
-
 
 class MlflowTracker:
     """Logs to one MLflow run through MlflowClient; every call after the run exists goes through one writer thread.
@@ -118,7 +116,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(metric_key(k), v[:6000]) for k, v in flatten(params).items()]
+        items = [Param(metric_key(k), v[:6000]) for k, v in flat_params(params).items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self._send(self.client.log_batch, self.run_id, params=items[i: i + 100])
 

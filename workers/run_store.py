@@ -19,8 +19,6 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from sgtm_engine.config import flat_params
-
 log = logging.getLogger(__name__)
 
 RUN_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
@@ -149,5 +147,3 @@ def make_run_store(uri: str | None, *, artifact_root: Path | None = None) -> Run
         return NullRunStore()
     return MlflowRunStore(uri, artifact_root=artifact_root)
 
-
-flatten = flat_params  # the engine's rendering, so both sides log identical spec params

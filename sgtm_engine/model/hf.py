@@ -141,8 +141,6 @@ def load_state(model: GPTNeoLM, state: dict[str, torch.Tensor]) -> None:
     state = {k: v for k, v in state.items() if not k.endswith((".attn.attention.bias", ".attn.attention.masked_bias"))}
     state.setdefault("lm_head.weight", state["transformer.wte.weight"])
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: model.spec.context]  # see the docstring
-    if model.lm_head.bias is not None and "lm_head.bias" not in state:
-        state["lm_head.bias"] = torch.zeros(model.vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")

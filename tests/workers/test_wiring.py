@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 from api.config import Settings
-from sgtm_engine.config import TrainSpec, to_dict
-from sgtm_engine.tracking import flatten as engine_flatten
+from sgtm_engine.config import TrainSpec, flat_params, to_dict
+from sgtm_engine.mlflow_keys import spec_params
 from workers.child import build_argv
-from workers.run_store import flatten
 
 
 def test_celery_is_configured_for_long_supervised_jobs(tmp_path: Path) -> None:
@@ -45,6 +44,7 @@ def test_engine_argv_single_process_and_torchrun(tmp_path: Path) -> None:
 
 
 def test_params_render_exactly_as_the_engine_logs_them() -> None:
-    """The train stage logs its spec as params too; MLflow accepts the second write only if it is identical."""
+    """The supervisor logs a job's spec as params (`spec_params`) and the train stage logs it again through its
+    tracker (`log_params({"spec": ...})`); MLflow accepts the second write only if it is identical."""
     spec = to_dict(TrainSpec())
-    assert flatten(spec, "spec.") == engine_flatten({"spec": spec})
+    assert spec_params(spec) == flat_params({"spec": spec})
