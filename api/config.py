@@ -72,9 +72,11 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(5, ge=1)
     """Ledger connections the API keeps open between requests."""
     db_max_overflow: int = Field(35, ge=0)
-    """Extra ledger connections the API opens under load and closes as soon as they are returned. With the pool
-    size this covers the 40 request threads, so a burst waits on the database, never on the pool (a 503), and
-    leaves only `db_pool_size` connections open afterwards."""
+    """Extra ledger connections the API opens under load and closes as soon as they are returned, so a burst
+    leaves only `db_pool_size` connections open afterwards. Pool size + overflow is also how many requests hold a
+    ledger session at once; the rest wait their turn without taking a worker thread."""
+    db_pool_timeout_s: float = Field(30.0, gt=0)
+    """How long a request waits for a ledger connection before it is answered 503 (with Retry-After)."""
     heartbeat_interval_s: float = Field(2.0, gt=0)
     """How often a supervisor renews its lease; the same write reads the cancel flag."""
     progress_interval_s: float = Field(2.0, ge=0)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.config import Settings
@@ -29,9 +31,29 @@ def get_session_factory(request: Request) -> sessionmaker[Session]:
     return request.app.state.session_factory  # type: ignore[no-any-return]
 
 
-def get_session(factory: Annotated[sessionmaker[Session], Depends(get_session_factory)]) -> Iterator[Session]:
-    with factory() as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A ledger session for one request, admitted only while the pool has a connection for it.
+
+    Why the admission: a session keeps its connection until the response has been sent, and a sync endpoint's
+    response is serialized on a worker thread. Without a cap, a burst can leave every worker thread blocked in the
+    pool waiting for a connection while every connection belongs to a finished request waiting for a thread to
+    serialize its response: nothing moves until the pool times out (a 503). Waiting here costs no thread, and a
+    request that gets through never waits in the pool for long."""
+    admission: anyio.Semaphore = request.app.state.ledger_admission
+    try:
+        with anyio.fail_after(request.app.state.settings.db_pool_timeout_s):
+            await admission.acquire()
+    except TimeoutError:
+        raise PoolTimeout("no ledger connection came free in time") from None
+    try:
+        session = request.app.state.session_factory()
+        try:
+            yield session
+        finally:
+            with anyio.CancelScope(shield=True):  # a client that hangs up still gets its connection returned
+                await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+    finally:
+        admission.release()
 
 
 def get_enqueuer(request: Request) -> Enqueuer:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     if weak:
         raise RuntimeError("; ".join(weak))
     engine = make_engine(settings.ledger_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
-                         pool_timeout=30)
+                         pool_timeout=settings.db_pool_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
                               "them. Specs are typed JSON and registry names only: never a path, URL or command.")
     app.state.settings = settings
     app.state.session_factory = make_session_factory(engine)
+    # One request session per pool connection (api.deps.get_session says why)
+    app.state.ledger_admission = anyio.Semaphore(settings.db_pool_size + settings.db_max_overflow)
     app.state.streams = EventStreams(app.state.session_factory, max_streams=settings.event_streams_max,
                                      per_client=settings.event_streams_per_client,
                                      poll_s=settings.event_poll_interval_s)
