@@ -41,11 +41,9 @@ def save_pyfunc(export_dir: Path, dest: Path) -> Path:
     import mlflow
 
     vocab = json.loads((export_dir / "config.json").read_text())["vocab_size"]
-    # The signature says it all: an input example would make MLflow run the model, and predict's type hints would
-    # be read as a second schema (pyfunc_lm.py)
+    # The signature says it all: an input example would make MLflow run the model
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
         mlflow.pyfunc.save_model(path=str(dest), python_model=str(PYFUNC_SCRIPT),
                                  artifacts={"model": str(export_dir)}, signature=_signature(vocab),
                                  pip_requirements=list(REQUIREMENTS))

@@ -32,7 +32,8 @@ class CausalLMLogits(PythonModel):
             bias = load_file(str(path / "output_bias.safetensors"))["lm_head.bias"]
             self.model.lm_head.bias = torch.nn.Parameter(bias)
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+    # np.ndarray is a hint MLflow infers no schema from: the signature the model is logged with stays its only schema
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
         ids = torch.as_tensor(np.asarray(model_input), dtype=torch.long)

@@ -295,7 +295,8 @@ def test_batched_cloze_scores_equal_one_by_one_scoring(cache):
         for word in [answer, *distractors]:
             prefix, cont = tok.encode(prompt), tok.encode(" " + word)
             ids = torch.tensor([(prefix + cont)[-spec.model.context - 1:]])
-            logp = torch.log_softmax(model(ids[:, :-1])[0][0], -1)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids[:, :-1])[0][0], -1)
             n = len(cont)
             scores.append(float(logp[-n:].gather(1, ids[0, -n:, None]).sum()))
         correct += int(max(range(5), key=scores.__getitem__) == 0)

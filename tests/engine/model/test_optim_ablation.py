@@ -214,7 +214,7 @@ def test_reinit_ablation_is_seeded_and_has_the_retain_slice_std():
     ablate(b, AblateSpec(kind=AblationKind.REINIT, seed=7))
     ablate(c, AblateSpec(kind=AblationKind.REINIT, seed=8))
     r = SPEC.mlp_dim - 16
-    wa, wb, wc = (m.transformer.h[0].mlp.c_fc.weight for m in (a, b, c))
+    wa, wb, wc = (m.transformer.h[0].mlp.c_fc.weight.detach() for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa[r:], wc[r:])
     retain_std = float(wa[:r].std())
     assert used["transformer.h.0.mlp.c_fc.weight"] == pytest.approx(retain_std)
