@@ -83,14 +83,18 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, run_id: str | None = None, experiment: str = "sgtm",
                  run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  flush_every: int = 1000, flush_seconds: float = 10.0, retries: int = 3,
-                 artifact_root: Path | None = None):
+                 artifact_root: Path | None = None, reopen: bool = False):
         """`artifact_root`: where an experiment this tracker creates keeps its artifacts (a local store keeps them
-        beside itself, not in MLflow's default `./mlruns` of the working directory); None: the store decides."""
+        beside itself, not in MLflow's default `./mlruns` of the working directory); None: the store decides.
+        `reopen`: `run_id` is an ended run of ours that goes on (a resumed sweep): it is set running again, and ended
+        by `close` as a run this tracker created would be."""
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.owns_run = run_id is None
+        self.owns_run = run_id is None or reopen
+        if reopen and run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
         if run_id is None:  # synchronous: children need the id for mlflow.parentRunId
             exp = self.client.get_experiment_by_name(experiment)
             location = (artifact_root / experiment).resolve().as_uri() if artifact_root is not None else None

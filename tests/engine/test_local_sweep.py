@@ -193,6 +193,10 @@ def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run
 
 @pytest.mark.slow
 def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_matrix, engine_cache):
+    from mlflow.tracking import MlflowClient
+
+    from sgtm_engine.tracking import local_tracking_uri
+
     workdir, report, _ = first_run
     sgtm = next(c for c in tiny_matrix.cells if c.variant == "sgtm_zero")
     attack = stage_folders(sgtm, workdir)["attack"]
@@ -201,7 +205,15 @@ def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_ma
     (attack / "result.json").unlink()
     cell_file = workdir / "cells" / f"{sgtm.cell_id}.json"
     cell_file.write_text(json.dumps({**json.loads(cell_file.read_text()), "status": "failed"}))
-    assert run_sweep(tiny_matrix, workdir, cache_dir=engine_cache, echo=print)["n_succeeded"] == 2 + 1
+    uri = local_tracking_uri(workdir)
+    assert run_sweep(tiny_matrix, workdir, mlflow_uri=uri, cache_dir=engine_cache, echo=print)["n_succeeded"] == 3
+    # the rerun's cell goes under the sweep run the first run opened, which ends FINISHED again
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("attack-matrix").experiment_id])
+    sweep = [r for r in runs if r.data.tags.get("sgtm.kind") == "sweep"]
+    assert len(sweep) == 1 and sweep[0].info.status == "FINISHED"
+    reruns = [r for r in runs if r.data.tags.get("sgtm.cell_id") == sgtm.cell_id and "sgtm.stage" not in r.data.tags]
+    assert len(reruns) == 2 and {r.data.tags["mlflow.parentRunId"] for r in reruns} == {sweep[0].info.run_id}
     after = {p.name: (p / "result.json").stat().st_mtime for p in (workdir / "stages").iterdir()}
     assert [name for name in stamps if after[name] != stamps[name]] == [attack.name]
     lines: list[str] = []
