@@ -3,9 +3,9 @@
 `sweep-resume`, `report`.
 
 `serve` starts the embedded stack: the API on SQLite, the local executor (`python -m workers.local`, the same
-supervisor as the Celery workers) and a local MLflow store — one command, nothing to install. `worker` execs a Celery
-worker. The client commands talk REST to either mode. The worker side is started by module name, never imported
-here (the API package does not import `workers`).
+supervisor as the Celery workers, started again if it dies: api.embedded) and a local MLflow store — one command,
+nothing to install. `worker` execs a Celery worker. The client commands talk REST to either mode. The worker side is
+started by module name, never imported here (the API package does not import `workers`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import copy
 import logging
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -28,6 +26,7 @@ from rich.table import Table
 
 from api.client_http import EXIT, TERMINAL, connect, console, err, request
 from api.client_jobs import follow, jobs_table, show_job
+from api.embedded import ExecutorKeeper
 from sgtm_engine.config import STAGE_SPECS, StageKind, apply_overrides, apply_stage_overrides, from_dict, to_dict
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.recipe import find_recipe, load_recipe, read_sweep, recipe_data
@@ -62,7 +61,8 @@ def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     os.environ.update(env)  # create_app (uvicorn factory) reads the same settings
     settings = Settings()
     upgrade(settings.ledger_url)
-    executor = subprocess.Popen([sys.executable, "-m", "workers.local"], env=env)
+    executor = ExecutorKeeper([sys.executable, "-m", "workers.local"], env)
+    executor.start()
     console.print(f"[bold]sgtm[/] embedded: API http://{host}:{port} (docs at /docs), data in {data_root}")
     console.print(f"  token: {data_root / 'token'} (or SGTM_API_TOKENS)")
     if settings.tracking_uri:
@@ -73,12 +73,7 @@ def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
         uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info",
                     log_config=serve_log_config())
     finally:
-        if executor.poll() is None:
-            executor.send_signal(signal.SIGTERM)  # the running job checkpoints and is requeued for the next start
-            try:
-                executor.wait(timeout=settings.cancel_grace_s + 20)
-            except subprocess.TimeoutExpired:
-                executor.kill()
+        executor.stop(grace_s=settings.cancel_grace_s + 20)
 
 
 class QuietReads(logging.Filter):

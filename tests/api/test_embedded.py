@@ -1,0 +1,60 @@
+"""`sgtm serve`'s executor keeper: a real `python -m workers.local` killed with SIGKILL is started again and /ready
+comes back; a command that keeps dying is given up on after `max_restarts` exits, and `stop` ends the executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from api.config import Settings
+from api.embedded import ExecutorKeeper
+from api.liveness import EXECUTOR_HEARTBEAT, executor_check
+
+
+def _until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
+def test_a_killed_executor_is_started_again(settings: Settings) -> None:
+    env = {**os.environ, "SGTM_DATABASE_URL": settings.ledger_url, "SGTM_DATA_ROOT": str(settings.data_root),
+           "SGTM_TRACKING": "false", "SGTM_HEARTBEAT_INTERVAL_S": "0.2"}
+    keeper = ExecutorKeeper([sys.executable, "-m", "workers.local"], env)
+    heartbeat = settings.data_root / EXECUTOR_HEARTBEAT
+    keeper.start()
+    try:
+        _until(lambda: executor_check(settings) == "ok", 60, "the executor's heartbeat")
+        first = keeper.pid
+        assert first is not None and json.loads(heartbeat.read_text())["pid"] == first
+        os.kill(first, signal.SIGKILL)
+        _until(lambda: keeper.pid not in (None, first), 30, "a new executor")
+        second = keeper.pid
+        _until(lambda: json.loads(heartbeat.read_text())["pid"] == second and executor_check(settings) == "ok",
+               60, "the new executor's heartbeat")
+        assert keeper.starts == 2 and not keeper.gave_up
+    finally:
+        keeper.stop(grace_s=20)
+    assert keeper.pid is None
+    time.sleep(1.0)  # a stopped keeper starts nothing
+    assert keeper.starts == 2 and "gone" in executor_check(settings)
+
+
+def test_a_crash_loop_is_given_up_on(tmp_path: Path) -> None:
+    keeper = ExecutorKeeper([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), max_restarts=2,
+                            window_s=60, poll_s=0.05)
+    keeper.start()
+    try:
+        _until(lambda: keeper.gave_up, 30, "the keeper to give up")
+    finally:
+        keeper.stop(grace_s=5)
+    assert keeper.starts == 3  # the first start and two restarts (after 1 s, then 2 s)
