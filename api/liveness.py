@@ -38,7 +38,8 @@ def executor_check(settings: Settings) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return "not running: no executor heartbeat; `sgtm serve` starts the executor"
     if not _alive(pid):
-        return f"not running: the executor (pid {pid}) is gone; restart `sgtm serve`"
+        return (f"not running: the executor (pid {pid}) is gone; `sgtm serve` starts it again unless it keeps "
+                "dying (then its log says why)")
     age, limit = time.time() - at, max(10.0, 5 * settings.heartbeat_interval_s)
     if age > limit:
         return f"not responding: the executor's last heartbeat is {age:.0f} s old (limit {limit:.0f} s)"
