@@ -194,8 +194,8 @@ def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | N
 
 
 def _sweep_run(workdir: Path, uri: str | None, experiment: str, name: str, artifact_root: Path | None) -> Tracker:
-    """The sweep's MLflow run. A rerun of the folder against the same store reopens the run an earlier one opened,
-    so the cells of a resumed sweep stay under one sweep run; <workdir>/mlflow_run.json keeps its id."""
+    """The sweep's MLflow run. A rerun of the sweep in its folder, against the same store, reopens the run an earlier
+    one opened, so the cells of a resumed sweep stay under one sweep run; <workdir>/mlflow_run.json keeps its id."""
     from sgtm_engine.provenance import code_version
     from sgtm_engine.runner import open_run
     from sgtm_engine.stage import write_json
@@ -203,7 +203,7 @@ def _sweep_run(workdir: Path, uri: str | None, experiment: str, name: str, artif
 
     record = workdir / "mlflow_run.json"
     known = json.loads(record.read_text()) if record.exists() else {}
-    if uri is not None and known.get("mlflow_uri") == uri:
+    if uri is not None and known.get("mlflow_uri") == uri and known.get("sweep") == name:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -216,7 +216,7 @@ def _sweep_run(workdir: Path, uri: str | None, experiment: str, name: str, artif
     run = open_run(uri, experiment, name, artifact_root=artifact_root,
                    tags={**run_tags(kind="sweep", code_version=code_version()), "sgtm.sweep": name})
     if uri is not None:
-        write_json(record, {"mlflow_uri": uri, "run_id": run.run_id})
+        write_json(record, {"mlflow_uri": uri, "sweep": name, "run_id": run.run_id})
     return run
 
 
