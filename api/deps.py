@@ -11,7 +11,7 @@ import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from api.config import Settings
 from api.db.models import Job
@@ -25,10 +25,6 @@ _bearer = HTTPBearer(auto_error=False, description="A token from SGTM_API_TOKENS
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
-
-
-def get_session_factory(request: Request) -> sessionmaker[Session]:
-    return request.app.state.session_factory  # type: ignore[no-any-return]
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
@@ -108,7 +104,6 @@ async def stream_slot(job_id: str, request: Request, principal: Annotated[str, D
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 EnqueuerDep = Annotated[Enqueuer, Depends(get_enqueuer)]
 AuthDep = Annotated[str, Depends(require_token)]
 #: On every /api/v1 router: reads are authenticated by default (see require_reader).

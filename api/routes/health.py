@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
-from api.deps import SessionFactoryDep, SettingsDep
+from api.deps import SessionDep, SettingsDep
 from api.liveness import executor_check, ledger_writable_check
 from api.schemas import Health, Readiness
 
@@ -21,25 +21,24 @@ def health() -> Health:
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
-def ready(request: Request, factory: SessionFactoryDep, settings: SettingsDep) -> JSONResponse:
+def ready(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     checks: dict[str, str] = {}
     expected = request.app.state.schema_head
     try:
-        with factory() as session:
-            session.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-            try:
-                version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
-            except (OperationalError, ProgrammingError):  # no alembic_version table (SELECT 1 just worked)
-                version = None
+        session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+        try:
+            version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, ProgrammingError):  # no alembic_version table (SELECT 1 just worked)
+            session.rollback()
+            version = None
         if version is None:
             checks["schema"] = "not migrated: run `alembic upgrade head`"
         elif expected is not None and version != expected:
             checks["schema"] = f"at {version}, expected {expected}: run migrations"
         else:
             checks["schema"] = "ok"
-        with factory() as session:
-            checks["ledger_writable"] = ledger_writable_check(settings, session)
+        checks["ledger_writable"] = ledger_writable_check(settings, session)
     except SQLAlchemyError as e:
         checks["database"] = f"unavailable ({e.__class__.__name__})"
     if settings.mode == "embedded":
