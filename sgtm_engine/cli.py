@@ -283,12 +283,12 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
 
         workdir = workdir or Path("runs") / sweep.name
         uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
-        with StageBars() as bars:  # one bar per stage when they run here (--jobs 1), else a line per stage
+        with StageBars() as bars:  # one bar per stage, from worker processes too (--jobs above 1)
             setup_logging(level=logging.WARNING, handler=bars.log_handler())
             _quiet_mlflow()
             report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir,
                                echo=lambda line: bars.console.print(line, markup=False, highlight=False),
-                               events=bars.stage if jobs == 1 else None)
+                               events=bars.stage)
     except SgtmError as exc:
         _fail(exc)
     typer.echo("\n" + report_markdown(report))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
+import queue
 import time
 import traceback
 from collections.abc import Callable
@@ -79,8 +81,8 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
               cache_dir: Path | None = None, echo: Callable[[str], None] = print,
               events: Callable[[str], Callable[[dict[str, Any]], None]] | None = None) -> dict[str, Any]:
     """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.
-    `mlflow_uri` None: no tracking. `events(stage label)`: where a stage run in this process (`jobs` 1) also sends
-    its progress events (progress bars, which then tell when it is done)."""
+    `mlflow_uri` None: no tracking. `events(stage label)`: where each stage also sends its progress events
+    (progress bars, which then tell when it is done), from a worker process too."""
     from sgtm_engine.runner import open_run
     from sgtm_engine.stage import write_json
     from sgtm_engine.tracking import local_artifact_root, local_tracking_uri
@@ -136,8 +138,12 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                echo: Callable[[str], None], events: Callable[[str], Callable[[dict[str, Any]], None]] | None
                ) -> dict[str, str]:
     """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {folder name: error} of the
-    failed ones (a task whose input failed fails without running)."""
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    failed ones (a task whose input failed fails without running). Worker processes send their stages' events
+    back through a queue, so `events` gets them whatever `jobs` is."""
+    context = multiprocessing.get_context("spawn")
+    inbox = context.Queue() if jobs > 1 and events else None  # given to the workers as they start (not picklable)
+    pool = (ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(inbox, jobs))
+            if jobs > 1 else None)
     pending, done, errors = list(tasks.values()), set(), {}
     running: dict[Future, tuple[_Task, float]] = {}
     with pool or contextlib.nullcontext():
@@ -153,17 +159,19 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                     emit = events(task.name) if events and pool is None else None
                     running[_submit(pool, task, uri, experiment, cache_dir, emit)] = (task, started)
                     pending.remove(task)
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, timeout=0.2 if inbox else None, return_when=FIRST_COMPLETED)
+            _deliver(inbox, events)
             for future in finished:
                 task, started = running.pop(future)
                 if future.exception() is None:
                     done.add(task.folder.name)
-                    if events is None or pool is not None:  # else its bar said so
+                    if events is None:  # else its bar said so
                         echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
                 else:
                     exc = future.exception()
                     errors[task.folder.name] = "".join(traceback.format_exception(exc))  # kept in the cell's file
                     echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
+    _deliver(inbox, events)  # the workers have exited: what they sent last is all in the queue now
     return errors
 
 
@@ -179,10 +187,37 @@ def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
     return future
 
 
+#: In a worker process: where its stages' events go (the parent's inbox), or None.
+_OUTBOX: Any = None
+
+
+def _start_worker(outbox: Any, jobs: int) -> None:
+    global _OUTBOX
+    _OUTBOX = outbox
+    import torch
+
+    # the workers share the cores (a stage's runtime.threads, when set, still decides for it): `jobs` processes of
+    # torch's default, one thread per core each, would oversubscribe them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def _deliver(inbox: Any, events: Callable[[str], Callable[[dict[str, Any]], None]] | None) -> None:
+    """Hand the events the workers have sent so far to their stages' callbacks."""
+    while inbox is not None and events is not None:
+        try:
+            label, event = inbox.get_nowait()
+        except queue.Empty:
+            return
+        events(label)(event)
+
+
 def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None,
               emit: Callable[[dict[str, Any]], None] | None = None) -> None:
     from sgtm_engine.runner import run_tracked_stage
 
+    if emit is None and _OUTBOX is not None:
+        outbox = _OUTBOX
+        emit = lambda event: outbox.put((task.name, event))  # noqa: E731
     kind = StageKind(task.kind)
     run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
                       experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,

@@ -225,8 +225,12 @@ def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_ma
 @pytest.mark.slow
 def test_two_worker_processes_give_the_same_results_as_one(first_run, tiny_matrix, tmp_path, engine_cache):
     _, report, _ = first_run
-    parallel = run_sweep(tiny_matrix, tmp_path, jobs=2, cache_dir=engine_cache, echo=print)
+    seen: dict[str, list[str]] = {}
+    parallel = run_sweep(tiny_matrix, tmp_path, jobs=2, cache_dir=engine_cache, echo=print,
+                         events=lambda label: lambda event: seen.setdefault(label, []).append(event["type"]))
     assert parallel["tables"] == report["tables"]
+    # each stage's events come back from its worker process, whole: one bar per stage, as with one job
+    assert len(seen) == 6 and all(types[0] == "started" and types[-1] == "finished" for types in seen.values())
 
 
 def test_the_report_pairs_each_final_metric_with_its_unablated_value():
