@@ -5,8 +5,9 @@ keeper the API would go on accepting jobs that nothing runs. The new executor re
 running (it holds the data root's lock, so every `running` job is an orphan), and that job resumes from its
 checkpoint; the old executor's engine child has already been stopped by its parent-death signal.
 
-A crash loop is not hidden: each exit is logged with its code, restarts back off (1, 2, 4 … 30 s), and after
-`max_restarts` exits within `window_s` the keeper stops trying. /ready then reports the executor as not running.
+An executor that exits cleanly (exit code 0) was asked to stop and stays stopped. A crash loop is not hidden: each
+exit is logged with its code, restarts back off (1, 2, 4 … 30 s), and after `max_restarts` exits within `window_s`
+the keeper stops trying. /ready then reports the executor as not running.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class ExecutorKeeper:
                 code = self._proc.poll() if self._proc is not None else None
             if code is None:
                 continue
+            if code == 0:  # it stopped as asked: Ctrl-C in the terminal reaches it as well as `sgtm serve`
+                log.info("the executor stopped")
+                return
             now = time.monotonic()
             self._exits = [t for t in self._exits if now - t < self.window_s] + [now]
             if len(self._exits) > self.max_restarts:

@@ -1,5 +1,6 @@
 """`sgtm serve`'s executor keeper: a real `python -m workers.local` killed with SIGKILL is started again and /ready
-comes back; a command that keeps dying is given up on after `max_restarts` exits, and `stop` ends the executor."""
+comes back; a command that keeps dying is given up on after `max_restarts` exits; one that exits cleanly (a Ctrl-C
+reaches it too) stays stopped; `stop` ends the executor."""
 
 from __future__ import annotations
 
@@ -58,3 +59,13 @@ def test_a_crash_loop_is_given_up_on(tmp_path: Path) -> None:
     finally:
         keeper.stop(grace_s=5)
     assert keeper.starts == 3  # the first start and two restarts (after 1 s, then 2 s)
+
+
+def test_a_clean_exit_is_not_restarted() -> None:
+    keeper = ExecutorKeeper([sys.executable, "-c", "pass"], dict(os.environ), poll_s=0.05)
+    keeper.start()
+    try:
+        time.sleep(2.5)  # past the first restart's 1 s back-off
+    finally:
+        keeper.stop(grace_s=5)
+    assert keeper.starts == 1 and not keeper.gave_up
