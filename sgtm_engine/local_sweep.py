@@ -170,7 +170,10 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                 else:
                     exc = future.exception()
                     errors[task.folder.name] = "".join(traceback.format_exception(exc))  # kept in the cell's file
-                    echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
+                    if events is None:
+                        echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
+                    else:  # its bar stops and says so
+                        events(task.name)({"type": "failed", "error": f"{type(exc).__name__}: {exc}"})
     _deliver(inbox, events)  # the workers have exited: what they sent last is all in the queue now
     return errors
 

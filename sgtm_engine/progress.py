@@ -6,7 +6,8 @@ Choices made here:
   (training, the attack, RMU) or its evaluation phases (the evaluate stage, whose `phase` events carry a step); its
   text says what the stage does now: the phase it is in, the last loss, the last evaluation.
 - Events are the engine's (`stage.py`): `started`, `resumed`, `phase`, `progress`, `eval`, `checkpoint`,
-  `finished`; any other type is ignored, so a newer engine never breaks an older display.
+  `finished`, and `failed` from whatever ran a stage that raised (a stage cannot report its own failure); any other
+  type is ignored, so a newer engine never breaks an older display.
 - When a stage finishes (or fails) one plain line is printed above the bars; off a terminal rich draws no live bars,
   so those lines are what a log file keeps.
 - `headline` turns a run's results into the table a person reads at the end: retain/forget/adjacent loss and the
@@ -61,8 +62,11 @@ class StageBars:
 
     def update(self, label: str, event: Mapping[str, Any]) -> None:
         """Show one event of stage `label` (its bar is made on the stage's first event)."""
-        task = self._bar(label)
         kind = event.get("type")
+        if kind == "failed":
+            self.end(label, "failed", str(event.get("error") or ""))
+            return
+        task = self._bar(label)
         fields: dict[str, Any] = {}
         if isinstance(event.get("total"), int) and event["total"] > 0:
             fields["total"] = event["total"]

@@ -271,4 +271,6 @@ def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, 
     assert set(bars) == set(ran)  # each stage run here got its own event callback (its progress bar)
     assert set(errors) == {"train-a", "attack-a"} and errors["attack-a"] == "input train-a failed"
     assert "RuntimeError: out of memory" in errors["train-a"] and "Traceback" in errors["train-a"]
-    assert "train-a: FAILED (RuntimeError: out of memory)" in lines
+    # the failed stage's bar is told (it cannot send that event itself), and says it instead of a plain line
+    assert bars["train-a"] == [{"type": "failed", "error": "RuntimeError: out of memory"}]
+    assert not any("FAILED" in line for line in lines)

@@ -58,6 +58,17 @@ def test_a_failed_run_marks_the_stage_that_was_running_and_only_that():
     assert "train: failed" not in text
 
 
+def test_a_failed_event_stops_that_stages_bar_and_says_why():
+    bars, console = _bars()
+    with bars:
+        bars.stage("attack")({"type": "started", "kind": "attack"})
+        bars.stage("attack")({"type": "progress", "step": 3, "total": 10, "metrics": {"train/loss": 5.0}})
+        bars.stage("attack")({"type": "failed", "error": "RuntimeError: out of memory"})
+        task = bars.progress.tasks[0]
+        assert task.fields["ended"] is not None and "failed" in task.fields["info"]
+    assert re.search(r"attack: failed after \d+\.\d s \(RuntimeError: out of memory\)", console.export_text())
+
+
 def test_headline_has_a_row_per_view_and_the_losses_before_capability():
     metrics = {"eval/retain/loss": 3.0, "eval/forget/loss": 3.5, "eval_calibrated/retain/loss": 3.1,
                "eval_calibrated/forget/loss": 9.0, "eval_calibrated/capability/forget_es_share": 0.0,
