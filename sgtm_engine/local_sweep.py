@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.mlflow_keys import run_tags
@@ -26,9 +26,6 @@ from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report
 from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
 from sgtm_engine.yamlio import dump_yaml
-
-if TYPE_CHECKING:
-    from sgtm_engine.tracking import Tracker
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The sweep document
@@ -83,7 +80,8 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.
     `mlflow_uri` None: no tracking. `events(stage label)`: where each stage also sends its progress events
     (progress bars, which then tell when it is done), from a worker process too."""
-    from sgtm_engine.runner import open_run
+    from sgtm_engine.provenance import code_version
+    from sgtm_engine.runner import open_run, parent_run
     from sgtm_engine.stage import write_json
     from sgtm_engine.tracking import local_artifact_root, local_tracking_uri
 
@@ -95,7 +93,8 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     experiment = sweep.experiment or sweep.name
     # the workdir's own store keeps its artifacts beside it; another store decides for itself
     artifact_root = local_artifact_root(workdir) if mlflow_uri == local_tracking_uri(workdir) else None
-    parent = _sweep_run(workdir, mlflow_uri, experiment, sweep.name, artifact_root)
+    parent = parent_run(workdir, mlflow_uri, experiment, sweep.name, artifact_root=artifact_root,
+                        tags={**run_tags(kind="sweep", code_version=code_version()), "sgtm.sweep": sweep.name})
     tasks: dict[str, _Task] = {}
     cell_runs = {}
     for cell in todo:
@@ -229,33 +228,6 @@ def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | N
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The workdir's records
-
-
-def _sweep_run(workdir: Path, uri: str | None, experiment: str, name: str, artifact_root: Path | None) -> Tracker:
-    """The sweep's MLflow run. A rerun of the sweep in its folder, against the same store, reopens the run an earlier
-    one opened, so the cells of a resumed sweep stay under one sweep run; <workdir>/mlflow_run.json keeps its id."""
-    from sgtm_engine.provenance import code_version
-    from sgtm_engine.runner import open_run
-    from sgtm_engine.stage import write_json
-    from sgtm_engine.tracking import MlflowTracker
-
-    record = workdir / "mlflow_run.json"
-    known = json.loads(record.read_text()) if record.exists() else {}
-    if uri is not None and known.get("mlflow_uri") == uri and known.get("sweep") == name:
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            active = MlflowClient(uri).get_run(known["run_id"]).info.lifecycle_stage == "active"
-        except MlflowException:  # deleted from the store for good
-            active = False
-        if active:
-            return MlflowTracker(uri, run_id=known["run_id"], reopen=True)
-    run = open_run(uri, experiment, name, artifact_root=artifact_root,
-                   tags={**run_tags(kind="sweep", code_version=code_version()), "sgtm.sweep": name})
-    if uri is not None:
-        write_json(record, {"mlflow_uri": uri, "sweep": name, "run_id": run.run_id})
-    return run
 
 
 def _cell_status(workdir: Path, cell: Cell) -> str:

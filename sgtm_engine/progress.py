@@ -6,8 +6,9 @@ Choices made here:
   (training, the attack, RMU) or its evaluation phases (the evaluate stage, whose `phase` events carry a step); its
   text says what the stage does now: the phase it is in, the last loss, the last evaluation.
 - Events are the engine's (`stage.py`): `started`, `resumed`, `phase`, `progress`, `eval`, `checkpoint`,
-  `finished`, and `failed` from whatever ran a stage that raised (a stage cannot report its own failure); any other
-  type is ignored, so a newer engine never breaks an older display.
+  `finished`; from whatever runs the stages, `failed` for a stage that raised (it cannot report that itself) and
+  `kept` for a stage that had finished in an earlier run of the same folder. Any other type is ignored, so a newer
+  engine never breaks an older display.
 - When a stage finishes (or fails) one plain line is printed above the bars; off a terminal rich draws no live bars,
   so those lines are what a log file keeps.
 - `headline` turns a run's results into the table a person reads at the end: retain/forget/adjacent loss and the
@@ -65,6 +66,12 @@ class StageBars:
         kind = event.get("type")
         if kind == "failed":
             self.end(label, "failed", str(event.get("error") or ""))
+            return
+        if kind == "kept":
+            self.progress.update(self._bar(label), total=1, completed=1, info="kept from an earlier run",
+                                 ended=self.progress.get_time(), took=0.0)
+            self._finished.add(label)
+            self.console.print(f"{label}: kept (it finished in an earlier run of this folder)")
             return
         task = self._bar(label)
         fields: dict[str, Any] = {}

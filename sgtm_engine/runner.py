@@ -7,6 +7,7 @@ itself.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe, recipe_data
-from sgtm_engine.stage import run_stage, write_json
+from sgtm_engine.stage import finished_result, run_stage, write_json
 from sgtm_engine.tracking import MlflowTracker, NullTracker, Tracker, local_artifact_root, local_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,29 @@ def open_run(uri: str | None, experiment: str, name: str, *, parent_run_id: str 
         return NullTracker()
     return MlflowTracker(uri, experiment=experiment, run_name=name, parent_run_id=parent_run_id, tags=tags,
                          artifact_root=artifact_root)
+
+
+def parent_run(workdir: Path, uri: str | None, experiment: str, name: str, *, tags: dict[str, str],
+               artifact_root: Path | None = None) -> Tracker:
+    """The MLflow run a recipe's or a sweep's stage runs nest under. A rerun in the same folder, against the same
+    store and under the same name, reopens the run an earlier one opened, so a resumed run stays one run in MLflow;
+    <workdir>/mlflow_run.json keeps its id."""
+    record = workdir / "mlflow_run.json"
+    known = json.loads(record.read_text()) if record.exists() else {}
+    if uri is not None and known.get("mlflow_uri") == uri and known.get("name") == name:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            active = MlflowClient(uri).get_run(known["run_id"]).info.lifecycle_stage == "active"
+        except MlflowException:  # deleted from the store for good
+            active = False
+        if active:
+            return MlflowTracker(uri, run_id=known["run_id"], reopen=True)
+    run = open_run(uri, experiment, name, tags=tags, artifact_root=artifact_root)
+    if uri is not None:
+        write_json(record, {"mlflow_uri": uri, "name": name, "run_id": run.run_id})
+    return run
 
 
 def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str, Path], *, uri: str | None,
@@ -73,13 +97,19 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
     artifact_root = local_artifact_root(workdir) if track and mlflow_uri is None else None
     experiment = experiment or recipe.name
     name = run_name or f"{recipe.name} ({spec_hash(recipe_data(recipe))[:8]})"
-    parent = open_run(uri, experiment, name, artifact_root=artifact_root,
-                      tags={**run_tags(kind="pipeline", recipe=recipe.name, code_version=code_version()),
-                            "sgtm.workdir": str(workdir.resolve())})
+    parent = parent_run(workdir, uri, experiment, name, artifact_root=artifact_root,
+                        tags={**run_tags(kind="pipeline", recipe=recipe.name, code_version=code_version()),
+                              "sgtm.workdir": str(workdir.resolve())})
     results: dict[str, Any] = {}
     status = "FAILED"
     try:
         for stage in recipe.stages:
+            done = None if overwrite else finished_result(workdir / stage.name, stage.kind, stage.spec)
+            if done is not None:  # a rerun keeps what finished: no second run of it, in MLflow or on the CPU
+                results[stage.name] = done
+                if events:
+                    events(stage.name)({"type": "kept", "kind": stage.kind.value})
+                continue
             inputs = {role: workdir / parent_name for role, parent_name in stage.inputs.items()}
             results[stage.name] = run_tracked_stage(stage.kind, stage.spec, workdir / stage.name, inputs, uri=uri,
                                                     experiment=experiment, name=stage.name,

@@ -92,25 +92,41 @@ STAGE_MARKER = "stage.json"
 def claim_workdir(workdir: Path, kind: StageKind, spec: Any, overwrite: bool = False) -> None:
     """Make `workdir` this stage's folder: empty or new, or holding a run of the same kind and spec (which then
     resumes). A folder holding anything else is refused with the differing fields named, unless `overwrite`."""
-    from sgtm_engine.checkpoint import describe_differences, spec_differences
+    from sgtm_engine.checkpoint import describe_differences
 
     marker = workdir / STAGE_MARKER
-    mine = {"kind": kind.value, "spec": to_dict(spec)}
     if overwrite and workdir.exists():
         for child in workdir.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if marker.exists():
-        theirs = json.loads(marker.read_text())
-        differences = [("kind", theirs.get("kind"), kind.value)] if theirs.get("kind") != kind.value else []
-        differences += spec_differences(theirs.get("spec"), mine["spec"])
+        differences = _differences_from(marker, kind, spec)
         if differences:
-            raise ConfigError(f"workdir {workdir} holds a {theirs.get('kind')} run of another spec "
-                              f"({describe_differences(differences)}); use a fresh workdir, or overwrite to start "
-                              "over (--overwrite)")
+            raise ConfigError(f"workdir {workdir} holds a {json.loads(marker.read_text()).get('kind')} run of another "
+                              f"spec ({describe_differences(differences)}); use a fresh workdir, or overwrite to "
+                              "start over (--overwrite)")
     elif (workdir / RESULT).exists() or (workdir / "checkpoints").exists():
         raise ConfigError(f"workdir {workdir} holds a run but no {STAGE_MARKER}, so its spec is unknown; use a fresh "
                           "workdir, or overwrite to start over (--overwrite)")
-    write_json(marker, mine)
+    write_json(marker, {"kind": kind.value, "spec": to_dict(spec)})
+
+
+def finished_result(workdir: Path, kind: StageKind, spec: Any) -> dict[str, Any] | None:
+    """The result of this very stage if it has already finished in `workdir`, else None: same kind and spec as
+    `claim_workdir` compares them, and the same `register` (a new one must run the stage's publishing again)."""
+    marker = Path(workdir) / STAGE_MARKER
+    if not marker.exists() or not (Path(workdir) / RESULT).exists() or _differences_from(marker, kind, spec):
+        return None
+    if json.loads(marker.read_text())["spec"].get("register") != to_dict(spec).get("register"):
+        return None
+    return read_result(workdir)
+
+
+def _differences_from(marker: Path, kind: StageKind, spec: Any) -> list[tuple[str, Any, Any]]:
+    from sgtm_engine.checkpoint import spec_differences
+
+    theirs = json.loads(marker.read_text())
+    differences = [("kind", theirs.get("kind"), kind.value)] if theirs.get("kind") != kind.value else []
+    return differences + spec_differences(theirs.get("spec"), to_dict(spec))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

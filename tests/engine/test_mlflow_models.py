@@ -114,3 +114,25 @@ def test_register_is_a_checked_spec_field_and_needs_a_model():
         from_dict(EvaluateSpec, {"ablate": None, "register": "x"})
     only_train = load_recipe({"name": "t", "stages": RECIPE["stages"][:1]})
     assert register_last_model(only_train, "m") == {"train.register": "m"}
+
+
+def test_a_rerun_keeps_finished_stages_and_reopens_its_parent_run(tmp_path, engine_cache):
+    from mlflow.tracking import MlflowClient
+
+    recipe = load_recipe(RECIPE, {"train.steps": 3})
+    first = run_recipe(recipe, tmp_path / "run", cache_dir=engine_cache)
+    (tmp_path / "run" / "evaluate" / "result.json").unlink()  # as if the evaluate stage had been cut off
+    seen: dict[str, list[str]] = {}
+    again = run_recipe(recipe, tmp_path / "run", cache_dir=engine_cache,
+                       events=lambda name: lambda event: seen.setdefault(name, []).append(event["type"]))
+    assert seen["train"] == ["kept"] and seen["evaluate"][0] == "started" and seen["evaluate"][-1] == "finished"
+    assert again["stages"]["train"]["metrics"] == first["stages"]["train"]["metrics"]
+    assert again["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+    client = MlflowClient(again["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    # the finished train stage ran (and was logged) once; the cut-off evaluate ran again, under the same parent
+    assert sorted(r.data.tags["sgtm.stage"] for r in runs if "sgtm.stage" in r.data.tags) == [
+        "evaluate", "evaluate", "train"]
+    parents = [r for r in runs if r.data.tags.get("sgtm.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r is not parents[0])

@@ -123,3 +123,12 @@ def test_a_replayed_stage_is_timed_by_its_events_own_clock():
     bars.update("train 1234abcd", {"type": "finished", "kind": "train", "t": 1092.5})
     assert "train 1234abcd: done in 92.5 s" in console.export_text()
     assert str(bars.progress.columns[-1].render(bars.progress.tasks[0])) == "0:01:32"
+
+
+def test_a_kept_stage_shows_a_full_bar_and_says_it_ran_before():
+    bars, console = _bars()
+    with bars:
+        bars.stage("train")({"type": "kept", "kind": "train"})
+        task = bars.progress.tasks[0]
+        assert task.finished and task.fields["info"] == "kept from an earlier run"
+    assert "train: kept (it finished in an earlier run of this folder)" in console.export_text()
