@@ -104,7 +104,7 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
     status = "FAILED"
     try:
         for stage in recipe.stages:
-            done = None if overwrite else finished_result(workdir / stage.name, stage.kind, stage.spec)
+            done = finished_result(workdir / stage.name, stage.kind, stage.spec)
             if done is not None:  # a rerun keeps what finished: no second run of it, in MLflow or on the CPU
                 results[stage.name] = done
                 if events:

@@ -91,20 +91,21 @@ STAGE_MARKER = "stage.json"
 
 def claim_workdir(workdir: Path, kind: StageKind, spec: Any, overwrite: bool = False) -> None:
     """Make `workdir` this stage's folder: empty or new, or holding a run of the same kind and spec (which then
-    resumes). A folder holding anything else is refused with the differing fields named, unless `overwrite`."""
+    resumes, `overwrite` or not). A folder holding anything else is refused with the differing fields named, or
+    emptied with `overwrite`."""
     from sgtm_engine.checkpoint import describe_differences
 
     marker = workdir / STAGE_MARKER
-    if overwrite and workdir.exists():
+    differences = _differences_from(marker, kind, spec) if marker.exists() else []
+    unknown = not marker.exists() and ((workdir / RESULT).exists() or (workdir / "checkpoints").exists())
+    if overwrite and (differences or unknown):
         for child in workdir.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    if marker.exists():
-        differences = _differences_from(marker, kind, spec)
-        if differences:
-            raise ConfigError(f"workdir {workdir} holds a {json.loads(marker.read_text()).get('kind')} run of another "
-                              f"spec ({describe_differences(differences)}); use a fresh workdir, or overwrite to "
-                              "start over (--overwrite)")
-    elif (workdir / RESULT).exists() or (workdir / "checkpoints").exists():
+    elif differences:
+        raise ConfigError(f"workdir {workdir} holds a {json.loads(marker.read_text()).get('kind')} run of another "
+                          f"spec ({describe_differences(differences)}); use a fresh workdir, or overwrite to start "
+                          "over (--overwrite)")
+    elif unknown:
         raise ConfigError(f"workdir {workdir} holds a run but no {STAGE_MARKER}, so its spec is unknown; use a fresh "
                           "workdir, or overwrite to start over (--overwrite)")
     write_json(marker, {"kind": kind.value, "spec": to_dict(spec)})

@@ -136,3 +136,9 @@ def test_a_rerun_keeps_finished_stages_and_reopens_its_parent_run(tmp_path, engi
     parents = [r for r in runs if r.data.tags.get("sgtm.kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r is not parents[0])
+    # another evaluate spec: --overwrite starts that stage over and still keeps the train stage
+    changed = load_recipe(RECIPE, {"train.steps": 3, "evaluate.calibrate.steps": 2})
+    seen.clear()
+    run_recipe(changed, tmp_path / "run", cache_dir=engine_cache, overwrite=True,
+               events=lambda name: lambda event: seen.setdefault(name, []).append(event["type"]))
+    assert seen["train"] == ["kept"] and seen["evaluate"][-1] == "finished"

@@ -81,6 +81,14 @@ def test_overwrite_starts_over(trained, tmp_path, engine_cache):
     assert json.loads((copy / "stage.json").read_text())["spec"]["seed"] == 1
 
 
+def test_overwrite_leaves_a_run_of_the_same_spec_to_resume(trained, tmp_path, engine_cache):
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    (copy / "stray.txt").write_text("left by the same run")
+    record = run_stage("train", TINY, copy, cache_dir=engine_cache, overwrite=True)
+    assert (copy / "stray.txt").exists() and record["metrics"] == read_result(trained)["metrics"]
+
+
 def test_a_folder_with_a_run_but_no_stage_record_is_refused(trained, tmp_path, engine_cache):
     copy = tmp_path / "train"
     shutil.copytree(trained, copy)
