@@ -96,15 +96,17 @@ def claim_workdir(workdir: Path, kind: StageKind, spec: Any, overwrite: bool = F
     from sgtm_engine.checkpoint import describe_differences
 
     marker = workdir / STAGE_MARKER
-    differences = _differences_from(marker, kind, spec) if marker.exists() else []
-    unknown = not marker.exists() and ((workdir / RESULT).exists() or (workdir / "checkpoints").exists())
+    theirs = json.loads(marker.read_text()) if marker.exists() else None
+    differences = _differences(theirs, kind, spec) if theirs is not None else []
+    unknown = theirs is None and ((workdir / RESULT).exists() or (workdir / "checkpoints").exists())
     if overwrite and (differences or unknown):
         for child in workdir.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     elif differences:
-        raise ConfigError(f"workdir {workdir} holds a {json.loads(marker.read_text()).get('kind')} run of another "
-                          f"spec ({describe_differences(differences)}); use a fresh workdir, or overwrite to start "
-                          "over (--overwrite)")
+        assert theirs is not None
+        raise ConfigError(f"workdir {workdir} holds a {theirs.get('kind')} run of another spec "
+                          f"({describe_differences(differences)}); use a fresh workdir, or overwrite to start over "
+                          "(--overwrite)")
     elif unknown:
         raise ConfigError(f"workdir {workdir} holds a run but no {STAGE_MARKER}, so its spec is unknown; use a fresh "
                           "workdir, or overwrite to start over (--overwrite)")
@@ -115,17 +117,18 @@ def finished_result(workdir: Path, kind: StageKind, spec: Any) -> dict[str, Any]
     """The result of this very stage if it has already finished in `workdir`, else None: same kind and spec as
     `claim_workdir` compares them, and the same `register` (a new one must run the stage's publishing again)."""
     marker = Path(workdir) / STAGE_MARKER
-    if not marker.exists() or not (Path(workdir) / RESULT).exists() or _differences_from(marker, kind, spec):
+    if not marker.exists() or not (Path(workdir) / RESULT).exists():
         return None
-    if json.loads(marker.read_text())["spec"].get("register") != to_dict(spec).get("register"):
+    theirs = json.loads(marker.read_text())
+    if _differences(theirs, kind, spec) or theirs["spec"].get("register") != to_dict(spec).get("register"):
         return None
     return read_result(workdir)
 
 
-def _differences_from(marker: Path, kind: StageKind, spec: Any) -> list[tuple[str, Any, Any]]:
+def _differences(theirs: dict[str, Any], kind: StageKind, spec: Any) -> list[tuple[str, Any, Any]]:
+    """What makes the run recorded in a stage marker another run than (kind, spec) would be."""
     from sgtm_engine.checkpoint import spec_differences
 
-    theirs = json.loads(marker.read_text())
     differences = [("kind", theirs.get("kind"), kind.value)] if theirs.get("kind") != kind.value else []
     return differences + spec_differences(theirs.get("spec"), to_dict(spec))
 
