@@ -11,7 +11,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import queue
 import time
 import traceback
 from collections.abc import Callable
@@ -140,7 +139,7 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
     failed ones (a task whose input failed fails without running). Worker processes send their stages' events
     back through a queue, so `events` gets them whatever `jobs` is."""
     context = multiprocessing.get_context("spawn")
-    inbox = context.Queue() if jobs > 1 and events else None  # given to the workers as they start (not picklable)
+    inbox = _inbox(context) if jobs > 1 and events else None  # given to the workers as they start (not picklable)
     pool = (ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(inbox, jobs))
             if jobs > 1 else None)
     pending, done, errors = list(tasks.values()), set(), {}
@@ -193,6 +192,20 @@ def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
 _OUTBOX: Any = None
 
 
+def _inbox(context: Any) -> Any:
+    """Where the workers send their stages' events. A SimpleQueue's `put` has written to the pipe when it returns,
+    so all of a stage's events are readable once its future is done and the parent's `failed` is drawn after them;
+    a Queue's feeder thread could still hold the last ones. (A worker blocks on a full pipe until the parent's next
+    `_deliver`, at most `wait`'s 0.2 s.)"""
+    return context.SimpleQueue()
+
+
+def _worker_emit(label: str) -> Callable[[dict[str, Any]], None] | None:
+    """In a worker process: the event callback of stage `label`, or None when nobody listens."""
+    outbox = _OUTBOX
+    return None if outbox is None else lambda event: outbox.put((label, event))
+
+
 def _start_worker(outbox: Any, jobs: int) -> None:
     global _OUTBOX
     _OUTBOX = outbox
@@ -205,11 +218,8 @@ def _start_worker(outbox: Any, jobs: int) -> None:
 
 def _deliver(inbox: Any, events: Callable[[str], Callable[[dict[str, Any]], None]] | None) -> None:
     """Hand the events the workers have sent so far to their stages' callbacks."""
-    while inbox is not None and events is not None:
-        try:
-            label, event = inbox.get_nowait()
-        except queue.Empty:
-            return
+    while inbox is not None and events is not None and not inbox.empty():
+        label, event = inbox.get()
         events(label)(event)
 
 
@@ -217,9 +227,7 @@ def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | N
               emit: Callable[[dict[str, Any]], None] | None = None) -> None:
     from sgtm_engine.runner import run_tracked_stage
 
-    if emit is None and _OUTBOX is not None:
-        outbox = _OUTBOX
-        emit = lambda event: outbox.put((task.name, event))  # noqa: E731
+    emit = emit or _worker_emit(task.name)
     kind = StageKind(task.kind)
     run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
                       experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,

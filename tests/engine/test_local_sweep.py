@@ -274,3 +274,32 @@ def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, 
     # the failed stage's bar is told (it cannot send that event itself), and says it instead of a plain line
     assert bars["train-a"] == [{"type": "failed", "error": "RuntimeError: out of memory"}]
     assert not any("FAILED" in line for line in lines)
+
+
+def _events_then_failure(n: int) -> None:
+    """A stage in a worker process that sends `n` progress events and then raises."""
+    import sgtm_engine.local_sweep as local
+
+    emit = local._worker_emit("chatty")
+    for step in range(n):
+        emit({"type": "progress", "step": step})
+    raise RuntimeError("out of memory")
+
+
+def test_a_worker_stage_s_events_are_all_delivered_once_its_future_is_done():
+    """The parent draws a failed stage's `failed` after the future completes; every event the stage sent before it
+    raised must be readable by then, or a late progress event would be drawn after `failed`."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import sgtm_engine.local_sweep as local
+
+    context = multiprocessing.get_context("spawn")
+    for _ in range(3):
+        inbox = local._inbox(context)
+        with ProcessPoolExecutor(1, mp_context=context, initializer=local._start_worker, initargs=(inbox, 1)) as pool:
+            future = pool.submit(_events_then_failure, 400)
+            assert isinstance(future.exception(timeout=120), RuntimeError)
+            got: list[dict] = []
+            local._deliver(inbox, lambda label, got=got: got.append)
+            assert [e["step"] for e in got] == list(range(400))
