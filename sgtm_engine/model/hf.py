@@ -61,8 +61,8 @@ def hf_config_dict(spec: ModelSpec, vocab_size: int, masking: MaskingSpec | None
         "sgtm_context": spec.context,
         "sgtm_masking": to_dict(masking) if masking is not None else None,
     }
-    if eos_token_id is not None:
-        cfg["eos_token_id"] = cfg["bos_token_id"] = eos_token_id
+    # always written: GPT-Neo's defaults (GPT-2's 50256) lie outside most of our vocabularies
+    cfg["eos_token_id"] = cfg["bos_token_id"] = eos_token_id
     if pad_token_id is not None:
         cfg["pad_token_id"] = pad_token_id
     return cfg

@@ -76,6 +76,18 @@ def test_checkpoint_round_trips_through_stock_transformers(tmp_path):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0)
 
 
+def test_a_model_without_a_tokenizer_names_no_special_tokens_outside_its_vocabulary(tmp_path):
+    """GPT-Neo's config defaults bos/eos to GPT-2's 50256; a 101-token model must not claim it (transformers warns,
+    and `generate` would wait for a token the model cannot emit)."""
+    ours, hf = _pair()
+    assert hf.config.bos_token_id is None and hf.config.eos_token_id is None
+    save_hf(ours, tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert stock.config.bos_token_id is None and stock.config.eos_token_id is None
+    save_hf(ours, tmp_path / "with_eos", eos_token_id=7)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "with_eos").config.eos_token_id == 7
+
+
 def test_output_bias_and_masking_spec_survive_our_round_trip(tmp_path):
     spec = ModelSpec(**{**SPEC.__dict__, "output_bias": True})
     masking = MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=16, forget_attn_heads=2)
