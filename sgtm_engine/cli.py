@@ -128,6 +128,7 @@ def run_cmd(
     from sgtm_engine.runner import run_recipe
     from sgtm_engine.runtime import setup_logging
 
+    resume = "the same command" if workdir is not None else "the same command with --workdir {}"
     if workdir is None:
         workdir = fresh_run_folder(parsed)
     run_name = " ".join([parsed.name, *(set_ or []), f"({spec_hash(recipe_data(parsed))[:8]})"])
@@ -139,11 +140,21 @@ def run_cmd(
             results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
                                  cache_dir=cache_dir, overwrite=overwrite, events=bars.stage, run_name=run_name)
         except BaseException as exc:  # the bars mark the stage that was running; the error is printed once, below
-            bars.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
+            _stopped(bars, exc, f"{resume.format(workdir)} continues: finished stages are kept, and a stage cut off "
+                                "resumes from its last checkpoint")
             if isinstance(exc, SgtmError):
                 _fail(exc)
             raise
     _summary(bars.console, workdir, results)
+
+
+def _stopped(bars, exc: BaseException, resume: str) -> None:
+    """Mark the stages that were running as ended by `exc`; after Ctrl-C, say how to continue."""
+    if isinstance(exc, KeyboardInterrupt):
+        bars.end_running("interrupted")
+        bars.console.print(f"interrupted; {resume}", highlight=False)
+    else:
+        bars.end_running("failed", type(exc).__name__)
 
 
 def _quiet_mlflow() -> None:
@@ -286,9 +297,14 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
         with StageBars() as bars:  # one bar per stage, from worker processes too (--jobs above 1)
             setup_logging(level=logging.WARNING, handler=bars.log_handler())
             _quiet_mlflow()
-            report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir,
-                               echo=lambda line: bars.console.print(line, markup=False, highlight=False),
-                               events=bars.stage)
+            try:
+                report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir,
+                                   echo=lambda line: bars.console.print(line, markup=False, highlight=False),
+                                   events=bars.stage)
+            except BaseException as exc:
+                _stopped(bars, exc, "the same command continues: succeeded cells are skipped, finished stages are "
+                                    "kept, and a stage cut off resumes from its last checkpoint")
+                raise
     except SgtmError as exc:
         _fail(exc)
     typer.echo("\n" + report_markdown(report))

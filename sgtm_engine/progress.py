@@ -114,7 +114,8 @@ class StageBars:
         self.progress.update(self._tasks[label], info=text)
 
     def end(self, label: str, status: str, message: str = "") -> None:
-        """Stage `label` ended as `status` (succeeded, failed, cancelled) without a `finished` event of its own."""
+        """Stage `label` ended as `status` (succeeded, failed, cancelled, interrupted) without a `finished` event of
+        its own."""
         if label in self._finished:
             return
         if status == "succeeded":
@@ -127,10 +128,11 @@ class StageBars:
                            + (f" ({escape(message)})" if message else ""))
         self._finished.add(label)
 
-    def fail(self, message: str) -> None:
-        """Mark the stages that started and did not finish as failed (a failing stage sends no event for that)."""
+    def end_running(self, status: str, message: str = "") -> None:
+        """End the stages that started and did not finish as `status` (failed, interrupted): the run stopped under
+        them, and a stage that stops that way sends no event for it."""
         for label in self._started.keys() - self._finished:
-            self.end(label, "failed", message)
+            self.end(label, status, message)
 
     def _bar(self, label: str) -> TaskID:
         if label not in self._tasks:

@@ -303,3 +303,26 @@ def test_a_worker_stage_s_events_are_all_delivered_once_its_future_is_done():
             got: list[dict] = []
             local._deliver(inbox, lambda label, got=got: got.append)
             assert [e["step"] for e in got] == list(range(400))
+
+
+def test_ctrl_c_marks_the_running_stages_and_says_how_to_continue(monkeypatch, tmp_path):
+    import sgtm_engine.local_sweep
+    import sgtm_engine.runner
+    from sgtm_engine.cli import app
+
+    def interrupted(*_, events, **__):
+        events("train (variant=sgtm)")({"type": "started", "kind": "train"})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sgtm_engine.local_sweep, "run_sweep", interrupted)
+    monkeypatch.setattr(sgtm_engine.runner, "run_recipe", interrupted)
+    monkeypatch.chdir(tmp_path)
+    swept = CliRunner().invoke(app, ["demo", "--quick", "--no-track", "--workdir", "w"])
+    assert "train (variant=sgtm): interrupted after" in swept.output and "failed" not in swept.output
+    assert "interrupted; the same command continues: succeeded cells are skipped" in " ".join(swept.output.split())
+    ran = CliRunner().invoke(app, ["run", "wiki-bilingual-sgtm", "--no-track"])
+    folder = next((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else None
+    text = " ".join(ran.output.split())
+    assert "interrupted; the same command with --workdir runs/wiki-bilingual-sgtm-" in text, ran.output
+    assert "continues: finished stages are kept" in text and folder is None  # nothing ran, so no folder yet
+    assert swept.exit_code != 0 and ran.exit_code != 0

@@ -52,10 +52,19 @@ def test_a_failed_run_marks_the_stage_that_was_running_and_only_that():
         for name in ("train", "evaluate"):
             bars.stage(name)({"type": "started", "kind": name})
         bars.stage("train")({"type": "finished", "kind": "train"})
-        bars.fail("DataError: corpus file is corrupt")
+        bars.end_running("failed", "DataError: corpus file is corrupt")
     text = console.export_text()
     assert "evaluate: failed after" in text and "DataError: corpus file is corrupt" in text
     assert "train: failed" not in text
+
+
+def test_an_interrupted_run_marks_its_running_stages_interrupted_not_failed():
+    bars, console = _bars()
+    with bars:
+        bars.stage("train")({"type": "started", "kind": "train"})
+        bars.end_running("interrupted")
+        assert "interrupted" in bars.progress.tasks[0].fields["info"]
+    assert "train: interrupted after" in console.export_text() and "failed" not in console.export_text()
 
 
 def test_a_failed_event_stops_that_stages_bar_and_says_why():
