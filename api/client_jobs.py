@@ -39,14 +39,21 @@ def follow(client: httpx.Client, job_ids: list[str]) -> int:
     1 failed, 3 cancelled). Ids may be unique prefixes."""
     jobs = [request(client, "GET", f"/api/v1/jobs/{job_id}").json() for job_id in job_ids]
     final: dict[str, dict[str, Any]] = {}
-    with StageBars(console) as bars:
-        readers = [threading.Thread(target=_follow_one, args=(client, job, bars, final), daemon=True)
-                   for job in jobs]
-        for reader in readers:
-            reader.start()
-        for reader in readers:
-            while reader.is_alive():
-                reader.join(0.5)  # a join with a timeout keeps Ctrl-C working
+    try:
+        with StageBars(console) as bars:
+            readers = [threading.Thread(target=_follow_one, args=(client, job, bars, final), daemon=True)
+                       for job in jobs]
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                while reader.is_alive():
+                    reader.join(0.5)  # a join with a timeout keeps Ctrl-C working
+    except KeyboardInterrupt:  # only the watching stops: say so, and how to pick it up again
+        left = [j["id"] for j in jobs if j["id"] not in final]
+        if left:
+            err.print(f"stopped watching; the service keeps running {len(left)} job(s). Follow them again: "
+                      f"sgtm watch {' '.join(left)}; stop one: sgtm cancel ID", highlight=False, soft_wrap=True)
+        raise
     for job in final.values():
         if job["status"] != "succeeded":
             err.print(f"{job['id']}: {job['status']} ({_error_line(job)})")

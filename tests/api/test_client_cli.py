@@ -72,6 +72,20 @@ def test_watch_exits_1_and_names_the_cause_of_a_failed_job(client: TestClient, f
     assert "failed" in shown and "TrainingDiverged: loss is nan at step 17" in shown
 
 
+def test_ctrl_c_stops_only_the_watching_and_says_how_to_follow_again(client: TestClient, screen: Console,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import _thread
+    import time
+
+    job = client.post("/api/v1/jobs", json={"kind": "train", "spec": TINY}).json()  # queued: nothing runs it
+    monkeypatch.setattr(client_jobs, "_follow_one", lambda *_: (time.sleep(0.1), _thread.interrupt_main()))
+    with pytest.raises(KeyboardInterrupt):
+        client_jobs.follow(client, [job["id"][:8]])
+    shown = " ".join(screen.export_text().split())
+    assert f"stopped watching; the service keeps running 1 job(s). Follow them again: sgtm watch {job['id']};" in shown
+    assert client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "queued"  # the job itself is untouched
+
+
 def test_watch_of_an_unknown_job_exits_2(client: TestClient, screen: Console) -> None:
     with pytest.raises(typer.Exit) as e:
         client_jobs.follow(client, ["0123abcd"])
