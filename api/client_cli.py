@@ -322,16 +322,21 @@ def _load_sweep(recipe: str, overrides: list[str]) -> dict[str, Any]:
 
 def _wait_sweep(client: httpx.Client, sweep_id: str) -> int:
     last = ""
-    while True:
-        data = request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
-        line = _counts(data["counts"])
-        if line != last:
-            console.print(f"{time.strftime('%H:%M:%S')} sweep {sweep_id[:8]}: {line}")
-            last = line
-        if data["status"] in TERMINAL:
-            _print_sweep(data)
-            return EXIT[data["status"]]
-        time.sleep(3.0)
+    try:
+        while True:
+            data = request(client, "GET", f"/api/v1/sweeps/{sweep_id}").json()
+            line = _counts(data["counts"])
+            if line != last:
+                console.print(f"{time.strftime('%H:%M:%S')} sweep {sweep_id[:8]}: {line}")
+                last = line
+            if data["status"] in TERMINAL:
+                _print_sweep(data)
+                return EXIT[data["status"]]
+            time.sleep(3.0)
+    except KeyboardInterrupt:  # only the waiting stops: say so, and where the sweep is followed from now
+        err.print(f"stopped waiting; the service keeps running sweep {sweep_id}. Its cells: sgtm sweep-status "
+                  f"{sweep_id}; stop it: sgtm sweep-cancel {sweep_id}", highlight=False, soft_wrap=True)
+        raise
 
 
 def _print_sweep(data: dict[str, Any]) -> None:

@@ -158,3 +158,27 @@ def test_logs_prints_the_tail_of_the_engine_log(client: TestClient, factory: ses
     finally:
         cli.connect = original
     assert capsys.readouterr().out == "step 1\nstep 2\n"
+
+
+def test_ctrl_c_while_waiting_for_a_sweep_says_the_service_keeps_running_it(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import api.client_cli as cli
+    from tests.api.test_sweeps import sweep_body
+
+    console = Console(record=True, width=100, force_terminal=False)
+    monkeypatch.setattr(cli, "console", console)
+    monkeypatch.setattr(cli, "err", console)
+
+    def interrupted(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(strftime=lambda *_: "12:00:00", sleep=interrupted))
+    sweep = client.post("/api/v1/sweeps", json=sweep_body()).json()  # queued: nothing runs its cells
+    with pytest.raises(KeyboardInterrupt):
+        cli._wait_sweep(client, sweep["id"])
+    shown = " ".join(console.export_text().split())
+    assert f"sweep {sweep['id'][:8]}: " in shown  # it had reported the counts before
+    assert (f"stopped waiting; the service keeps running sweep {sweep['id']}. Its cells: sgtm sweep-status "
+            f"{sweep['id']}; stop it: sgtm sweep-cancel {sweep['id']}") in shown
