@@ -128,9 +128,10 @@ def run_cmd(
     from sgtm_engine.runner import run_recipe
     from sgtm_engine.runtime import setup_logging
 
-    resume = "the same command" if workdir is not None else "the same command with --workdir {}"
+    resume = "the same command"  # continues the run in its folder
     if workdir is None:
         workdir = fresh_run_folder(parsed)
+        resume += f" with --workdir {workdir}"
     run_name = " ".join([parsed.name, *(set_ or []), f"({spec_hash(recipe_data(parsed))[:8]})"])
     with StageBars() as bars:
         setup_logging(level=logging.WARNING, handler=bars.log_handler())  # the bars say what INFO lines would
@@ -140,8 +141,8 @@ def run_cmd(
             results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
                                  cache_dir=cache_dir, overwrite=overwrite, events=bars.stage, run_name=run_name)
         except BaseException as exc:  # the bars mark the stage that was running; the error is printed once, below
-            _stopped(bars, exc, f"{resume.format(workdir)} continues: finished stages are kept, and a stage cut off "
-                                "resumes from its last checkpoint")
+            _stopped(bars, exc, f"{resume} continues: finished stages are kept, and a stage cut off resumes from its "
+                                "last checkpoint")
             if isinstance(exc, SgtmError):
                 _fail(exc)
             raise
