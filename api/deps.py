@@ -46,7 +46,9 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         try:
             yield session
         finally:
-            with anyio.CancelScope(shield=True):  # a client that hangs up still gets its connection returned
+            # shielded: a client that hangs up still gets its connection returned; a limiter of its own: returning
+            # a connection never queues for a thread behind the endpoints holding the default limiter's tokens
+            with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
     finally:
         admission.release()

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,7 @@ import pytest
 from api.config import Settings
 from api.embedded import ExecutorKeeper
 from api.liveness import EXECUTOR_HEARTBEAT, executor_check
-
-
-def _until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+from tests.integration.compose import wait_until
 
 
 @pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
@@ -34,13 +27,13 @@ def test_a_killed_executor_is_started_again(settings: Settings) -> None:
     heartbeat = settings.data_root / EXECUTOR_HEARTBEAT
     keeper.start()
     try:
-        _until(lambda: executor_check(settings) == "ok", 60, "the executor's heartbeat")
+        wait_until(lambda: executor_check(settings) == "ok", 60, "the executor's heartbeat")
         first = keeper.pid
         assert first is not None and json.loads(heartbeat.read_text())["pid"] == first
         os.kill(first, signal.SIGKILL)
-        _until(lambda: keeper.pid not in (None, first), 30, "a new executor")
+        wait_until(lambda: keeper.pid not in (None, first), 30, "a new executor")
         second = keeper.pid
-        _until(lambda: json.loads(heartbeat.read_text())["pid"] == second and executor_check(settings) == "ok",
+        wait_until(lambda: json.loads(heartbeat.read_text())["pid"] == second and executor_check(settings) == "ok",
                60, "the new executor's heartbeat")
         assert keeper.starts == 2 and not keeper.gave_up
     finally:
@@ -55,7 +48,7 @@ def test_a_crash_loop_is_given_up_on(tmp_path: Path) -> None:
                             window_s=60, poll_s=0.05)
     keeper.start()
     try:
-        _until(lambda: keeper.gave_up, 30, "the keeper to give up")
+        wait_until(lambda: keeper.gave_up, 30, "the keeper to give up")
     finally:
         keeper.stop(grace_s=5)
     assert keeper.starts == 3  # the first start and two restarts (after 1 s, then 2 s)
