@@ -18,14 +18,17 @@ Procedure (docs/method.md §12; paper §5.3):
   spec, or the `baseline` input's final model evaluated by this stage's own evaluation, so reference and curve
   cover the same documents (the baseline must share the corpus, held-out draw and context). Recovery = the first
   evaluated step whose forget loss is <= the reference (`steps_to_recovery`, pure); forget tokens = target tokens
-  trained on forget batches up to that step.
+  trained on forget batches up to that step. Mean excess = the area between the curve and the reference where the
+  curve is above it, per step (`mean_excess`, pure): a grade for attacks that do not recover within their budget.
 - Not resumable: an attack is short. A stop request raises `Cancelled` at a step boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,15 +86,39 @@ def steps_to_recovery(curve: Sequence[tuple[int, float]], reference: float) -> i
     return None
 
 
+def mean_excess(curve: Sequence[tuple[int, float]], reference: float) -> float | None:
+    """The mean forget-loss excess over `reference` along the attack (nats): the area between the piecewise-linear
+    curve and the reference where the curve is above it, divided by the steps the curve spans. It grades attacks
+    that do not recover within their budget, which steps to recovery cannot, and reads the whole curve, not only its
+    last point. 0 for a model at or below the reference throughout; None for fewer than two points, or any NaN.
+
+    Args:
+        curve: (step, forget loss) per evaluation, in any order (sorted here).
+        reference: the no-filter baseline's forget loss.
+    """
+    points = sorted((step, loss - reference) for step, loss in curve)
+    if len(points) < 2 or points[-1][0] == points[0][0] or not all(math.isfinite(g) for _, g in points):
+        return None
+    area = 0.0
+    for (s0, g0), (s1, g1) in itertools.pairwise(points):
+        if g0 >= 0 and g1 >= 0:
+            area += (g0 + g1) / 2 * (s1 - s0)
+        elif g0 > 0 or g1 > 0:  # the segment crosses the reference: only the triangle above it counts
+            area += max(g0, g1) ** 2 / (abs(g0) + abs(g1)) * (s1 - s0) / 2
+    return area / (points[-1][0] - points[0][0])
+
+
 @dataclass(frozen=True)
 class Recovery:
-    """Steps and forget tokens an attacker needed to reach the reference, or None when it did not within `steps`."""
+    """Steps and forget tokens an attacker needed to reach the reference, or None when it did not within `steps`;
+    and the curve's mean excess over the reference (`mean_excess`), recovered or not."""
 
     reference: float
     steps: int  # the attack's length
     step: int | None
     forget_tokens: int | None
     tokens: int | None
+    mean_excess: float | None
 
     @property
     def recovered(self) -> bool:
@@ -105,17 +132,18 @@ class Recovery:
     def as_dict(self) -> dict[str, Any]:
         return {"reference_forget_loss": self.reference, "attack_steps": self.steps, "recovered": self.recovered,
                 "steps_to_recovery": self.step, "forget_tokens_to_recovery": self.forget_tokens,
-                "tokens_to_recovery": self.tokens, "verdict": self.describe()}
+                "tokens_to_recovery": self.tokens, "mean_excess_forget_loss": self.mean_excess,
+                "verdict": self.describe()}
 
 
 def recovery_from_history(history: Sequence[Mapping[str, Any]], reference: float, key: str, steps: int) -> Recovery:
     """Recovery of an attack's evaluation history (records with `step`, `tokens`, `forget_tokens`, `metrics`)."""
     curve = [(int(h["step"]), float(h["metrics"].get(key, float("nan")))) for h in history]
-    step = steps_to_recovery(curve, reference)
+    step, excess = steps_to_recovery(curve, reference), mean_excess(curve, reference)
     if step is None:
-        return Recovery(reference, steps, None, None, None)
+        return Recovery(reference, steps, None, None, None, excess)
     at = next(h for h in history if int(h["step"]) == step)
-    return Recovery(reference, steps, step, int(at["forget_tokens"]), int(at["tokens"]))
+    return Recovery(reference, steps, step, int(at["forget_tokens"]), int(at["tokens"]), excess)
 
 
 def forget_key(spec: AttackSpec) -> str:
@@ -347,6 +375,8 @@ def run_attack_stage(spec: AttackSpec, parent: Mapping[str, Any], baseline: Mapp
     final = result.history[-1]["metrics"]
     metrics = {f"eval/{k}": v for k, v in final.items()}
     metrics["attack/start_forget_loss"] = result.history[0]["metrics"].get(forget_key(spec), float("nan"))
+    if rec.mean_excess is not None:
+        metrics["attack/mean_excess_forget_loss"] = rec.mean_excess
     if rec.step is not None:
         metrics["attack/steps_to_recovery"] = float(rec.step)
         metrics["attack/forget_tokens_to_recovery"] = float(rec.forget_tokens or 0)

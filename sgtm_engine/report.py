@@ -87,8 +87,8 @@ def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 def attack_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
     """Per attack stage: `<stage>/steps_to_recovery` (None if not recovered), `/recovered` (0/1),
     `/forget_tokens_to_recovery`, `/start_forget_loss`, `/end_forget_loss`, `/start_retain_loss`, `/end_gap` (end
-    forget loss minus this seed's reference), `/reference_forget_loss`, `/forget_prefix_loss` (conditional models'
-    zero-step attack) and `/attack_steps`."""
+    forget loss minus this seed's reference), `/mean_excess_forget_loss` (the curve's mean excess over the reference),
+    `/reference_forget_loss`, `/forget_prefix_loss` (conditional models' zero-step attack) and `/attack_steps`."""
     out: dict[str, float | None] = {}
     for name, res in stages_of(record, "attack"):
         summary = res.get("summary") or {}
@@ -101,6 +101,7 @@ def attack_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
         out[f"{name}/end_forget_loss"] = curve[-1][1] if curve else None
         out[f"{name}/start_retain_loss"] = retain[0][1] if retain else None
         out[f"{name}/end_gap"] = curve[-1][1] - reference if curve and reference is not None else None
+        out[f"{name}/mean_excess_forget_loss"] = summary.get("mean_excess_forget_loss")
         out[f"{name}/reference_forget_loss"] = reference
         out[f"{name}/forget_prefix_loss"] = summary.get("forget_prefix_step0_forget_loss")
         out[f"{name}/attack_steps"] = summary.get("steps")
@@ -266,7 +267,8 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 _MD_ATTACK = (("start_forget_loss", "forget loss at step 0"), ("start_retain_loss", "retain loss at step 0"),
               ("recovered", "recovered"), ("steps_to_recovery", "steps to recovery"),
               ("forget_tokens_to_recovery", "forget tokens to recovery"),
-              ("end_gap", "forget loss − reference at the end"))
+              ("end_gap", "forget loss − reference at the end"),
+              ("mean_excess_forget_loss", "mean forget loss − reference over the attack"))
 
 
 def _final_columns(columns: Sequence[str]) -> list[tuple[str, str | None, str]]:

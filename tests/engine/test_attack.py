@@ -7,11 +7,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sgtm_engine.attack import (
     attack,
+    mean_excess,
     prepare_attack_data,
     recovery_from_history,
     start_model,
@@ -54,11 +58,38 @@ def test_steps_to_recovery_on_synthetic_curves(curve, reference, expected):
     assert steps_to_recovery(curve, reference) == expected
 
 
+@pytest.mark.parametrize(("curve", "reference", "expected"), [
+    ([(0, 5.0), (10, 5.0)], 3.0, 2.0),  # flat above: the gap itself
+    ([(0, 5.0), (10, 3.0), (20, 5.0)], 3.0, 1.0),  # two trapezoids of area 10 over 20 steps
+    ([(0, 4.0), (10, 2.0)], 3.0, 0.25),  # crosses at step 5: only the triangle above counts (2.5 / 10)
+    ([(0, 2.0), (10, 4.0)], 3.0, 0.25),  # crossing upwards
+    ([(10, 2.0), (0, 4.0)], 3.0, 0.25),  # order of the records does not matter
+    ([(0, 2.0), (10, 1.0)], 3.0, 0.0),  # at or below the reference throughout (the baseline itself)
+    ([(0, 5.0), (10, math.nan)], 3.0, None),  # a NaN leaves the area undefined
+    ([(0, 5.0)], 3.0, None),
+    ([], 3.0, None),
+])
+def test_mean_excess_on_synthetic_curves(curve, reference, expected):
+    assert mean_excess(curve, reference) == (pytest.approx(expected) if expected is not None else None)
+
+
+@given(st.lists(st.floats(-3.0, 3.0), min_size=2, max_size=8), st.floats(-1.0, 1.0))
+def test_mean_excess_is_the_mean_of_the_positive_part_of_the_interpolated_curve(gaps, reference):
+    steps = [10 * i for i in range(len(gaps))]
+    dense = np.linspace(0, steps[-1], 200_001)
+    positive = np.maximum(np.interp(dense, steps, [reference + g for g in gaps]) - reference, 0.0)
+    expected = float(np.mean((positive[1:] + positive[:-1]) / 2))
+    assert mean_excess(list(zip(steps, [reference + g for g in gaps], strict=True)), reference) == pytest.approx(
+        expected, abs=1e-6)
+
+
 def test_recovery_reports_steps_and_forget_tokens_or_not_recovered():
     history = [{"step": s, "tokens": 100 * s, "forget_tokens": 40 * s, "metrics": {"forget/loss": loss}}
                for s, loss in [(0, 6.0), (10, 5.0), (20, 4.2), (30, 4.5)]]
     rec = recovery_from_history(history, 4.4, "forget/loss", 30)
     assert (rec.step, rec.forget_tokens, rec.tokens) == (20, 800, 2000)
+    assert rec.as_dict()["mean_excess_forget_loss"] == pytest.approx(((1.6 + 0.6) / 2 * 10 + 0.6 ** 2 / 0.8 * 5
+                                                                       + 0.1 ** 2 / 0.3 * 5) / 30)
     assert rec.describe() == "recovered at step 20 (800 forget tokens)"
     never = recovery_from_history(history, 4.0, "forget/loss", 30)
     assert never.step is None and never.forget_tokens is None
@@ -130,6 +161,9 @@ def test_the_baseline_attacked_recovers_at_step_zero_and_bad_references_are_refu
     far = run_stage("attack", {**ATTACK, "reference_forget_loss": 0.5}, stages / "att_far",
                     inputs={"model": stages / "base"}, cache_dir=cache)
     assert far["recovery"]["verdict"] == "not recovered within 6 steps"
+    curve = [(h["step"], h["metrics"]["forget/loss"] - 0.5) for h in far["history"]]  # above 0.5 throughout
+    area = sum((g0 + g1) / 2 * (s1 - s0) for (s0, g0), (s1, g1) in zip(curve, curve[1:], strict=False))
+    assert far["metrics"]["attack/mean_excess_forget_loss"] == pytest.approx(area / 6)
     assert "attack/steps_to_recovery" not in far["metrics"]
 
 

@@ -123,6 +123,19 @@ def test_attack_statistics_are_over_recovered_seeds_with_k_of_n():
     assert f"| 1/2 | 15 | {tokens:,} | " in report_markdown(report)
 
 
+def test_attack_table_averages_the_mean_excess_over_all_seeds_recovered_or_not():
+    records = _load("attack")
+    for i, r in enumerate(r for r in records if r["variant"] == "weak_filter"):
+        r["stages"]["attack"]["summary"].update(mean_excess_forget_loss=[0.5, 0.7][i], steps_to_recovery=None)
+    report = build_report(records, None)
+    row = next(r for r in report["tables"][1]["rows"] if r["variant"] == "weak_filter")
+    assert row["stats"]["attack/mean_excess_forget_loss"] == pytest.approx({"mean": 0.6, "std": math.sqrt(0.02),
+                                                                            "n": 2})
+    md = report_markdown(report)
+    assert "| mean forget loss − reference over the attack |" in md
+    assert md.split("| weak_filter |")[2].split("\n")[0].endswith("| 0.600 ± 0.141 |")
+
+
 def test_attack_markdown_says_not_recovered():
     records = _load("attack")
     for r in records:
