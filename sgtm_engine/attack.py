@@ -30,10 +30,10 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -65,9 +65,11 @@ from sgtm_engine.runtime import Runtime, StopFlag
 from sgtm_engine.steps import optimizer_step
 from sgtm_engine.tracking import NullTracker, Tracker
 
+if TYPE_CHECKING:
+    from sgtm_engine.progress import Emit
+
 log = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], None]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Recovery: pure functions of a curve

@@ -18,9 +18,9 @@ import copy
 import logging
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import IGNORE_INDEX, GPTNeoLM
 from sgtm_engine.model.hf import save_hf
 from sgtm_engine.runtime import Runtime
+
+if TYPE_CHECKING:
+    from sgtm_engine.progress import Emit
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +254,7 @@ def capability(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Run
 
 def evaluate_views(model: GPTNeoLM, data: PreparedData, eval_spec: EvalSpec, ablate_spec: AblateSpec | None,
                    calibrate_spec: CalibrateSpec, runtime: Runtime, with_capability: bool = True,
-                   save_calibrated: Path | None = None, emit: Callable[[dict[str, Any]], None] | None = None
+                   save_calibrated: Path | None = None, emit: Emit | None = None
                    ) -> dict[str, dict[str, float]]:
     """{'eval': unablated, 'eval_ablated': ..., 'eval_calibrated': ...} metrics; the model is left untouched.
     `save_calibrated`: where to write the calibrated model (the deployable one), when calibration runs.

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.mlflow_keys import run_tags
@@ -25,6 +25,9 @@ from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report
 from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
 from sgtm_engine.yamlio import dump_yaml
+
+if TYPE_CHECKING:
+    from sgtm_engine.progress import Emit
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The sweep document
@@ -75,7 +78,7 @@ def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
 
 def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | None = None,
               cache_dir: Path | None = None, echo: Callable[[str], None] = print,
-              events: Callable[[str], Callable[[dict[str, Any]], None]] | None = None) -> dict[str, Any]:
+              events: Callable[[str], Emit] | None = None) -> dict[str, Any]:
     """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.
     `mlflow_uri` None: no tracking. `events(stage label)`: where each stage also sends its progress events
     (progress bars, which then tell when it is done), from a worker process too."""
@@ -133,7 +136,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
 
 
 def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: str, cache_dir: Path | None,
-               echo: Callable[[str], None], events: Callable[[str], Callable[[dict[str, Any]], None]] | None
+               echo: Callable[[str], None], events: Callable[[str], Emit] | None
                ) -> dict[str, str]:
     """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {folder name: error} of the
     failed ones (a task whose input failed fails without running). Worker processes send their stages' events
@@ -200,7 +203,7 @@ def _inbox(context: Any) -> Any:
     return context.SimpleQueue()
 
 
-def _worker_emit(label: str) -> Callable[[dict[str, Any]], None] | None:
+def _worker_emit(label: str) -> Emit | None:
     """In a worker process: the event callback of stage `label`, or None when nobody listens."""
     outbox = _OUTBOX
     return None if outbox is None else lambda event: outbox.put((label, event))
@@ -216,7 +219,7 @@ def _start_worker(outbox: Any, jobs: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
-def _deliver(inbox: Any, events: Callable[[str], Callable[[dict[str, Any]], None]] | None) -> None:
+def _deliver(inbox: Any, events: Callable[[str], Emit] | None) -> None:
     """Hand the events the workers have sent so far to their stages' callbacks."""
     while inbox is not None and events is not None and not inbox.empty():
         label, event = inbox.get()
@@ -224,7 +227,7 @@ def _deliver(inbox: Any, events: Callable[[str], Callable[[dict[str, Any]], None
 
 
 def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None,
-              emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+              emit: Emit | None = None) -> None:
     from sgtm_engine.runner import run_tracked_stage
 
     emit = emit or _worker_emit(task.name)

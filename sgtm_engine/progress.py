@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+#: Where a stage sends its events (stage.py documents them); the engine's modules import it for annotations only.
 Emit = Callable[[dict[str, Any]], None]
 
 #: The evaluation views, in the order a model goes through them, and how a person calls them.

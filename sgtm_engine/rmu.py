@@ -27,10 +27,10 @@ import copy
 import fnmatch
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,9 +44,11 @@ from sgtm_engine.model.hf import load_hf, save_hf
 from sgtm_engine.runtime import Runtime, StopFlag
 from sgtm_engine.tracking import NullTracker, Tracker
 
+if TYPE_CHECKING:
+    from sgtm_engine.progress import Emit
+
 log = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], None]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Which layer, which parameters

@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import StageKind, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
@@ -20,6 +20,9 @@ from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe, recipe_data
 from sgtm_engine.stage import finished_result, run_stage, write_json
 from sgtm_engine.tracking import MlflowTracker, NullTracker, Tracker, local_artifact_root, local_tracking_uri
+
+if TYPE_CHECKING:
+    from sgtm_engine.progress import Emit
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def parent_run(workdir: Path, uri: str | None, experiment: str, name: str, *, ta
 
 def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str, Path], *, uri: str | None,
                       experiment: str, name: str, parent_run_id: str | None, tags: dict[str, str] | None = None,
-                      cache_dir: Path | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
+                      cache_dir: Path | None = None, emit: Emit | None = None,
                       overwrite: bool = False, recipe: str | None = None, artifact_root: Path | None = None
                       ) -> dict[str, Any]:
     """Run one stage in `folder` inside its own MLflow run (tags and params as mlflow_keys.run_tags and spec_params
@@ -83,7 +86,7 @@ def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str
 
 def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, track: bool = True,
                cache_dir: Path | None = None, experiment: str | None = None,
-               events: Callable[[str], Callable[[dict[str, Any]], None]] | None = None, overwrite: bool = False,
+               events: Callable[[str], Emit] | None = None, overwrite: bool = False,
                run_name: str | None = None) -> dict[str, Any]:
     """Run every stage; returns (and writes to WORKDIR/result.json) {'recipe', 'stages': {name: result}}.
 

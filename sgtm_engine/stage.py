@@ -19,9 +19,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import (
     STAGE_SPECS,
@@ -45,6 +44,9 @@ from sgtm_engine.provenance import code_version
 from sgtm_engine.runtime import Runtime, StopFlag, resolve_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
 
+if TYPE_CHECKING:
+    from sgtm_engine.progress import Emit
+
 log = logging.getLogger(__name__)
 
 RESULT = "result.json"
@@ -54,7 +56,7 @@ EVENTS = "events.jsonl"
 class EventLog:
     """Appends events to `events.jsonl` (flushed per line, so a supervisor can tail it) and forwards them."""
 
-    def __init__(self, workdir: Path, forward: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, workdir: Path, forward: Emit | None = None):
         self.path = workdir / EVENTS
         self.forward = forward
 
@@ -261,7 +263,7 @@ STAGE_RUNNERS = {StageKind.TRAIN: run_train, StageKind.ABLATE: run_ablate, Stage
 
 
 def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dict[str, Path] | None = None,
-              tracker: Tracker | None = None, emit: Callable[[dict[str, Any]], None] | None = None,
+              tracker: Tracker | None = None, emit: Emit | None = None,
               stop: StopFlag | None = None, cache_dir: str | Path | None = None, overwrite: bool = False
               ) -> dict[str, Any]:
     """Run one stage in `workdir` and return (and write) its result record.

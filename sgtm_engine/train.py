@@ -17,10 +17,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -46,9 +45,11 @@ from sgtm_engine.runtime import Runtime, StopFlag
 from sgtm_engine.steps import optimizer_step
 from sgtm_engine.tracking import NullTracker, Tracker
 
+if TYPE_CHECKING:
+    from sgtm_engine.progress import Emit
+
 log = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], None]
 
 
 @dataclass
