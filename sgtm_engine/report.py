@@ -268,7 +268,7 @@ _MD_ATTACK = (("start_forget_loss", "forget loss at step 0"), ("start_retain_los
               ("recovered", "recovered"), ("steps_to_recovery", "steps to recovery"),
               ("forget_tokens_to_recovery", "forget tokens to recovery"),
               ("end_gap", "forget loss − reference at the end"),
-              ("mean_excess_forget_loss", "mean forget loss − reference over the attack"))
+              ("mean_excess_forget_loss", "forget loss above the reference, mean over the attack"))
 
 
 def _final_columns(columns: Sequence[str]) -> list[tuple[str, str | None, str]]:
