@@ -60,14 +60,14 @@ def loss_table(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Run
                 break
             rows = test.tokens[start:start + spec.batch_size].to(runtime.device)
             inputs, labels = data.inputs_and_labels(rows)
-            mask = labels != IGNORE_INDEX
-            total_tokens += int(mask.sum())
-            with runtime.autocast():
-                logits = model(inputs)[0].float()
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
+            total_tokens += int((labels != IGNORE_INDEX).sum())
+            ce, correct = torch.zeros((), device=runtime.device), torch.zeros((), device=runtime.device)
+            with runtime.autocast():  # the head in row chunks, as the training loss: no whole logit matrix
+                for logits, targets in model.head_chunks(model.hidden_states(inputs), labels):
+                    ce += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+                    correct += ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
             total_loss += float(ce)
-            total_correct += int(((logits.argmax(-1) == labels) & mask).sum())
+            total_correct += int(correct)
         if total_tokens == 0:
             continue
         loss, acc = total_loss / total_tokens, total_correct / total_tokens

@@ -11,6 +11,9 @@ Choices (docs/method.md §1, §5):
   activation masking simply compute the surviving units/heads on parameter slices, which is exact (gelu_new(0) = 0,
   a zero head contributes nothing to out_proj) and cheaper than computing and zeroing. Gradient routing computes the
   retain units/heads without autograd, which is `.detach()` on them.
+- The loss never builds the whole [tokens, vocab] logit matrix: the output head and the cross-entropy run over row
+  chunks of at most `HEAD_CHUNK_LOGITS` logits (`head_chunks`), which bounds the loss's transient memory and, on CPU,
+  keeps each piece under glibc's 32 MiB mmap ceiling, so a step does not page-fault fresh mappings for its logits.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, Strategy
 from sgtm_engine.model.partition import BlockPlan, Partition
 
 IGNORE_INDEX = -100
+#: Logits per chunk of the output head when a loss is computed: 2^22 fp32 logits are 16 MiB.
+HEAD_CHUNK_LOGITS = 1 << 22
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +165,8 @@ class Transformer(nn.Module):
 
 
 class GPTNeoLM(nn.Module):
-    """The causal LM. `forward(input_ids, labels)` returns (logits, loss); the step's mode comes from `set_mode`."""
+    """The causal LM. `forward(input_ids)` returns (logits, None), `forward(input_ids, labels)` (None, loss); the step's
+    mode comes from `set_mode`."""
 
     def __init__(self, spec: ModelSpec, masking: MaskingSpec | None = None, vocab_size: int | None = None):
         super().__init__()
@@ -223,17 +229,28 @@ class GPTNeoLM(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V); with `labels` (aligned to positions, -100 ignored) also the mean CE in fp32.
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, V), None); with `labels` (aligned to positions, -100 ignored) (None, the mean CE in fp32).
 
-        The loss is computed from fp32 logits, as stock GPT-Neo does, so bf16 autocast changes only the matmuls.
+        With labels the logits are not returned: the loss is summed over `head_chunks` and divided by the target
+        tokens, the same token-weighted mean stock GPT-Neo's cross-entropy takes over the whole matrix. The loss is
+        computed from fp32 logits, as stock GPT-Neo does, so bf16 autocast changes only the matmuls.
         """
-        logits = self.lm_head(self.hidden_states(input_ids))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
+        hidden = self.hidden_states(input_ids)
+        if labels is None:
+            return self.lm_head(hidden), None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for logits, targets in self.head_chunks(hidden, labels):
+            total = total + F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return None, total / (labels != IGNORE_INDEX).sum()
+
+    def head_chunks(self, hidden: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The output head over consecutive row chunks of the flattened positions: (fp32 logits [rows, V], labels
+        [rows]) with at most `HEAD_CHUNK_LOGITS` logits each, computed as the caller takes them."""
+        rows = max(1, HEAD_CHUNK_LOGITS // self.vocab_size)
+        flat_hidden, flat_labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+        for h, y in zip(flat_hidden.split(rows), flat_labels.split(rows), strict=True):
+            yield self.lm_head(h).float(), y
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

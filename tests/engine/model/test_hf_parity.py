@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sgtm_engine.config import MaskingSpec, ModelSpec, Strategy
+from sgtm_engine.model import gpt_neo
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.hf import from_hf_model, load_hf, save_hf, to_hf_model
 
@@ -33,11 +34,22 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
 
-def test_logits_loss_and_every_gradient_match_stock_gpt_neo():
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["one head chunk", "head chunks of 7 rows"])
+def test_logits_loss_and_every_gradient_match_stock_gpt_neo(monkeypatch, chunk_rows):
+    """With labels the loss runs the output head over row chunks: 3 x 40 positions in chunks of 7 rows end in a ragged
+    chunk of 1 row, and the last two chunks have no target at all."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(gpt_neo, "HEAD_CHUNK_LOGITS", chunk_rows * SPEC.vocab_size)
     ours, hf = _pair()
     ids = torch.randint(0, SPEC.vocab_size, (3, SPEC.context))
-    logits, loss = ours(ids, _labels(ids))
-    out = hf(input_ids=ids, labels=ids)
+    labels = _labels(ids)
+    labels[2, -8:] = -100  # rows 112..119: chunks 16 (7 rows) and 17 (1 row)
+    if chunk_rows is not None:
+        assert len(list(ours.head_chunks(ours.hidden_states(ids), labels))) == 18
+    logits, none = ours(ids)
+    nothing, loss = ours(ids, labels)
+    assert none is None and nothing is None
+    out = hf(input_ids=ids, labels=labels.roll(1, dims=1))  # HF shifts: its labels[t + 1] is our labels[t]
     torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, out.loss, rtol=1e-6, atol=1e-6)
     loss.backward()
