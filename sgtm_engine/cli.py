@@ -141,12 +141,15 @@ def run_cmd(
             results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
                                  cache_dir=cache_dir, overwrite=overwrite, events=bars.stage, run_name=run_name)
         except BaseException as exc:  # the bars mark the stage that was running; the error is printed once, below
-            _stopped(bars, exc, f"{resume} continues: finished stages are kept, and a stage cut off resumes from its "
-                                "last checkpoint")
+            _stopped(bars, exc, f"{resume} continues: {KEPT_ON_RESUME}")
             if isinstance(exc, SgtmError):
                 _fail(exc)
             raise
     _summary(bars.console, workdir, results)
+
+
+#: What a rerun of an interrupted `run` or `sweep` keeps.
+KEPT_ON_RESUME = "finished stages are kept, and a stage cut off resumes from its last checkpoint"
 
 
 def _stopped(bars, exc: BaseException, resume: str) -> None:
@@ -303,8 +306,7 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
                                    echo=lambda line: bars.console.print(line, markup=False, highlight=False),
                                    events=bars.stage)
             except BaseException as exc:
-                _stopped(bars, exc, "the same command continues: succeeded cells are skipped, finished stages are "
-                                    "kept, and a stage cut off resumes from its last checkpoint")
+                _stopped(bars, exc, f"the same command continues: succeeded cells are skipped, {KEPT_ON_RESUME}")
                 raise
     except SgtmError as exc:
         _fail(exc)
