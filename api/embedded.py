@@ -3,7 +3,8 @@
 An executor can die under the API that feeds it (the kernel's OOM killer, a crash in a native library). Without a
 keeper the API would go on accepting jobs that nothing runs. The new executor requeues the job the old one left
 running (it holds the data root's lock, so every `running` job is an orphan), and that job resumes from its
-checkpoint; the old executor's engine child has already been stopped by its parent-death signal.
+checkpoint; the old executor's engine child stops itself when its stdin lifeline closes, and the new attempt waits
+for its workdir lock until it has.
 
 An executor that exits cleanly (exit code 0) was asked to stop and stays stopped. A crash loop is not hidden: each
 exit is logged with its code, restarts back off (1, 2, 4 … 30 s), and after `max_restarts` exits within `window_s`

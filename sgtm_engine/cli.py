@@ -15,11 +15,14 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from sgtm_engine.errors import EXIT_UNEXPECTED, ConfigError, SgtmError
+from sgtm_engine.errors import EXIT_CANCELLED, EXIT_UNEXPECTED, ConfigError, SgtmError
+
+if TYPE_CHECKING:
+    from sgtm_engine.runtime import StopFlag  # torch: the CLI imports it only in the commands that run stages
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 log = logging.getLogger("sgtm")
@@ -50,6 +53,9 @@ def run_stage_cmd(
     cache_dir: Annotated[Path, typer.Option(help="content-addressed data cache")] = DEFAULT_CACHE,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start over if WORKDIR holds a run of another "
                                                                 "spec (else that is refused)")] = False,
+    stdin_lifeline: Annotated[float | None, typer.Option(
+        help="stdin is the parent's lifeline: at its end of file (the parent is gone) stop as on SIGTERM, and exit "
+             "at most this many seconds later")] = None,
 ) -> None:
     """Run one stage; exit code per sgtm_engine.errors. Used by the service's supervisor."""
     from sgtm_engine.runtime import StopFlag, setup_logging
@@ -59,6 +65,8 @@ def run_stage_cmd(
     setup_logging()
     workdir.mkdir(parents=True, exist_ok=True)
     stop = StopFlag().install()
+    if stdin_lifeline is not None:
+        _stop_when_orphaned(stop, stdin_lifeline)
     try:
         inputs = {}
         for pair in input or []:
@@ -79,6 +87,23 @@ def run_stage_cmd(
         if not isinstance(exc, SgtmError):
             log.exception("stage failed")
         _fail(exc)
+
+
+def _stop_when_orphaned(stop: StopFlag, grace_s: float) -> None:
+    """When the parent is gone nobody will read this stage's outcome, and a new attempt waits for its workdir: stop
+    as on SIGTERM (a checkpoint at the next step boundary), and exit after `grace_s` if no boundary comes."""
+    import time
+
+    from sgtm_engine.lifeline import watch_stdin
+
+    def orphaned() -> None:
+        log.warning("stdin closed: the parent process is gone; stopping at the next step boundary")
+        stop.requested = True
+        time.sleep(grace_s)  # a daemon thread: the process ends without waiting for it once the stage has stopped
+        log.error("no step boundary within %.0f s of losing the parent; exiting", grace_s)
+        os._exit(EXIT_CANCELLED)
+
+    watch_stdin(orphaned)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Choices made here:
 - `start_new_session=True`: the child leads its own process group, so SIGTERM/SIGKILL reach torchrun's workers and
   any DataLoader workers too, and a Ctrl-C aimed at the worker does not hit the child directly.
-- `PR_SET_PDEATHSIG` (Linux): if the supervisor dies (kill -9, OOM), the kernel signals the child, so no orphan
-  keeps training on a job the reaper is about to requeue. SIGKILL for a plain child (it resumes from its last
-  checkpoint); SIGTERM for torchrun, which forwards it to its workers.
+- stdin is a lifeline (`sgtm_engine.lifeline`, `run-stage --stdin-lifeline`): a pipe the supervisor holds and never
+  writes. If the supervisor dies (kill -9, OOM) the kernel closes its end, and the engine stops as on SIGTERM
+  (checkpointing at the next step boundary) and exits at most `cancel_grace_s` later, so no orphan keeps training on
+  a job the reaper is about to requeue. torchrun's workers inherit stdin and watch it themselves.
 - Output goes to `<workdir>/logs/attempt-<n>.log`; its tail becomes the job's error message on failure.
 - An explicit, minimal environment (`engine_env`): the toolchain, locale, accelerator and thread settings, MLflow's
   own client credentials, and the names the operator lists in `engine_env_passthrough`. Never the service's
@@ -15,24 +16,20 @@ Choices made here:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from api.config import Settings
-
-PR_SET_PDEATHSIG = 1
 
 
 def build_argv(settings: Settings, *, kind: str, spec_path: Path, workdir: Path, inputs: Mapping[str, Path],
                mlflow_uri: str | None, mlflow_run_id: str | None, gpus: int) -> list[str]:
     """`… run-stage --kind K --spec S --workdir W [--input NAME=DIR …] [--mlflow-uri U --mlflow-run-id R]`."""
-    tail = ["run-stage", "--kind", kind, "--spec", str(spec_path), "--workdir", str(workdir)]
+    tail = ["run-stage", "--kind", kind, "--spec", str(spec_path), "--workdir", str(workdir),
+            "--stdin-lifeline", str(settings.cancel_grace_s)]
     for name, path in sorted(inputs.items()):
         tail += ["--input", f"{name}={path}"]
     if mlflow_uri and mlflow_run_id:
@@ -71,14 +68,13 @@ class Child:
     """A started engine process (group)."""
 
     def __init__(self, argv: Sequence[str], *, cwd: Path, log_path: Path, env: Mapping[str, str],
-                 pass_fds: Sequence[int] = (), death_signal: int = signal.SIGKILL):
+                 pass_fds: Sequence[int] = ()):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=dict(env), start_new_session=True, close_fds=True,
-                pass_fds=tuple(pass_fds), preexec_fn=_die_with_parent(death_signal))
+            self.proc = subprocess.Popen(  # stdin: the lifeline, open until cleanup() or our death
+                list(argv), cwd=cwd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(env), start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds))
         self.pid = self.proc.pid
 
     def poll(self) -> int | None:
@@ -98,6 +94,8 @@ class Child:
         if self.proc.poll() is None:
             self.signal_group(signal.SIGKILL)
             self.proc.wait()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self.signal_group(signal.SIGKILL)
 
     def log_tail(self, limit: int = 4000) -> str:
@@ -107,18 +105,6 @@ class Child:
                 return f.read().decode("utf-8", "replace").strip()
         except OSError:
             return ""
-
-
-def _die_with_parent(sig: int) -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)  # loaded before fork, not after
-    prctl = libc.prctl
-
-    def set_death_signal() -> None:
-        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-    return set_death_signal
 
 
 def describe_exit(code: int) -> str:

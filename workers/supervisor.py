@@ -136,8 +136,7 @@ class Supervisor:
             for stale in ("result.json", "error.json"):  # a result (or error) must come from this attempt
                 (workdir / stale).unlink(missing_ok=True)
             child = Child(argv, cwd=workdir, log_path=workdir / "logs" / f"attempt-{attempt}.log",
-                          env=engine_env(self.settings), pass_fds=[lock_fd],
-                          death_signal=signal.SIGTERM if job.gpus > 1 else signal.SIGKILL)
+                          env=engine_env(self.settings), pass_fds=[lock_fd])
             checkpoints = workdir / "checkpoints"
             resume = checkpoints.is_dir() and any(checkpoints.iterdir())
             with session_scope(self.factory) as session:

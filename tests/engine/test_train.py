@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from sgtm_engine.config import AblateSpec, CalibrateSpec, EvalSpec, MaskMode, TrainSpec, from_dict
 from sgtm_engine.data.prepare import prepare_data
-from sgtm_engine.errors import Cancelled
+from sgtm_engine.errors import EXIT_CANCELLED, Cancelled
 from sgtm_engine.evaluate import calibrate, evaluate_views
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import run_recipe
@@ -129,6 +130,36 @@ def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
     a, b = weights(Path(ddp["artifacts"]["model"])), weights(Path(one["artifacts"]["model"]))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one process", "torchrun, 2 ranks"])
+def test_run_stage_stops_with_a_checkpoint_when_its_stdin_lifeline_closes(tmp_path, cache, ranks):
+    """The supervisor's death closes the child's stdin; the stage stops as on SIGTERM (Cancelled, exit code 5) at a
+    step boundary, with a checkpoint to resume from. torchrun's ranks inherit stdin and stop together."""
+    (tmp_path / "spec.json").write_text(json.dumps({**TINY, "steps": 100_000, "checkpoint_every": 100_000}))
+    launcher = [sys.executable, "-m", "sgtm_engine"] if ranks == 1 else [
+        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), "-m",
+        "sgtm_engine"]
+    proc = subprocess.Popen([*launcher, "run-stage", "--kind", "train", "--spec", str(tmp_path / "spec.json"),
+                             "--workdir", str(tmp_path / "w"), "--cache-dir", str(cache), "--stdin-lifeline", "120"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    events = tmp_path / "w" / "events.jsonl"
+    deadline = time.monotonic() + 240
+    while not (events.exists() and '"progress"' in events.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.1)
+    assert proc.stdin is not None
+    proc.stdin.close()
+    closed = time.monotonic()
+    code = proc.wait(timeout=60)
+    stderr = proc.stderr.read().decode()
+    assert code == EXIT_CANCELLED if ranks == 1 else code != 0, stderr[-3000:]  # torchrun reports a failed rank as 1
+    assert stderr.count("error: Cancelled: stopped at step") == ranks, stderr[-3000:]  # every rank, at a boundary
+    assert time.monotonic() - closed < 60  # a step boundary, not the 120 s grace
+    assert json.loads((tmp_path / "w" / "error.json").read_text())["type"] == "Cancelled"
+    assert list((tmp_path / "w" / "checkpoints").iterdir())
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """A stand-in for `python -m sgtm_engine run-stage` that honours the child contract (the seam the supervisor is
 tested against): it parses the same flags, appends events to events.jsonl, checkpoints, resumes from a checkpoint,
-stops on SIGTERM at a step boundary with exit code 5, and writes result.json.
+stops on SIGTERM at a step boundary with exit code 5, stops the same way when its stdin lifeline closes (exiting
+after the grace period if no boundary comes), and writes result.json.
 
 Behaviour comes from the spec's `fake` mapping: steps, sleep (s per step), exit_code (at the end instead of 0),
-crash_at (step at which to SIGKILL itself, first attempt only), ignore_sigterm, checkpoint_every, no_result,
-dump_env (write the environment it was given to env.json).
+crash_at (step at which to SIGKILL itself, first attempt only), hang_at (step after which it sleeps an hour),
+ignore_sigterm, checkpoint_every, no_result, dump_env (write the environment it was given to env.json).
 """
 
 from __future__ import annotations
@@ -18,12 +19,21 @@ import sys
 import time
 from pathlib import Path
 
+from sgtm_engine.lifeline import watch_stdin
+
 stop = False
 
 
 def on_term(_signum, _frame):
     global stop
     stop = True
+
+
+def orphaned(grace_s: float) -> None:
+    global stop
+    stop = True
+    time.sleep(grace_s)
+    os._exit(5)
 
 
 def main() -> int:
@@ -37,7 +47,10 @@ def main() -> int:
     run.add_argument("--mlflow-uri")
     run.add_argument("--mlflow-run-id")
     run.add_argument("--cache-dir")
+    run.add_argument("--stdin-lifeline", type=float)
     args = parser.parse_args()
+    if args.stdin_lifeline is not None:
+        watch_stdin(lambda: orphaned(args.stdin_lifeline))
 
     workdir = Path(args.workdir)
     spec = json.loads(Path(args.spec).read_text())
@@ -68,6 +81,8 @@ def main() -> int:
     for step in range(start + 1, steps + 1):
         time.sleep(float(fake.get("sleep", 0.01)))
         emit(type="progress", step=step, total=steps, metrics={"train/loss": 1.0 / step})
+        if fake.get("hang_at") == step:  # a phase without step boundaries (data preparation, a long evaluation)
+            time.sleep(3600)
         if fake.get("crash_at") == step and attempt == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         if step % every == 0 or step == steps:

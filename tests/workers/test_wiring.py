@@ -35,8 +35,9 @@ def test_engine_argv_single_process_and_torchrun(tmp_path: Path) -> None:
     argv = build_argv(s, kind="ablate", spec_path=tmp_path / "spec.json", workdir=tmp_path, gpus=1,
                       inputs={"model": tmp_path / "parent"}, mlflow_uri="http://m:5000", mlflow_run_id="r1")
     assert argv == ["py", "-m", "sgtm_engine", "run-stage", "--kind", "ablate", "--spec", str(tmp_path / "spec.json"),
-                    "--workdir", str(tmp_path), "--input", f"model={tmp_path / 'parent'}", "--mlflow-uri",
-                    "http://m:5000", "--mlflow-run-id", "r1", "--cache-dir", str(tmp_path / "c")]
+                    "--workdir", str(tmp_path), "--stdin-lifeline", str(s.cancel_grace_s),
+                    "--input", f"model={tmp_path / 'parent'}", "--mlflow-uri", "http://m:5000", "--mlflow-run-id", "r1",
+                    "--cache-dir", str(tmp_path / "c")]
     ddp = build_argv(s, kind="train", spec_path=tmp_path / "s", workdir=tmp_path, inputs={}, mlflow_uri=None,
                      mlflow_run_id=None, gpus=4)
     assert ddp[:5] == [*s.torchrun_command, "--standalone", "--nproc_per_node=4"][:5]
