@@ -136,7 +136,9 @@ def _differences(theirs: dict[str, Any], kind: StageKind, spec: Any) -> list[tup
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
+    """Atomically: readers see the old file or the whole new one. The temporary file is this process's own, so
+    torchrun's ranks recording the same error at once do not rename each other's."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=True))
     tmp.replace(path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -33,3 +34,26 @@ def test_a_workdir_with_only_a_partial_checkpoint_starts_fresh_and_clean(tmp_pat
     partial = _partial(tmp_path / "checkpoints", 1)
     assert latest_checkpoint(tmp_path) is None
     assert not partial.exists()
+
+
+def _write_many(path: str, n: int) -> None:
+    from sgtm_engine.stage import write_json
+
+    for i in range(n):
+        write_json(Path(path), {"writer": os.getpid(), "i": i})
+
+
+def test_records_written_by_two_processes_at_once_stay_whole(tmp_path):
+    """torchrun's ranks record the same error.json together: neither may rename the other's temporary file away."""
+    import json
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_many, args=(str(tmp_path / "error.json"), 300)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert json.loads((tmp_path / "error.json").read_text())["i"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]
