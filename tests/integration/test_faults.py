@@ -94,7 +94,7 @@ def test_kill_9_of_the_engine_child_requeues_and_resumes_from_its_checkpoint(sta
 
 
 def test_a_lost_worker_is_reaped_and_the_job_resumes(stack: Stack) -> None:
-    """kill -9 of the supervising Celery process: its engine child dies with it (PDEATHSIG), the heartbeat goes
+    """kill -9 of the supervising Celery process: its engine child stops (its stdin lifeline closed), the heartbeat goes
     stale, beat's reaper requeues the job, a worker claims it (attempt 2) and the engine resumes."""
     with stack.client() as client:
         job_id = str(_submit(client, tiny_train(steps=STEPS_TO_OUTLAST_A_KILL))["id"])
