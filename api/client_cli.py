@@ -61,7 +61,7 @@ def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     os.environ.update(env)  # create_app (uvicorn factory) reads the same settings
     settings = Settings()
     upgrade(settings.ledger_url)
-    executor = ExecutorKeeper([sys.executable, "-m", "workers.local"], env)
+    executor = ExecutorKeeper([sys.executable, "-m", "workers.local", "--stdin-lifeline"], env)
     executor.start()
     console.print(f"[bold]sgtm[/] embedded: API http://{host}:{port} (docs at /docs), data in {data_root}")
     console.print(f"  token: {data_root / 'token'} (or SGTM_API_TOKENS)")

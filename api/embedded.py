@@ -53,18 +53,24 @@ class ExecutorKeeper:
             self._watcher.join()
         with self._lock:
             proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
 
     def _spawn(self) -> None:
         with self._lock:
-            self._proc = subprocess.Popen(self.argv, env=self.env)
+            if self._proc is not None and self._proc.stdin is not None:
+                self._proc.stdin.close()  # the exited executor's lifeline
+            # stdin: the executor's lifeline (`--stdin-lifeline`), open for as long as we live
+            self._proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.PIPE)
             self.starts += 1
 
     def _watch(self) -> None:

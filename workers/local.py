@@ -3,11 +3,14 @@
 It polls the ledger for ready jobs and supervises them one at a time; between jobs it runs the reaper. One executor
 per data root (a file lock): so at start-up every `running` job is an orphan of a previous run — it is requeued
 and resumes from its checkpoint. SIGTERM/SIGINT stop the current engine child cleanly (SIGTERM, checkpoint) and
-requeue its job for the next start.
+requeue its job for the next start. With `--stdin-lifeline` (how `sgtm serve` starts it) it stops the same way
+when its stdin reaches end of file: `sgtm serve` holds the pipe's other end, so its death, however it dies, stops us
+rather than leaving us to run on unseen.
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import logging
 import os
@@ -21,6 +24,7 @@ from api.db import jobs as repo
 from api.db.session import session_scope
 from api.liveness import write_executor_heartbeat
 from api.queue import NoopEnqueuer
+from sgtm_engine.lifeline import watch_stdin
 from workers.context import WorkerContext, build_worker_context
 from workers.reaper import reap
 
@@ -81,6 +85,10 @@ def hold_data_root(settings: Settings) -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers.local", description=__doc__.splitlines()[0])
+    parser.add_argument("--stdin-lifeline", action="store_true",
+                        help="stop when stdin reaches end of file (the process that started us is gone)")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     lock = hold_data_root(settings)
@@ -92,7 +100,8 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    threading.Thread(target=_stop_when_orphaned, args=(stop,), daemon=True).start()
+    if args.stdin_lifeline:
+        watch_stdin(lambda: _orphaned(stop))
     threading.Thread(target=_heartbeat, args=(settings, stop), daemon=True).start()
     try:
         LocalExecutor(settings, stop=stop).run_forever()
@@ -111,13 +120,9 @@ def _heartbeat(settings: Settings, stop: threading.Event) -> None:
             return
 
 
-def _stop_when_orphaned(stop: threading.Event) -> None:
-    """`sgtm serve` starts us; if it dies without stopping us (kill -9), stop too rather than run on unseen."""
-    parent = os.getppid()
-    while not stop.wait(1.0):
-        if os.getppid() != parent:
-            log.warning("executor: the parent process is gone; stopping")
-            stop.set()
+def _orphaned(stop: threading.Event) -> None:
+    log.warning("executor: stdin closed, the process that started us is gone; stopping")
+    stop.set()
 
 
 if __name__ == "__main__":
