@@ -193,7 +193,8 @@ def _row(group: Group, stats: Mapping[str, Stat]) -> dict[str, Any]:
 
 
 def tables(groups: Sequence[Group]) -> list[dict[str, Any]]:
-    """The `final` table (every group) and the `attack` table (groups with attack stages)."""
+    """The `final` table (every group), the `attack` table (groups with attack stages) and, where a method met more
+    than one attack configuration, the `attack_worst` table."""
     final_rows = [_row(g, _stats(g.ok, final_metrics)) for g in groups]
     attack_rows = [_row(g, _stats(g.ok, attack_metrics)) for g in groups]
     attack_rows = [r for r in attack_rows if r["stats"]]
@@ -203,7 +204,59 @@ def tables(groups: Sequence[Group]) -> list[dict[str, Any]]:
         out.append({"name": "attack", "title": "Fine-tuning attack, mean ± sample std over seeds "
                                                "(steps and tokens: over the seeds that recovered)",
                     "columns": sorted({k for r in attack_rows for k in r["stats"]}), "rows": attack_rows})
+    worst_rows = worst_case_rows(attack_rows, attack_axes([c for g in groups for c in g.cells]))
+    if worst_rows:
+        out.append({"name": "attack_worst", "title": "Fine-tuning attack, the worst case over attack configurations "
+                                                     "(most seeds recovered, then fewest steps to recovery, then "
+                                                     "least forget loss above the reference)",
+                    "columns": sorted({k for r in worst_rows for k in r["stats"]}), "rows": worst_rows})
     return out
+
+
+def attack_axes(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The grid paths that set a field of an attack stage (`attack.optim.lr`): the attack configurations."""
+    records = list(records)
+    attacks = {name for rec in records for name, _ in stages_of(rec, "attack")}
+    return list(dict.fromkeys(p for rec in records for p in rec.get("params") or {} if p.split(".")[0] in attacks))
+
+
+def worst_case_rows(attack_rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> list[dict[str, Any]]:
+    """Per method and setting (the attack table's groups with the attack axes left out), the attack configuration
+    (values of the attack axes, and the attack stage where a cell has several) that did best for the attacker, its
+    statistics as `worst/<metric>`. Only where there were at least two configurations to choose from."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in attack_rows:
+        setting = {k: v for k, v in row["params"].items() if k not in axes}
+        config = [f"{_leaf(k)}={v}" for k, v in row["params"].items() if k in axes]
+        entry = found.setdefault((row["variant"], json.dumps(setting, sort_keys=True, default=str)),
+                                 {"variant": row["variant"], "params": setting, "candidates": []})
+        stages = list(dict.fromkeys(k.split("/")[0] for k in row["stats"]))
+        for stage in stages:
+            stats = {k.split("/", 1)[1]: v for k, v in row["stats"].items() if k.startswith(stage + "/")}
+            label = ", ".join(config + ([stage] if len(stages) > 1 else [])) or stage
+            entry["candidates"].append((label, stats, row))
+    out = []
+    for entry in found.values():
+        if len(entry["candidates"]) < 2:
+            continue
+        label, stats, row = max(entry["candidates"], key=lambda c: _attacker_gain(c[1]))
+        out.append({"variant": entry["variant"], "params": entry["params"],
+                    "label": group_label(entry["variant"], entry["params"]), "n_cells": row["n_cells"],
+                    "n_succeeded": row["n_succeeded"], "configurations": len(entry["candidates"]), "worst": label,
+                    "stats": {f"worst/{k}": v for k, v in stats.items()}})
+    return out
+
+
+def _attacker_gain(stats: Mapping[str, Mapping[str, Any]]) -> tuple[float, float, float]:
+    """Orders attack configurations from the defender's best to worst: recovered fraction, then steps to recovery
+    (fewer is worse), then the mean forget loss left above the reference (less is worse)."""
+    def mean(key: str) -> float | None:
+        stat = stats.get(key)
+        return stat["mean"] if stat and stat["mean"] is not None else None
+
+    steps, excess = mean("steps_to_recovery"), mean("mean_excess_forget_loss")
+    return (mean("recovered") or 0.0, -steps if steps is not None else -math.inf,
+            -excess if excess is not None else -math.inf)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,7 +354,8 @@ def _attack_cell(row: Mapping[str, Any], key: str) -> str:
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
-    """The report's tables as markdown (the final models' main columns, the attack table), with cell counts."""
+    """The report's tables as markdown (the final models' main columns, the attack table and its worst case over
+    attack configurations), with cell counts."""
     others = ", ".join(f"{v} {k}" for k, v in sorted(report.get("statuses", {}).items()) if k != SUCCEEDED)
     lines = [f"Cells: {report['n_cells']}, {report['n_succeeded']} succeeded" + (f", {others}" if others else "")
              + ". Statistics are over the succeeded cells only: mean ± sample std (n where a metric has fewer "
@@ -310,12 +364,15 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         if table["name"] == "final":
             cols = _final_columns(table["columns"])
             headers = [h for _, _, h in cols]
+        elif table["name"] == "attack_worst":
+            cols = [(f"worst/{m}", None, h) for m, h in _MD_ATTACK]
+            headers = ["worst configuration", *(h for _, _, h in cols)]
         else:
             stages = list(dict.fromkeys(k.split("/")[0] for k in table["columns"]))
             cols = [(f"{st}/{m}", None, h if len(stages) == 1 else f"{st} {h}") for st in stages for m, h in _MD_ATTACK]
             headers = [h for _, _, h in cols]
         lines += [f"### {table['title']}", "", "| group | cells ok | " + " | ".join(headers) + " |",
-                  "|---|---|" + "---|" * len(cols)]
+                  "|---|---|" + "---|" * len(headers)]
         for row in table["rows"]:
             if table["name"] == "final":
                 def text(key: str, row: Mapping[str, Any] = row) -> str:
@@ -324,6 +381,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 cells = [text(m) + (f" ({text(b)})" if b else "") for m, b, _ in cols]
             else:
                 cells = [_attack_cell(row, key) for key, _, _ in cols]
+            if table["name"] == "attack_worst":
+                cells.insert(0, f"{row['worst']} (of {row['configurations']})")
             prefix = any(k.endswith("/forget_prefix_loss") and v["mean"] is not None for k, v in row["stats"].items())
             label = row["label"] + (" ¹" if prefix and table["name"] == "attack" else "")
             lines.append(f"| {label} | {row['n_succeeded']}/{row['n_cells']} | " + " | ".join(cells) + " |")

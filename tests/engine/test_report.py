@@ -144,6 +144,72 @@ def test_attack_markdown_says_not_recovered():
     assert "not recovered within 40 steps" in md and "| 0/2 |" in md
 
 
+def _two_attack_lrs(records: list[dict], faster: dict[str, int | None]) -> list[dict]:
+    """The recorded cells under `attack.optim.lr` 1e-3, and copies under 3e-3 whose steps to recovery are `faster`'s
+    (None: not recovered) for every seed, one train.noise.recall value throughout."""
+    out = []
+    for lr in (1e-3, 3e-3):
+        for rec in copy.deepcopy(records):
+            rec["params"] = {"train.noise.recall": 0.9, "attack.optim.lr": lr}
+            rec["cell_id"] += f"-{lr}"
+            if lr == 3e-3 and rec["variant"] in faster:
+                rec["stages"]["attack"]["summary"]["steps_to_recovery"] = faster[rec["variant"]]
+            out.append(rec)
+    return out
+
+
+def test_the_worst_case_over_attack_configurations_is_the_attackers_best():
+    """weak_filter recovers in 15 steps at lr 1e-3 and 4 at 3e-3: 3e-3 is its worst case. sgtm recovers in 5 at 1e-3
+    and not at all at 3e-3: 1e-3 is its worst case (recovering at all outranks any step count)."""
+    report = build_report(_two_attack_lrs(_load("attack"), {"weak_filter": 4, "sgtm": None}), None)
+    worst = next(t for t in report["tables"] if t["name"] == "attack_worst")
+    rows = {r["variant"]: r for r in worst["rows"]}
+    assert set(rows) == {"sgtm", "weak_filter"}
+    assert rows["weak_filter"]["params"] == {"train.noise.recall": 0.9}  # the attack axis is what it ranges over
+    assert rows["weak_filter"]["worst"] == "lr=0.003" and rows["weak_filter"]["configurations"] == 2
+    assert rows["weak_filter"]["stats"]["worst/steps_to_recovery"] == {"mean": 4.0, "std": 0.0, "n": 2}
+    assert rows["sgtm"]["worst"] == "lr=0.001"
+    assert rows["sgtm"]["stats"]["worst/steps_to_recovery"] == {"mean": 5.0, "std": 0.0, "n": 2}
+    assert report["metrics"]["weak_filter/recall_0.9/worst/steps_to_recovery/mean"] == 4.0
+    md = report_markdown(report)
+    assert "### Fine-tuning attack, the worst case over attack configurations" in md
+    assert "| weak_filter (recall=0.9) | 2/2 | lr=0.003 (of 2) | " in md
+    for table in md.split("### ")[1:]:  # every row of every table has the header's columns
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in rows}) == 1, table
+
+
+def test_ties_in_recovery_are_broken_by_the_forget_loss_left_above_the_reference():
+    records = _two_attack_lrs(_load("attack"), {})
+    for rec in records:
+        rec["stages"]["attack"]["summary"].update(
+            steps_to_recovery=None, mean_excess_forget_loss=0.2 if rec["params"]["attack.optim.lr"] == 3e-3 else 0.4)
+    report = build_report(records, None)
+    assert {r["worst"] for r in report["tables"][2]["rows"]} == {"lr=0.003"}
+    worst_md = report_markdown(report).split("worst case over attack configurations")[1]
+    assert "| lr=0.003 (of 2) | " in worst_md and "| 0/2 | not recovered within 40 steps |" in worst_md
+    assert worst_md.count("| 0.200 ± 0.000 |") == 2
+
+
+def test_no_worst_case_without_a_choice_of_attack():
+    """A grid over training settings only, one attack stage per cell: each group met one attack configuration."""
+    records = _load("attack")
+    for rec in records:
+        rec["params"] = {"train.noise.recall": 0.9}
+    assert [t["name"] for t in build_report(records, None)["tables"]] == ["final", "attack"]
+
+
+def test_attack_stages_of_one_cell_are_configurations_too():
+    records = _load("attack")
+    for rec in records:
+        strong = copy.deepcopy(rec["stages"]["attack"])
+        strong["summary"]["steps_to_recovery"] = 2 if rec["variant"] == "sgtm" else None
+        rec["stages"]["attack_strong"] = strong
+    rows = {r["variant"]: r for r in build_report(records, None)["tables"][2]["rows"]}
+    assert rows["sgtm"]["worst"] == "attack_strong" and rows["weak_filter"]["worst"] == "attack"
+    assert rows["sgtm"]["stats"]["worst/steps_to_recovery"]["mean"] == 2.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Figures from recorded runs
 
