@@ -17,20 +17,18 @@ Procedure (docs/method.md §12; paper §5.3):
   nothing here either). The reference is the no-filter baseline's final uncalibrated forget loss: a number in the
   spec, or the `baseline` input's final model evaluated by this stage's own evaluation, so reference and curve
   cover the same documents (the baseline must share the corpus, held-out draw and context). Recovery = the first
-  evaluated step whose forget loss is <= the reference (`steps_to_recovery`, pure); forget tokens = target tokens
-  trained on forget batches up to that step. Mean excess = the area between the curve and the reference where the
-  curve is above it, per step (`mean_excess`, pure): a grade for attacks that do not recover within their budget.
+  evaluated step whose forget loss is <= the reference; forget tokens = target tokens trained on forget batches up
+  to that step. Mean excess = the area between the curve and the reference where the curve is above it, per step:
+  a grade for attacks that do not recover within their budget. Both are pure functions (sgtm_engine/recovery.py).
 - Not resumable: an attack is short. A stop request raises `Cancelled` at a step boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +59,7 @@ from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.hf import load_hf, load_state, save_hf
 from sgtm_engine.model.optim import build_optimizer, lr_at, set_lr
+from sgtm_engine.recovery import Recovery, recovery_from_history
 from sgtm_engine.runtime import Runtime, StopFlag
 from sgtm_engine.steps import optimizer_step
 from sgtm_engine.tracking import NullTracker, Tracker
@@ -69,83 +68,6 @@ if TYPE_CHECKING:
     from sgtm_engine.progress import Emit
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Recovery: pure functions of a curve
-
-
-def steps_to_recovery(curve: Sequence[tuple[int, float]], reference: float) -> int | None:
-    """The first evaluated step whose forget loss is <= `reference`, or None if none is.
-
-    Args:
-        curve: (step, forget loss) per evaluation, in any order (sorted here); NaN never counts as recovered.
-        reference: the no-filter baseline's forget loss.
-    """
-    for step, loss in sorted(curve):
-        if loss <= reference:  # NaN compares False
-            return step
-    return None
-
-
-def mean_excess(curve: Sequence[tuple[int, float]], reference: float) -> float | None:
-    """The mean forget-loss excess over `reference` along the attack (nats): the area between the piecewise-linear
-    curve and the reference where the curve is above it, divided by the steps the curve spans. It grades attacks
-    that do not recover within their budget, which steps to recovery cannot, and reads the whole curve, not only its
-    last point. 0 for a model at or below the reference throughout; None for fewer than two points, or any NaN.
-
-    Args:
-        curve: (step, forget loss) per evaluation, in any order (sorted here).
-        reference: the no-filter baseline's forget loss.
-    """
-    points = sorted((step, loss - reference) for step, loss in curve)
-    if len(points) < 2 or points[-1][0] == points[0][0] or not all(math.isfinite(g) for _, g in points):
-        return None
-    area = 0.0
-    for (s0, g0), (s1, g1) in itertools.pairwise(points):
-        if g0 >= 0 and g1 >= 0:
-            area += (g0 + g1) / 2 * (s1 - s0)
-        elif g0 > 0 or g1 > 0:  # the segment crosses the reference: only the triangle above it counts
-            area += max(g0, g1) ** 2 / (abs(g0) + abs(g1)) * (s1 - s0) / 2
-    return area / (points[-1][0] - points[0][0])
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """Steps and forget tokens an attacker needed to reach the reference, or None when it did not within `steps`;
-    and the curve's mean excess over the reference (`mean_excess`), recovered or not."""
-
-    reference: float
-    steps: int  # the attack's length
-    step: int | None
-    forget_tokens: int | None
-    tokens: int | None
-    mean_excess: float | None
-
-    @property
-    def recovered(self) -> bool:
-        return self.step is not None
-
-    def describe(self) -> str:
-        if self.step is None:
-            return f"not recovered within {self.steps} steps"
-        return f"recovered at step {self.step} ({self.forget_tokens:,} forget tokens)"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"reference_forget_loss": self.reference, "attack_steps": self.steps, "recovered": self.recovered,
-                "steps_to_recovery": self.step, "forget_tokens_to_recovery": self.forget_tokens,
-                "tokens_to_recovery": self.tokens, "mean_excess_forget_loss": self.mean_excess,
-                "verdict": self.describe()}
-
-
-def recovery_from_history(history: Sequence[Mapping[str, Any]], reference: float, key: str, steps: int) -> Recovery:
-    """Recovery of an attack's evaluation history (records with `step`, `tokens`, `forget_tokens`, `metrics`)."""
-    curve = [(int(h["step"]), float(h["metrics"].get(key, float("nan")))) for h in history]
-    step, excess = steps_to_recovery(curve, reference), mean_excess(curve, reference)
-    if step is None:
-        return Recovery(reference, steps, None, None, None, excess)
-    at = next(h for h in history if int(h["step"]) == step)
-    return Recovery(reference, steps, step, int(at["forget_tokens"]), int(at["tokens"]), excess)
 
 
 def forget_key(spec: AttackSpec) -> str:

@@ -13,19 +13,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sgtm_engine.attack import (
-    attack,
-    mean_excess,
-    prepare_attack_data,
-    recovery_from_history,
-    start_model,
-    steps_to_recovery,
-)
+from sgtm_engine.attack import attack, prepare_attack_data, start_model
 from sgtm_engine.config import AblateSpec, AblationKind, AttackSpec, DataSpec, Split, Strategy, from_dict
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.hf import load_hf
 from sgtm_engine.model.masking import region_view
 from sgtm_engine.model.partition import Region
+from sgtm_engine.recovery import mean_excess, recovery_from_history, steps_to_recovery
 from sgtm_engine.runtime import Runtime
 from sgtm_engine.stage import read_result, run_stage
 
