@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtm_engine.mlflow_keys import metric_key
+from sgtm_engine.recovery import mean_excess
 
 SUCCEEDED = "succeeded"
 _FINAL_KEY = re.compile(r"^(eval|eval_ablated|eval_calibrated)/((retain|forget|adjacent)/(loss|acc)|capability/[^/]+)$")
@@ -101,7 +102,10 @@ def attack_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
         out[f"{name}/end_forget_loss"] = curve[-1][1] if curve else None
         out[f"{name}/start_retain_loss"] = retain[0][1] if retain else None
         out[f"{name}/end_gap"] = curve[-1][1] - reference if curve and reference is not None else None
-        out[f"{name}/mean_excess_forget_loss"] = summary.get("mean_excess_forget_loss")
+        excess = summary.get("mean_excess_forget_loss")
+        if "mean_excess_forget_loss" not in summary and reference is not None:  # recorded before the stage kept it
+            excess = mean_excess(curve, reference)
+        out[f"{name}/mean_excess_forget_loss"] = excess
         out[f"{name}/reference_forget_loss"] = reference
         out[f"{name}/forget_prefix_loss"] = summary.get("forget_prefix_step0_forget_loss")
         out[f"{name}/attack_steps"] = summary.get("steps")

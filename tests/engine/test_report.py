@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
+from sgtm_engine.recovery import mean_excess
 from sgtm_engine.report import (
     build_report,
     format_stat,
@@ -134,6 +135,22 @@ def test_attack_table_averages_the_mean_excess_over_all_seeds_recovered_or_not()
     md = report_markdown(report)
     assert "| forget loss above the reference, mean over the attack |" in md
     assert md.split("| weak_filter |")[2].split("\n")[0].endswith("| 0.600 ± 0.141 |")
+
+
+def test_attacks_recorded_without_a_mean_excess_get_it_from_their_curve():
+    """Run folders from before the attack stage recorded its mean excess: the report computes it from the stored
+    curve and reference, as the stage does; a recorded value, None included (a NaN curve), is kept as it is."""
+    records = _load("attack")
+    assert all("mean_excess_forget_loss" not in r["stages"]["attack"]["summary"] for r in records)
+    kept_none = records[1]  # sgtm, seed 1
+    kept_none["stages"]["attack"]["summary"]["mean_excess_forget_loss"] = None
+    report = build_report(records, None)
+    for row in next(t for t in report["tables"] if t["name"] == "attack")["rows"]:
+        attacks = [r["stages"]["attack"] for r in records if r["variant"] == row["variant"] and r is not kept_none]
+        values = [mean_excess([(h["step"], h["metrics"]["forget/loss"]) for h in a["history"]],
+                              a["summary"]["reference_forget_loss"]) for a in attacks]
+        assert all(v is not None and v > 0 for v in values)
+        assert row["stats"]["attack/mean_excess_forget_loss"] == asdict(mean_std(values))
 
 
 def test_attack_markdown_says_not_recovered():
