@@ -4,7 +4,9 @@ The parent starts the child with a pipe as stdin and never writes to it. The ker
 parent exits for any reason (a clean exit, kill -9, the OOM killer), and the child then reads end of file. Unlike
 Linux's parent-death signal this needs no `prctl`, works on every POSIX system, follows the parent process rather
 than the thread that spawned the child, and reaches through launchers that pass stdin on (torchrun's workers inherit
-it). Stdlib only: the service's worker imports it too.
+it). The end of file comes once every process holding the pipe's write end has exited: the parent's own helpers
+started through `subprocess` do not hold it (its pipes are close-on-exec), but a helper it forks without exec and
+that outlives it would. Stdlib only: the service's worker imports it too.
 """
 
 from __future__ import annotations
