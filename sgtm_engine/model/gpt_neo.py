@@ -12,8 +12,10 @@ Choices (docs/method.md §1, §5):
   a zero head contributes nothing to out_proj) and cheaper than computing and zeroing. Gradient routing computes the
   retain units/heads without autograd, which is `.detach()` on them.
 - The loss never builds the whole [tokens, vocab] logit matrix: the output head and the cross-entropy run over row
-  chunks of at most `HEAD_CHUNK_LOGITS` logits (`head_chunks`), which bounds the loss's transient memory and, on CPU,
-  keeps each piece under glibc's 32 MiB mmap ceiling, so a step does not page-fault fresh mappings for its logits.
+  chunks (`head_chunks`), which bounds the loss's transient memory. The chunk size depends on the device
+  (`HEAD_CHUNK_LOGITS`): on CPU each piece stays under glibc's 32 MiB mmap ceiling, so a step does not page-fault
+  fresh mappings for its logits; on an accelerator chunks stay few, because each adds its own full-size gradient
+  of the tied embedding.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, Strategy
 from sgtm_engine.model.partition import BlockPlan, Partition
 
 IGNORE_INDEX = -100
-#: Logits per chunk of the output head when a loss is computed: 2^22 fp32 logits are 16 MiB.
-HEAD_CHUNK_LOGITS = 1 << 22
+#: Logits per chunk of the output head when a loss is computed, by device type: 2^22 fp32 logits (16 MiB) on CPU,
+#: 2^28 (1 GiB) elsewhere.
+HEAD_CHUNK_LOGITS = {"cpu": 1 << 22}
+HEAD_CHUNK_LOGITS_ELSEWHERE = 1 << 28
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -247,7 +251,8 @@ class GPTNeoLM(nn.Module):
     def head_chunks(self, hidden: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The output head over consecutive row chunks of the flattened positions: (fp32 logits [rows, V], labels
         [rows]) with at most `HEAD_CHUNK_LOGITS` logits each, computed as the caller takes them."""
-        rows = max(1, HEAD_CHUNK_LOGITS // self.vocab_size)
+        budget = HEAD_CHUNK_LOGITS.get(hidden.device.type, HEAD_CHUNK_LOGITS_ELSEWHERE)
+        rows = max(1, budget // self.vocab_size)
         flat_hidden, flat_labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
         for h, y in zip(flat_hidden.split(rows), flat_labels.split(rows), strict=True):
             yield self.lm_head(h).float(), y

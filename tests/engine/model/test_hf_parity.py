@@ -39,7 +39,7 @@ def test_logits_loss_and_every_gradient_match_stock_gpt_neo(monkeypatch, chunk_r
     """With labels the loss runs the output head over row chunks: 3 x 40 positions in chunks of 7 rows end in a ragged
     chunk of 1 row, and the last two chunks have no target at all."""
     if chunk_rows is not None:
-        monkeypatch.setattr(gpt_neo, "HEAD_CHUNK_LOGITS", chunk_rows * SPEC.vocab_size)
+        monkeypatch.setitem(gpt_neo.HEAD_CHUNK_LOGITS, "cpu", chunk_rows * SPEC.vocab_size)
     ours, hf = _pair()
     ids = torch.randint(0, SPEC.vocab_size, (3, SPEC.context))
     labels = _labels(ids)
@@ -60,6 +60,17 @@ def test_logits_loss_and_every_gradient_match_stock_gpt_neo(monkeypatch, chunk_r
         torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
         checked += 1
     assert checked == len(hf_params)
+
+
+def test_the_head_chunk_size_is_chosen_by_device_type(monkeypatch):
+    ours, _ = _pair()
+    ids = torch.randint(0, SPEC.vocab_size, (3, SPEC.context))
+    hidden, labels = ours.hidden_states(ids), _labels(ids)
+    monkeypatch.setitem(gpt_neo.HEAD_CHUNK_LOGITS, "cpu", 7 * SPEC.vocab_size)
+    monkeypatch.setattr(gpt_neo, "HEAD_CHUNK_LOGITS_ELSEWHERE", 40 * SPEC.vocab_size)
+    assert [len(y) for _, y in ours.head_chunks(hidden, labels)] == [7] * 17 + [1]
+    monkeypatch.delitem(gpt_neo.HEAD_CHUNK_LOGITS, "cpu")  # a device type without its own entry
+    assert [len(y) for _, y in ours.head_chunks(hidden, labels)] == [40] * 3
 
 
 def test_local_layers_differ_from_global_beyond_the_window():
