@@ -161,9 +161,12 @@ def _variant(record: Mapping[str, Any]) -> str:
 
 def group_label(variant: str, params: Mapping[str, Any]) -> str:
     """`sgtm (recall=0.99)`: the variant and the last component of each grid path."""
-    if not params:
-        return variant
-    return f"{variant} ({', '.join(f'{_leaf(k)}={v}' for k, v in params.items())})"
+    return f"{variant} ({', '.join(_param_terms(params))})" if params else variant
+
+
+def _param_terms(params: Mapping[str, Any]) -> list[str]:
+    """`recall=0.99` per grid path: its last component and the value."""
+    return [f"{_leaf(k)}={v}" for k, v in params.items()]
 
 
 def _leaf(dotted: str) -> str:
@@ -231,7 +234,7 @@ def worst_case_rows(attack_rows: Sequence[Mapping[str, Any]], axes: Sequence[str
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for row in attack_rows:
         setting = {k: v for k, v in row["params"].items() if k not in axes}
-        config = [f"{_leaf(k)}={v}" for k, v in row["params"].items() if k in axes]
+        config = _param_terms({k: v for k, v in row["params"].items() if k in axes})
         entry = found.setdefault((row["variant"], json.dumps(setting, sort_keys=True, default=str)),
                                  {"variant": row["variant"], "params": setting, "candidates": []})
         stages = list(dict.fromkeys(k.split("/")[0] for k in row["stats"]))

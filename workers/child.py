@@ -27,7 +27,8 @@ from api.config import Settings
 
 def build_argv(settings: Settings, *, kind: str, spec_path: Path, workdir: Path, inputs: Mapping[str, Path],
                mlflow_uri: str | None, mlflow_run_id: str | None, gpus: int) -> list[str]:
-    """`… run-stage --kind K --spec S --workdir W [--input NAME=DIR …] [--mlflow-uri U --mlflow-run-id R]`."""
+    """`… run-stage --kind K --spec S --workdir W --stdin-lifeline GRACE [--input NAME=DIR …] [--mlflow-uri U
+    --mlflow-run-id R] [--cache-dir C]`, under torchrun for more than one GPU."""
     tail = ["run-stage", "--kind", kind, "--spec", str(spec_path), "--workdir", str(workdir),
             "--stdin-lifeline", str(settings.cancel_grace_s)]
     for name, path in sorted(inputs.items()):
