@@ -24,13 +24,16 @@ from sgtm_engine.config import (
     STAGE_SPECS,
     StageKind,
     apply_stage_overrides,
+    did_you_mean,
     parse_stages,
     spec_hash,
     to_dict,
+    unknown_key,
 )
 from sgtm_engine.errors import ConfigError, Loc, Problem, render_loc
 
 TOP_KEYS = ("kind", "name", "description", "experiment", "base", "variants", "grid", "seeds", "seed_paths")
+BASE_KEYS = ("stages", "name", "description")
 NAME = re.compile(STAGE_NAME_PATTERN)
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 MAX_CELLS = 2000
@@ -89,6 +92,9 @@ def apply_sweep_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> di
             data["variants"] = {name: data["variants"][name] for name in known if name in value}
         elif key in TOP_KEYS:
             data[key] = value
+        elif "." not in key and did_you_mean(key, TOP_KEYS):  # `sedes=[1]`: a misspelt key, not a stage
+            raise SweepError([Problem(("--set", key), f"--set {key}: unknown field of a sweep; did you mean "
+                                                      f"{did_you_mean(key, TOP_KEYS)!r}?", value)])
         else:
             staged[key] = value
     if staged:
@@ -105,8 +111,7 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
     """Validate a sweep document and expand it into cells. Raises `SweepError` listing every problem."""
     if not isinstance(data, dict):
         raise SweepError(Problem.at((), "a sweep is a mapping with 'base', 'variants', 'grid', 'seeds'"))
-    problems = [Problem.at((str(key),), f"unknown key of a sweep; allowed: {list(TOP_KEYS)}")
-                for key in data if key not in TOP_KEYS]
+    problems = [unknown_key((), str(key), TOP_KEYS, "a sweep") for key in data if key not in TOP_KEYS]
     if data.get("kind", "sweep") != "sweep":
         problems.append(Problem.at(("kind",), "a sweep document has kind 'sweep'", data["kind"]))
     name, experiment = data.get("name", "sweep"), data.get("experiment")
@@ -142,8 +147,7 @@ def _parse_base(base: Any, problems: list[Problem]) -> list[dict[str, Any]] | No
         problems.append(Problem.at(("base",), "needs a non-empty 'stages' list (a pipeline recipe: [{name, kind, "
                                               "spec, inputs}])", base))
         return None
-    problems += [Problem.at(("base", str(key)), "unknown key; the base holds 'stages'")
-                 for key in base if key not in ("stages", "name", "description")]
+    problems += [unknown_key(("base",), str(key), BASE_KEYS, "a sweep's base") for key in base if key not in BASE_KEYS]
     try:  # the one stage-list parser; specs are validated per cell, after the overrides
         parsed = parse_stages(base["stages"], validate_specs=False)
     except ConfigError as e:

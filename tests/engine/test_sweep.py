@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sgtm_engine.errors import ConfigError
 from sgtm_engine.sweep import SweepError, apply_sweep_overrides, default_seed_paths, parse_sweep
 
 TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 5}
@@ -122,7 +123,18 @@ def test_every_problem_is_reported_at_once_with_its_location() -> None:
     assert "is a value, not a block" in locs[("grid", "train.model.n_layer.x")]
     assert "re-point it" in locs[("variants", "bad", "ablate")]
     assert "integers" in locs[("seeds",)]
-    assert "unknown key" in locs[("extra",)]
+    assert "unknown field of a sweep; known fields" in locs[("extra",)]
+
+
+def test_a_misspelt_key_gets_a_did_you_mean_in_the_file_and_in_set() -> None:
+    found = dict(problems_of(doc(sedes=[0], base={**doc()["base"], "stages_": []})))
+    assert found[("sedes",)] == "sedes: unknown field of a sweep; did you mean 'seeds'?"
+    assert "did you mean 'stages'?" in found[("base", "stages_")]
+    with pytest.raises(SweepError) as err:
+        apply_sweep_overrides(doc(), {"sedes": [1]})
+    assert err.value.problems[0].msg == "--set sedes: unknown field of a sweep; did you mean 'seeds'?"
+    with pytest.raises(ConfigError, match="no stage named 'zzz'"):  # nothing close: a stage override, as before
+        apply_sweep_overrides(doc(), {"zzz": 1})
 
 
 def test_conflicts_and_no_op_cells_are_rejected() -> None:
