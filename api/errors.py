@@ -6,19 +6,25 @@ No handler ever returns a traceback. Validation problems use FastAPI's own shape
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.db.jobs import IllegalTransition, JobNotFound
-from sgtm_engine.errors import Problem
+from sgtm_engine.config import did_you_mean, unknown_key
+from sgtm_engine.errors import Problem, render_value
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +89,71 @@ async def _invalid(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-async def _validation(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    detail = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": _jsonable(e.get("msg")),
-               "input": _jsonable(e.get("input"))} for e in exc.errors()]
+    body = _body_model(request)
+    detail, meant = [], set()
+    for error in exc.errors():
+        loc, msg = tuple(error.get("loc", ())), error.get("msg")
+        if body is not None and loc[:1] == ("body",):
+            msg, guess = _engine_wording(body, loc[1:], error)
+            meant |= {loc[:-1] + (guess,)} if guess else set()
+        detail.append({"type": error.get("type"), "loc": list(loc), "msg": _jsonable(msg),
+                       "input": _jsonable(error.get("input"))})
+    # `{"knd": "train"}`: the did-you-mean says it all; "kind: Field required" would be a false follow-on error
+    detail = [d for d in detail if not (d["type"] == "missing" and tuple(d["loc"]) in meant)]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _engine_wording(body: type[BaseModel], path: tuple[Any, ...], error: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """An unknown key or enum value of a request body worded as `sgtm run` words it in a recipe, with a did-you-mean;
+    returns (message, the key it was probably meant as). Anything else keeps pydantic's message."""
+    if error.get("type") == "extra_forbidden":
+        owner = _annotation_at(body, path[:-1])
+        if isinstance(owner, type) and issubclass(owner, BaseModel):
+            name = getattr(owner, "noun", owner.__name__)
+            return unknown_key(path[:-1], str(path[-1]), owner.model_fields, name).msg, \
+                did_you_mean(str(path[-1]), owner.model_fields)
+    field = _annotation_at(body, path)
+    if error.get("type") == "enum" and isinstance(field, type) and issubclass(field, enum.Enum):
+        guess = did_you_mean(str(error.get("input")), [str(m.value) for m in field])
+        return Problem.at(path, f"must be one of {[m.value for m in field]}" + (
+            f"; did you mean {guess!r}?" if guess else ""), error.get("input")).msg, None
+    return error.get("msg"), None
+
+
+def _body_model(request: Request) -> type[BaseModel] | None:
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _annotation_at(tp: Any, path: tuple[Any, ...]) -> Any:
+    """The type at `path` inside a body model (through models, lists and dicts), or None."""
+    for part in path:
+        tp = _unwrapped(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            tp = field.annotation if field else None
+        elif typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None
+    return _unwrapped(tp)
+
+
+def _unwrapped(tp: Any) -> Any:
+    """`Annotated[X, ...]` and `X | None` as X."""
+    while True:
+        if typing.get_origin(tp) is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
 
 
 async def _not_found(_request: Request, exc: Exception) -> JSONResponse:
@@ -135,6 +201,8 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         text = value if len(value) <= ECHO_LIMIT else f"{value[:ECHO_LIMIT]}… ({len(value)} characters)"
         return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be encoded
+    if isinstance(value, int) and not isinstance(value, bool) and not -10**20 < value < 10**20:
+        return render_value(value)  # `1e308` parsed as a 309-digit integer: its magnitude, not its digits
     if value is None or isinstance(value, int | float | bool):
         return value
     if depth > 8:

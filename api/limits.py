@@ -17,6 +17,7 @@ from typing import Any
 from api.config import Settings
 from api.errors import Problem
 from sgtm_engine.config import StageKind
+from sgtm_engine.errors import NO_VALUE
 
 #: The ledger stores seeds as signed 64-bit integers.
 SEED_BOUND = 2**63
@@ -34,8 +35,8 @@ def limit_problems(settings: Settings, kind: StageKind, spec: dict[str, Any],
         if isinstance(value, bool) or not isinstance(value, int):
             continue
         if key == "seed" and not -SEED_BOUND <= value < SEED_BOUND:
-            problems.append(Problem(path, f"{_dotted(path)}={value}: a seed must lie in [-2^63, 2^63) "
-                                          "(a 64-bit integer); pick a smaller one", value))
+            problems.append(_problem(path, "a seed must lie in [-2^63, 2^63) (a 64-bit integer); pick a smaller "
+                                           "one", value))
         elif key in COUNTS:
             problems += _over(settings, COUNTS[key], path, value)
     model = spec.get("model") if kind == StageKind.TRAIN else None
@@ -66,16 +67,15 @@ def _size_problems(settings: Settings, spec: dict[str, Any], model: dict[str, An
     vocab = int(model.get("vocab_size") or (data or {}).get("vocab_size") or 50_257)
     parameters = estimated_parameters(model, vocab)
     if parameters > settings.max_parameters:
-        return [Problem(loc, f"{_dotted(loc)}: about {parameters:,} parameters, above the limit "
-                             f"{settings.max_parameters:,} (SGTM_MAX_PARAMETERS); shrink n_layer, d_model or "
-                             "vocab_size, or raise the setting", model)]
+        return [_problem(loc, f"about {parameters:,} parameters, above the limit {settings.max_parameters:,} "
+                              "(SGTM_MAX_PARAMETERS); shrink n_layer, d_model or vocab_size, or raise the setting")]
     batch = int(spec.get("micro_batch_size") or spec.get("batch_size") or 1)
     memory = estimated_memory_bytes(parameters, model, batch)
     if memory > settings.max_memory_gb * 2**30:
-        return [Problem(loc, f"{_dotted(loc)}: needs about {memory / 2**30:.1f} GiB to train (weights, AdamW state "
-                             f"and activations at batch {batch}), above the limit {settings.max_memory_gb} GiB "
-                             "(SGTM_MAX_MEMORY_GB); lower micro_batch_size, context or the model size, or raise "
-                             "the setting", model)]
+        return [_problem(loc, f"needs about {memory / 2**30:.1f} GiB to train (weights, AdamW state and "
+                              f"activations at batch {batch}), above the limit {settings.max_memory_gb} GiB "
+                              "(SGTM_MAX_MEMORY_GB); lower micro_batch_size, context or the model size, or raise the "
+                              "setting")]
     return []
 
 
@@ -83,8 +83,8 @@ def _over(settings: Settings, setting: str, path: tuple[str | int, ...], value: 
     limit = getattr(settings, setting)
     if value <= limit:
         return []
-    return [Problem(path, f"{_dotted(path)}={value}: above the limit {limit} (SGTM_{setting.upper()}); use a "
-                          "smaller value, or ask the operator to raise the setting", value)]
+    return [_problem(path, f"above the limit {limit} (SGTM_{setting.upper()}); use a smaller value, or ask the "
+                           "operator to raise the setting", value)]
 
 
 def _fields(value: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str, Any]]:
@@ -94,6 +94,6 @@ def _fields(value: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str 
             yield from _fields(item, loc + (key,))
 
 
-def _dotted(loc: tuple[str | int, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts)
+def _problem(loc: tuple[str | int, ...], what: str, value: Any = NO_VALUE) -> Problem:
+    """Located in the request (`("body", "spec", "steps")`), worded from the body down (`spec.steps=...`)."""
+    return Problem.at(loc[1:], what, value).nested(loc[:1], label="")

@@ -7,7 +7,7 @@ checked field by field in `api.specs` — no field anywhere takes a path, a URL 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
 
@@ -60,10 +60,14 @@ StageSpec = Annotated[dict[str, Any], WithJsonSchema(_spec_schema())]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    noun: ClassVar[str]
+    """What a 422 calls this body (`unknown field of a recipe`), in the engine's words for the same document."""
 
 
 class JobCreate(_Body):
     """Submit one stage."""
+
+    noun: ClassVar[str] = "a job"
 
     kind: StageKind
     spec: StageSpec = Field(default_factory=dict, description=_SPEC_DOC)
@@ -79,6 +83,8 @@ class JobCreate(_Body):
 class StageCreate(_Body):
     """One stage of a pipeline. `inputs` name earlier stages of the same pipeline, or existing job ids."""
 
+    noun: ClassVar[str] = "a stage"
+
     name: StageName
     kind: StageKind
     spec: StageSpec = Field(default_factory=dict, description=_SPEC_DOC)
@@ -93,6 +99,8 @@ class PipelineCreate(_Body):
     A stage runs when all its parents have succeeded; if one fails, its descendants fail without running.
     A recipe file that `sgtm run` accepts is a valid body as it is (the same stage-list rules apply)."""
 
+    noun: ClassVar[str] = "a recipe"
+
     name: StageName = "pipeline"
     description: str | None = Field(None, max_length=4000, description="Free text; not stored with the jobs.")
     experiment: RegistryName | None = None
@@ -103,6 +111,8 @@ class SweepCreate(_Body):
     """A sweep (`sgtm_engine.sweep`): a base pipeline, named variants, a grid of dotted-path overrides and seeds.
     Cells = variants × grid × seeds; a cell that already succeeded (same cell id, any earlier sweep) is reused, one
     still running is attached, one that failed or was cancelled runs again."""
+
+    noun: ClassVar[str] = "a sweep"
 
     kind: Literal["sweep"] = "sweep"
     name: StageName = "sweep"

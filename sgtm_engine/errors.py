@@ -9,6 +9,7 @@ importing torch. Retryable failures (infrastructure: a killed child, a lost work
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import enum
 from typing import Any
 
@@ -32,9 +33,12 @@ def render_loc(loc: Loc) -> str:
 
 
 def render_value(value: Any) -> str:
-    """How a message shows a value: enums by their value, tuples as lists, anything long cut to 80 characters."""
+    """How a message shows a value: enums by their value, tuples as lists, integers of over 16 digits in scientific
+    notation (`steps: 1e308` arrives as a 309-digit integer), anything long cut to 80 characters."""
     if isinstance(value, enum.Enum):
         return str(value.value)
+    if isinstance(value, int) and not isinstance(value, bool) and not -10**16 < value < 10**16:
+        return format(decimal.Decimal(value), ".3e")
     if isinstance(value, tuple):
         value = [v.value if isinstance(v, enum.Enum) else v for v in value]
     text = repr(value)

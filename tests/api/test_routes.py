@@ -115,6 +115,28 @@ def test_other_bad_bodies_are_422(client: TestClient) -> None:
         assert r.status_code == 422 and "no" in r.json()["detail"][0]["msg"]
 
 
+def test_a_body_typo_gets_a_did_you_mean_and_no_follow_on_error(client: TestClient) -> None:
+    r = submit(client, {"knd": "train", "spec": TINY})
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"type": "extra_forbidden", "loc": ["body", "knd"], "input": "train",
+                                   "msg": "knd: unknown field of a job; did you mean 'kind'?"}]  # no "kind: required"
+    r = submit(client, {"kind": "trian"})
+    assert r.json()["detail"][0]["msg"].endswith("did you mean 'train'?")
+    r = client.post("/api/v1/sweeps", json={"base": {"stages": [{"name": "t", "kind": "train"}]}, "sedes": [0]})
+    assert r.json()["detail"][0]["msg"] == "sedes: unknown field of a sweep; did you mean 'seeds'?"
+    r = submit(client, {"kind": "train", "command": "ls"})
+    assert "known fields: ['experiment', 'gpus', 'inputs', 'kind', 'queue', 'spec']" in r.text  # nothing close
+
+
+def test_a_huge_number_is_shown_by_its_magnitude(client: TestClient) -> None:
+    """JSON `1e308` for an integer field arrives as a 309-digit integer; the 422 names it `1.000e+308`."""
+    r = client.post("/api/v1/jobs", content=b'{"kind": "train", "spec": {"steps": 1e308}}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    [problem] = r.json()["detail"]
+    assert problem["msg"].startswith("spec.steps=1.000e+308: above the limit") and problem["input"] == "1.000e+308"
+
+
 def test_inputs_are_job_ids_of_model_producing_jobs(client: TestClient, enqueuer: RecordingEnqueuer) -> None:
     r = submit(client, {"kind": "ablate"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "inputs", "model"]

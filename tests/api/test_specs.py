@@ -113,3 +113,21 @@ def test_a_bad_registered_model_name_is_a_422_naming_the_field(sqlite_client: Te
     body = {"stages": [{"name": "train", "kind": "train", "spec": {"register": "a/b"}}]}
     r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 422 and "register" in r.text and "a/b" in r.text, r.text
+
+
+@pytest.mark.parametrize("body", [
+    {"stages": [_stage("train")], "stagez": []},
+    {"stages": [_stage("train", spce={})]},
+    {"stages": [_stage("train", "trian")]},
+    {"stages": [_stage("train"), _stage("ev", "evaluate", inputs={"model": "train"}, gpuz=1)]},
+], ids=["top-level-key", "stage-key", "stage-kind", "second-stage-key"])
+def test_a_typo_reads_the_same_from_sgtm_run_and_from_the_api(sqlite_client: TestClient, body: dict[str, Any]) -> None:
+    """Pydantic refuses these before the engine's parser sees them; the 422 still words them as `sgtm run` does,
+    with its did-you-mean, and without a false "field required" for the field the typo meant."""
+    with pytest.raises(ConfigError) as engine:
+        load_recipe(copy.deepcopy(body))
+    r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 422, r.text
+    api = [(tuple(p["loc"]), p["msg"]) for p in r.json()["detail"]]
+    assert api == [(("body", *p.loc), p.msg) for p in engine.value.problems]
+    assert "did you mean" in api[0][1]
