@@ -16,6 +16,8 @@ from sqlalchemy import create_engine, text
 from tests.api.served import served_api
 from tests.ledger_fixtures import TOKEN
 
+pytestmark = pytest.mark.slow  # a real uvicorn under a burst of 100 clients: about a minute in all
+
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLIENTS = 100
 
