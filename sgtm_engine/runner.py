@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 def open_run(uri: str | None, experiment: str, name: str, *, parent_run_id: str | None = None,
              tags: dict[str, str] | None = None, artifact_root: Path | None = None) -> Tracker:
     """An MLflow run (nested under `parent_run_id` when given), or a NullTracker without a tracking URI."""
@@ -45,15 +44,9 @@ def parent_run(workdir: Path, uri: str | None, experiment: str, name: str, *, ta
     record = workdir / "mlflow_run.json"
     known = json.loads(record.read_text()) if record.exists() else {}
     if uri is not None and known.get("mlflow_uri") == uri and known.get("name") == name:
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            active = MlflowClient(uri).get_run(known["run_id"]).info.lifecycle_stage == "active"
-        except MlflowException:  # deleted from the store for good
-            active = False
-        if active:
-            return MlflowTracker(uri, run_id=known["run_id"], reopen=True)
+        reopened = MlflowTracker.reopened(uri, known["run_id"])
+        if reopened is not None:
+            return reopened
     run = open_run(uri, experiment, name, tags=tags, artifact_root=artifact_root)
     if uri is not None:
         write_json(record, {"mlflow_uri": uri, "name": name, "run_id": run.run_id})

@@ -83,18 +83,15 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, run_id: str | None = None, experiment: str = "sgtm",
                  run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  flush_every: int = 1000, flush_seconds: float = 10.0, retries: int = 3,
-                 artifact_root: Path | None = None, reopen: bool = False):
+                 artifact_root: Path | None = None, client: Any = None):
         """`artifact_root`: where an experiment this tracker creates keeps its artifacts (a local store keeps them
         beside itself, not in MLflow's default `./mlruns` of the working directory); None: the store decides.
-        `reopen`: `run_id` is an ended run of ours that goes on (a resumed sweep): it is set running again, and ended
-        by `close` as a run this tracker created would be."""
+        With a `run_id` the tracker logs to that run and leaves ending it to whoever created it (see `reopened`)."""
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.owns_run = run_id is None or reopen
-        if reopen and run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
+        self.client = client or MlflowClient(tracking_uri=tracking_uri)
+        self.owns_run = run_id is None
         if run_id is None:  # synchronous: children need the id for mlflow.parentRunId
             exp = self.client.get_experiment_by_name(experiment)
             location = (artifact_root / experiment).resolve().as_uri() if artifact_root is not None else None
@@ -114,6 +111,25 @@ class MlflowTracker:
         self._writer = threading.Thread(target=self._write_loop, name=f"mlflow-{run_id[:8]}", daemon=True)
         self._writer.start()
         self._closed = False
+
+    @classmethod
+    def reopened(cls, tracking_uri: str, run_id: str) -> MlflowTracker | None:
+        """An ended run of ours that goes on (a resumed recipe or sweep folder): set running again and ended by
+        `close` as a run this tracker created would be; None when the store no longer holds it active."""
+        _quiet_mlflow()
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            if client.get_run(run_id).info.lifecycle_stage != "active":
+                return None
+        except MlflowException:  # deleted from the store for good
+            return None
+        client.update_run(run_id, status="RUNNING")
+        tracker = cls(tracking_uri, run_id=run_id, client=client)
+        tracker.owns_run = True
+        return tracker
 
     # -- the training thread's side: cheap, never blocks on the store
 

@@ -4,6 +4,7 @@ and overrides that carries its stages' headline metrics; the store and its artif
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -142,3 +143,10 @@ def test_a_rerun_keeps_finished_stages_and_reopens_its_parent_run(tmp_path, engi
     run_recipe(changed, tmp_path / "run", cache_dir=engine_cache, overwrite=True,
                events=lambda name: lambda event: seen.setdefault(name, []).append(event["type"]))
     assert seen["train"] == ["kept"] and seen["evaluate"][-1] == "finished"
+    # the parent run deleted in MLflow's UI: the next rerun opens a new one rather than logging into the bin
+    deleted = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    assert run_recipe(changed, tmp_path / "run", cache_dir=engine_cache)["mlflow_parent_run_id"] == deleted
+    client.delete_run(deleted)
+    third = run_recipe(changed, tmp_path / "run", cache_dir=engine_cache)
+    assert third["mlflow_parent_run_id"] != deleted
+    assert client.get_run(third["mlflow_parent_run_id"]).info.status == "FINISHED"
