@@ -68,14 +68,15 @@ def _size_problems(settings: Settings, spec: dict[str, Any], model: dict[str, An
     parameters = estimated_parameters(model, vocab)
     if parameters > settings.max_parameters:
         return [_problem(loc, f"about {parameters:,} parameters, above the limit {settings.max_parameters:,} "
-                              "(SGTM_MAX_PARAMETERS); shrink n_layer, d_model or vocab_size, or raise the setting")]
+                              "(SGTM_MAX_PARAMETERS); shrink n_layer, d_model or vocab_size, or raise the setting",
+                         model, show_value=False)]
     batch = int(spec.get("micro_batch_size") or spec.get("batch_size") or 1)
     memory = estimated_memory_bytes(parameters, model, batch)
     if memory > settings.max_memory_gb * 2**30:
         return [_problem(loc, f"needs about {memory / 2**30:.1f} GiB to train (weights, AdamW state and "
                               f"activations at batch {batch}), above the limit {settings.max_memory_gb} GiB "
                               "(SGTM_MAX_MEMORY_GB); lower micro_batch_size, context or the model size, or raise the "
-                              "setting")]
+                              "setting", model, show_value=False)]
     return []
 
 
@@ -94,6 +95,6 @@ def _fields(value: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str 
             yield from _fields(item, loc + (key,))
 
 
-def _problem(loc: tuple[str | int, ...], what: str, value: Any = NO_VALUE) -> Problem:
+def _problem(loc: tuple[str | int, ...], what: str, value: Any, *, show_value: bool = True) -> Problem:
     """Located in the request (`("body", "spec", "steps")`), worded from the body down (`spec.steps=...`)."""
-    return Problem.at(loc[1:], what, value).nested(loc[:1], label="")
+    return Problem(loc, Problem.at(loc[1:], what, value if show_value else NO_VALUE).msg, value)
