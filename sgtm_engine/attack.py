@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from sgtm_engine.config import (
     AblateSpec,
@@ -169,10 +168,7 @@ def attack(model: GPTNeoLM, data: PreparedData, spec: AttackSpec, runtime: Runti
     pools = data.active_pools()
     plan = data.plan(spec.steps, spec.seed)
     sampler = PoolSampler({n: data.pools[n].examples for n in pools}, seed=spec.seed)
-    net: torch.nn.Module = model
-    if runtime.distributed:
-        net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
-                                      else None)
+    net = runtime.data_parallel(model)
     seen_rows: dict[str, set[int]] = {n: set() for n in pools}
     history: list[dict[str, Any]] = []
     tokens = forget_tokens = forget_steps = 0

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from sgtm_engine.config import Device, Precision, RuntimeSpec
 
@@ -62,6 +63,13 @@ class Runtime:
             "threads": torch.get_num_threads(),
             "world_size": self.world_size,
         }
+
+    def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a training loop calls forward and backward on: under torchrun, the model wrapped in DDP (gradients
+        all-reduced, so every rank masks and steps identically); else the model itself."""
+        if not self.distributed:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA when asked (fp32 master weights, the loss is computed in fp32), else nothing."""

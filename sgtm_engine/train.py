@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from sgtm_engine.checkpoint import (
     describe_differences,
@@ -123,10 +122,7 @@ def train(spec: TrainSpec, workdir: Path, data: PreparedData, runtime: Runtime, 
         state = _restore(resumed.state, resumed.path, model, optimizer, sampler, data, spec)
         log.info("resuming from %s (step %d of %d)", resumed.path, state.step, spec.steps)
         emit({"type": "resumed", "step": state.step, "total": spec.steps, "path": str(resumed.path)})
-    net: torch.nn.Module = model
-    if runtime.distributed:
-        net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
-                                      else None)
+    net = runtime.data_parallel(model)
     if runtime.is_main and resumed is None:
         tracker.log_params({"spec": to_dict(spec), "data": {k: v for k, v in data.summary().items()
                                                              if not isinstance(v, dict)}})
