@@ -92,9 +92,9 @@ def apply_sweep_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> di
             data["variants"] = {name: data["variants"][name] for name in known if name in value}
         elif key in TOP_KEYS:
             data[key] = value
-        elif "." not in key and did_you_mean(key, TOP_KEYS):  # `sedes=[1]`: a misspelt key, not a stage
+        elif "." not in key and (meant := did_you_mean(key, TOP_KEYS)):  # `sedes=[1]`: a misspelt key, not a stage
             raise SweepError([Problem(("--set", key), f"--set {key}: unknown field of a sweep; did you mean "
-                                                      f"{did_you_mean(key, TOP_KEYS)!r}?", value)])
+                                                      f"{meant!r}?", value)])
         else:
             staged[key] = value
     if staged:
