@@ -53,8 +53,7 @@ def explain(r: httpx.Response) -> None:
         detail = r.text
     if isinstance(detail, list):
         err.print(f"[red]{r.status_code}[/]: the request is invalid:")
-        for problem in detail:
-            where = ".".join(str(p) for p in problem.get("loc", []) if p != "body")
-            err.print(f"  - {where}: {problem.get('msg')}")
+        for problem in detail:  # each msg names its field
+            err.print(f"  - {problem.get('msg')}", markup=False)
     else:
         err.print(f"[red]{r.status_code}[/]: {detail}")

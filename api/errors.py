@@ -1,7 +1,8 @@
 """Domain errors and their HTTP mapping: 401, 404, 409, 422 with field paths, 503 for an unreachable ledger.
 
 No handler ever returns a traceback. Validation problems use FastAPI's own shape
-(`{"detail": [{"loc": [...], "msg": ..., "type": ..., "input": ...}]}`) so clients parse one format.
+(`{"detail": [{"loc": [...], "msg": ..., "type": ..., "input": ...}]}`) so clients parse one format, and each `msg`
+is a whole readable line that names its field (`kind: Field required`), as the engine's problems do.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.db.jobs import IllegalTransition, JobNotFound
 from sgtm_engine.config import did_you_mean, unknown_key
-from sgtm_engine.errors import Problem, render_value
+from sgtm_engine.errors import Problem, render_loc, render_value
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,14 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     body = _body_model(request)
     detail, meant = [], set()
     for error in exc.errors():
-        loc, msg = tuple(error.get("loc", ())), error.get("msg")
+        loc, msg, guess = tuple(error.get("loc", ())), error.get("msg"), None
         if body is not None and loc[:1] == ("body",):
             msg, guess = _engine_wording(body, loc[1:], error)
             meant |= {loc[:-1] + (guess,)} if guess else set()
+        if error.get("type") == "json_invalid":
+            msg = f"body: {msg} at character {loc[-1]}; send a UTF-8 JSON object (Content-Type: application/json)"
+        elif msg == error.get("msg") and render_loc(loc[1:]):  # pydantic's words name no field: say which
+            msg = f"{render_loc(loc[1:])}: {msg}"
         detail.append({"type": error.get("type"), "loc": list(loc), "msg": _jsonable(msg),
                        "input": _jsonable(error.get("input"))})
     # `{"knd": "train"}`: the did-you-mean says it all; "kind: Field required" would be a false follow-on error

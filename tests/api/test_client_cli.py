@@ -182,3 +182,19 @@ def test_ctrl_c_while_waiting_for_a_sweep_says_the_service_keeps_running_it(
     assert f"sweep {sweep['id'][:8]}: " in shown  # it had reported the counts before
     assert (f"stopped waiting; the service keeps running sweep {sweep['id']}. Its cells: sgtm sweep-status "
             f"{sweep['id']}; stop it: sgtm sweep-cancel {sweep['id']}") in shown
+
+
+def test_a_422_prints_each_problem_once_naming_its_field(client: TestClient, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    import api.client_http as client_http
+
+    screen = Console(record=True, width=200, force_terminal=False)
+    monkeypatch.setattr(client_http, "err", screen)
+    client_http.explain(client.post("/api/v1/jobs", json={"knd": "train", "spec": {"steps": 1e308}}))
+    client_http.explain(client.post("/api/v1/jobs", json={"spec": {}}))
+    assert screen.export_text().splitlines() == [
+        "422: the request is invalid:",
+        "  - knd: unknown field of a job; did you mean 'kind'?",
+        "422: the request is invalid:",
+        "  - kind: Field required",
+    ]
