@@ -27,7 +27,15 @@ from rich.table import Table
 from api.client_http import EXIT, TERMINAL, connect, console, err, request
 from api.client_jobs import follow, jobs_table, show_job
 from api.embedded import ExecutorKeeper
-from sgtm_engine.config import STAGE_SPECS, StageKind, apply_overrides, apply_stage_overrides, from_dict, to_dict
+from sgtm_engine.config import (
+    STAGE_SPECS,
+    StageKind,
+    apply_overrides,
+    apply_stage_overrides,
+    from_dict,
+    to_dict,
+    unknown_choice,
+)
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.recipe import find_recipe, load_recipe, read_sweep, recipe_data
 from sgtm_engine.sweep import apply_sweep_overrides
@@ -380,7 +388,7 @@ def _resolved(body: dict[str, Any]) -> dict[str, Any]:
     try:
         kind = StageKind(body.get("kind"))
     except ValueError:
-        raise ConfigError(f"kind={body.get('kind')!r}: must be one of {[k.value for k in StageKind]}") from None
+        raise ConfigError(unknown_choice(("kind",), body.get("kind"), [k.value for k in StageKind])) from None
     return {**body, "kind": kind.value, "spec": to_dict(from_dict(STAGE_SPECS[kind], body.get("spec") or {}))}
 
 

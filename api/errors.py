@@ -24,7 +24,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.db.jobs import IllegalTransition, JobNotFound
-from sgtm_engine.config import did_you_mean, unknown_key
+from api.schemas import PATTERN_RULES
+from sgtm_engine.config import did_you_mean, unknown_choice, unknown_key
 from sgtm_engine.errors import Problem, render_loc, render_value
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,9 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _engine_wording(body: type[BaseModel], path: tuple[Any, ...], error: Mapping[str, Any]) -> tuple[Any, str | None]:
-    """An unknown key or enum value of a request body worded as `sgtm run` words it in a recipe, with a did-you-mean;
-    returns (message, the key it was probably meant as). Anything else keeps pydantic's message."""
+    """An unknown key, enum value or malformed name in a request body worded as `sgtm run` words it in a recipe,
+    with a did-you-mean; returns (message, the key it was probably meant as). Anything else keeps pydantic's
+    message."""
     if error.get("type") == "extra_forbidden":
         owner = _annotation_at(body, path[:-1])
         if isinstance(owner, type) and issubclass(owner, BaseModel):
@@ -121,9 +123,10 @@ def _engine_wording(body: type[BaseModel], path: tuple[Any, ...], error: Mapping
                 did_you_mean(str(path[-1]), owner.model_fields)
     field = _annotation_at(body, path)
     if error.get("type") == "enum" and isinstance(field, type) and issubclass(field, enum.Enum):
-        guess = did_you_mean(str(error.get("input")), [str(m.value) for m in field])
-        return Problem.at(path, f"must be one of {[m.value for m in field]}" + (
-            f"; did you mean {guess!r}?" if guess else ""), error.get("input")).msg, None
+        return unknown_choice(path, error.get("input"), [m.value for m in field]).msg, None
+    rule = PATTERN_RULES.get((error.get("ctx") or {}).get("pattern"))
+    if error.get("type") == "string_pattern_mismatch" and rule:
+        return Problem.at(path, rule, error.get("input")).msg, None
     return error.get("msg"), None
 
 

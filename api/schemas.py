@@ -12,7 +12,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
 
 from api.db.status import JobStatus
-from sgtm_engine.config import INPUT_NAME_PATTERN, MAX_STAGES, STAGE_NAME_PATTERN, STAGE_SPECS, StageKind
+from sgtm_engine.config import (
+    INPUT_NAME_PATTERN,
+    MAX_STAGES,
+    STAGE_NAME_PATTERN,
+    STAGE_NAME_RULE,
+    STAGE_SPECS,
+    StageKind,
+)
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 JobId = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
@@ -20,9 +27,19 @@ StageName = Annotated[str, StringConstraints(pattern=STAGE_NAME_PATTERN)]
 """A stage's name inside a pipeline (at most 32 characters, so it can never be mistaken for a 36-character job id);
 the engine's rule (`sgtm_engine.config.stage_list`), so `sgtm run` and the API accept the same recipes."""
 InputName = Annotated[str, StringConstraints(pattern=INPUT_NAME_PATTERN)]
+PIPELINE_INPUT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,35}$"
+"""A pipeline stage's input: an earlier stage's name or an existing job id."""
 RegistryName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 Queue = Literal["gpu", "cpu"]
+
+#: What a 422 says when a name does not match its pattern (pydantic would print the regular expression).
+PATTERN_RULES = {
+    UUID_PATTERN: "expected a job id: the UUID the API returned for the job",
+    STAGE_NAME_PATTERN: STAGE_NAME_RULE,
+    INPUT_NAME_PATTERN: "an input name: 1-32 lowercase letters, digits or '_', starting with a letter",
+    PIPELINE_INPUT_PATTERN: "an earlier stage's name or an existing job id",
+}
 
 _SPEC_DOC = ("The stage spec as JSON: the fields of the engine's spec class for this kind (train → TrainSpec, "
              "ablate → AblateStageSpec, evaluate → EvaluateSpec, …). Omitted fields take their defaults; unknown "
@@ -88,7 +105,7 @@ class StageCreate(_Body):
     name: StageName
     kind: StageKind
     spec: StageSpec = Field(default_factory=dict, description=_SPEC_DOC)
-    inputs: dict[InputName, Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,35}$")]] = Field(
+    inputs: dict[InputName, Annotated[str, StringConstraints(pattern=PIPELINE_INPUT_PATTERN)]] = Field(
         default_factory=dict, description="{'model': 'train'}: an earlier stage's name, or an existing job id.")
     queue: Queue | None = None
     gpus: int = Field(1, ge=1, le=8)

@@ -21,6 +21,7 @@ from typing import Any
 
 from sgtm_engine.config import (
     STAGE_NAME_PATTERN,
+    STAGE_NAME_RULE,
     STAGE_SPECS,
     StageKind,
     apply_stage_overrides,
@@ -116,8 +117,7 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
         problems.append(Problem.at(("kind",), "a sweep document has kind 'sweep'", data["kind"]))
     name, experiment = data.get("name", "sweep"), data.get("experiment")
     if not isinstance(name, str) or not NAME.match(name):
-        problems.append(Problem.at(("name",), "use 1-32 characters: lowercase letters, digits, '_' or '-', starting "
-                                              "with a letter", name))
+        problems.append(Problem.at(("name",), STAGE_NAME_RULE, name))
     if experiment is not None and (not isinstance(experiment, str) or not VARIANT_NAME.match(experiment)):
         problems.append(Problem.at(("experiment",), "a registry-style name (letters, digits, '_', '-', '.', '+')",
                                    experiment))

@@ -18,7 +18,15 @@ stdlib-only because the API imports it.
 """
 
 from sgtm_engine.config.checks import FORBID_EXTRA, Checks
-from sgtm_engine.config.convert import did_you_mean, flat_params, from_dict, spec_hash, to_dict, unknown_key
+from sgtm_engine.config.convert import (
+    did_you_mean,
+    flat_params,
+    from_dict,
+    spec_hash,
+    to_dict,
+    unknown_choice,
+    unknown_key,
+)
 from sgtm_engine.config.data import BUILTIN_CORPORA, TOKENIZERS, DataSpec, FilterSpec, NoiseSpec, unknown_corpora
 from sgtm_engine.config.model import MODEL_PRESETS, MaskingSpec, ModelSpec
 from sgtm_engine.config.overrides import apply_overrides, merge, set_path, with_overrides
@@ -29,6 +37,7 @@ from sgtm_engine.config.stage_list import (
     MODEL_PRODUCERS,
     STAGE_INPUTS,
     STAGE_NAME_PATTERN,
+    STAGE_NAME_RULE,
     Recipe,
     Stage,
     apply_stage_overrides,
@@ -65,13 +74,12 @@ from sgtm_engine.errors import ConfigError, Problem
 
 __all__ = [
     "BUILTIN_CORPORA", "FORBID_EXTRA", "INPUT_NAME_PATTERN", "MAX_STAGES", "MODEL_PRESETS", "MODEL_PRODUCERS",
-    "STAGE_INPUTS",
-    "STAGE_NAME_PATTERN", "STAGE_SPECS", "TOKENIZERS", "AblateSpec", "AblateStageSpec", "AblationKind", "AttackData",
-    "AttackSpec", "CalibrateSpec", "Checks", "ConfigError", "DataSpec", "Device", "EvalSpec", "EvaluateSpec",
-    "FalsePositiveSource", "FilterKind", "FilterMatching", "FilterSpec", "MaskMode", "MaskingSpec", "ModelSpec",
-    "NoiseGranularity", "NoiseModel", "NoiseSpec", "OptimSpec", "OptimizerKind", "Precision", "Problem", "Recipe",
-    "RmuSpec", "RuntimeSpec", "Split", "Stage", "StageKind", "Strategy", "TrainSpec", "apply_overrides",
-    "apply_stage_overrides", "did_you_mean", "flat_params", "from_dict", "input_role_problems", "merge",
-    "method_name", "parse_recipe", "parse_stages", "set_path", "spec_hash", "to_dict", "unknown_corpora",
-    "unknown_key", "with_overrides",
+    "STAGE_INPUTS", "STAGE_NAME_PATTERN", "STAGE_NAME_RULE", "STAGE_SPECS", "TOKENIZERS", "AblateSpec",
+    "AblateStageSpec", "AblationKind", "AttackData", "AttackSpec", "CalibrateSpec", "Checks", "ConfigError",
+    "DataSpec", "Device", "EvalSpec", "EvaluateSpec", "FalsePositiveSource", "FilterKind", "FilterMatching",
+    "FilterSpec", "MaskMode", "MaskingSpec", "ModelSpec", "NoiseGranularity", "NoiseModel", "NoiseSpec", "OptimSpec",
+    "OptimizerKind", "Precision", "Problem", "Recipe", "RmuSpec", "RuntimeSpec", "Split", "Stage", "StageKind",
+    "Strategy", "TrainSpec", "apply_overrides", "apply_stage_overrides", "did_you_mean", "flat_params", "from_dict",
+    "input_role_problems", "merge", "method_name", "parse_recipe", "parse_stages", "set_path", "spec_hash", "to_dict",
+    "unknown_choice", "unknown_corpora", "unknown_key", "with_overrides",
 ]

@@ -49,6 +49,13 @@ def unknown_key(loc: Loc, key: str, choices: typing.Iterable[str], owner: str) -
     return Problem.at(tuple(loc) + (key,), f"unknown field of {owner}; {hint}")
 
 
+def unknown_choice(loc: Loc, value: Any, choices: typing.Iterable[Any]) -> Problem:
+    """The one wording of 'not one of the allowed values': the values, and a did-you-mean when one is close."""
+    values = list(choices)
+    guess = did_you_mean(value, [str(v) for v in values]) if isinstance(value, str) else None
+    return Problem.at(loc, f"must be one of {values}" + (f"; did you mean {guess!r}?" if guess else ""), value)
+
+
 def _convert(tp: Any, data: Any, loc: Loc, problems: list[Problem]) -> Any:
     if dataclasses.is_dataclass(tp):
         return _convert_dataclass(tp, data, loc, problems)
@@ -68,10 +75,7 @@ def _convert(tp: Any, data: Any, loc: Loc, problems: list[Problem]) -> Any:
         try:
             return tp(data)
         except ValueError:
-            values = [m.value for m in tp]
-            guess = did_you_mean(data, values) if isinstance(data, str) else None
-            hint = f"; did you mean {guess!r}?" if guess else ""
-            problems.append(Problem.at(loc, f"must be one of {values}{hint}", data))
+            problems.append(unknown_choice(loc, data, [m.value for m in tp]))
             return None
     if tp in _PLAIN:  # taken as they are: no bool is read from 0/1, no string from a number
         if not isinstance(data, tp):

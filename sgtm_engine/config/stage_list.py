@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sgtm_engine.config.convert import did_you_mean, from_dict, unknown_key
+from sgtm_engine.config.convert import did_you_mean, from_dict, unknown_choice, unknown_key
 from sgtm_engine.config.overrides import set_path
 from sgtm_engine.config.stages import STAGE_SPECS
 from sgtm_engine.config.vocabulary import Device, StageKind
@@ -30,6 +30,7 @@ from sgtm_engine.errors import ConfigError, Loc, Problem
 
 STAGE_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 INPUT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+STAGE_NAME_RULE = "use 1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter"
 STAGE_KEYS = ("name", "kind", "spec", "inputs", "queue", "gpus")
 RECIPE_KEYS = ("name", "description", "experiment", "stages")
 MAX_STAGES = 64
@@ -80,7 +81,7 @@ def parse_recipe(data: Any, overrides: Mapping[str, Any] | None = None, *,
     problems = [unknown_key((), k, RECIPE_KEYS, "a recipe") for k in unknown]
     name = data.get("name", "recipe")
     if not isinstance(name, str) or not _NAME.match(name):
-        problems.append(Problem.at(("name",), _NAME_RULE, name))
+        problems.append(Problem.at(("name",), STAGE_NAME_RULE, name))
     stages: list[Stage] = []
     if "stages" in data or "stages" not in {did_you_mean(k, RECIPE_KEYS) for k in unknown}:  # no follow-on error
         try:
@@ -168,9 +169,6 @@ def parse_stages(stages: Any, overrides: Mapping[str, Any] | None = None, *,
     return out
 
 
-_NAME_RULE = "use 1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter"
-
-
 def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: set[str],
                  external: Callable[[str], bool] | None, validate_spec: bool, problems: list[Problem]
                  ) -> Stage | None:
@@ -183,7 +181,7 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
     name, kind = raw.get("name"), raw.get("kind")
     if not isinstance(name, str) or not _NAME.match(name):
         if "name" not in meant:
-            problems.append(Problem.at(loc + ("name",), f"every stage needs a name; {_NAME_RULE}", name))
+            problems.append(Problem.at(loc + ("name",), f"every stage needs a name; {STAGE_NAME_RULE}", name))
         return None
     if name in kinds:
         problems.append(Problem.at(loc + ("name",), "already used by an earlier stage; stage names must be unique",
@@ -194,10 +192,7 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
         kind = StageKind(kind)
     except ValueError:
         if "kind" not in meant:
-            values = [k.value for k in StageKind]
-            guess = did_you_mean(kind, values) if isinstance(kind, str) else None
-            problems.append(Problem.at(loc + ("kind",), f"must be one of {values}"
-                                       + (f"; did you mean {guess!r}?" if guess else ""), kind))
+            problems.append(unknown_choice(loc + ("kind",), kind, [k.value for k in StageKind]))
         return None
     mine: list[Problem] = []  # located below the stage, written with its name: `train.optim.lr=-1: ...`
     inputs = _parse_inputs(raw.get("inputs"), kind, kinds, later, external, mine)

@@ -17,7 +17,7 @@ from api.db import jobs as repo
 from api.db.session import session_scope
 from api.liveness import write_executor_heartbeat
 from api.main import create_app
-from sgtm_engine.config import STAGE_SPECS, StageKind
+from sgtm_engine.config import STAGE_NAME_RULE, STAGE_SPECS, StageKind
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -126,6 +126,10 @@ def test_a_body_typo_gets_a_did_you_mean_and_no_follow_on_error(client: TestClie
     assert r.json()["detail"][0]["msg"] == "sedes: unknown field of a sweep; did you mean 'seeds'?"
     r = submit(client, {"kind": "train", "command": "ls"})
     assert "known fields: ['experiment', 'gpus', 'inputs', 'kind', 'queue', 'spec']" in r.text  # nothing close
+    r = submit(client, {"kind": "evaluate", "inputs": {"model": "nope"}})  # a name's rule, not its regex
+    assert r.json()["detail"][0]["msg"].startswith("inputs.model='nope': expected a job id: a UUID")
+    r = client.post("/api/v1/pipelines", json={"stages": [{"name": "Train", "kind": "train"}]})
+    assert r.json()["detail"][0]["msg"] == f"stages[0].name='Train': {STAGE_NAME_RULE}"
 
 
 def test_a_huge_number_is_shown_by_its_magnitude(client: TestClient) -> None:
