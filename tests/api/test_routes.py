@@ -127,7 +127,7 @@ def test_a_body_typo_gets_a_did_you_mean_and_no_follow_on_error(client: TestClie
     r = submit(client, {"kind": "train", "command": "ls"})
     assert "known fields: ['experiment', 'gpus', 'inputs', 'kind', 'queue', 'spec']" in r.text  # nothing close
     r = submit(client, {"kind": "evaluate", "inputs": {"model": "nope"}})  # a name's rule, not its regex
-    assert r.json()["detail"][0]["msg"].startswith("inputs.model='nope': expected a job id: a UUID")
+    assert r.json()["detail"][0]["msg"].startswith("inputs.model='nope': expected a job id: the UUID")
     r = client.post("/api/v1/pipelines", json={"stages": [{"name": "Train", "kind": "train"}]})
     assert r.json()["detail"][0]["msg"] == f"stages[0].name='Train': {STAGE_NAME_RULE}"
 
