@@ -117,7 +117,7 @@ def test_every_problem_is_reported_at_once_with_its_location() -> None:
                             variants={"bad": {"ablate": None}, "dupe": {"train.steps": 5}},
                             seeds=[0, "x"], extra=1))
     locs = dict(found)
-    assert "must be a probability" in locs[("grid", "train.noise.recall", 1)]
+    assert locs[("grid", "train.noise.recall", 1)] == "grid.train.noise.recall=1.5: must be a probability in [0, 1]"
     assert "train.nope: unknown field of TrainSpec; known fields" in locs[("grid", "train.nope")]
     assert "no stage named 'zzz'" in locs[("grid", "zzz.steps")]
     assert "is a value, not a block" in locs[("grid", "train.model.n_layer.x")]
