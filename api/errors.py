@@ -96,7 +96,7 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     body = _body_model(request)
     detail, meant = [], set()
     for error in exc.errors():
-        loc, msg, guess = tuple(error.get("loc", ())), error.get("msg"), None
+        loc, msg = tuple(error.get("loc", ())), error.get("msg")
         if body is not None and loc[:1] == ("body",):
             msg, guess = _engine_wording(body, loc[1:], error)
             meant |= {loc[:-1] + (guess,)} if guess else set()

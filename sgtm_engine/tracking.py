@@ -83,15 +83,18 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, run_id: str | None = None, experiment: str = "sgtm",
                  run_name: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  flush_every: int = 1000, flush_seconds: float = 10.0, retries: int = 3,
-                 artifact_root: Path | None = None, client: Any = None):
+                 artifact_root: Path | None = None, reopen: bool = False):
         """`artifact_root`: where an experiment this tracker creates keeps its artifacts (a local store keeps them
         beside itself, not in MLflow's default `./mlruns` of the working directory); None: the store decides.
-        With a `run_id` the tracker logs to that run and leaves ending it to whoever created it (see `reopened`)."""
+        With a `run_id` the tracker logs to that run and leaves ending it to whoever created it, unless `reopen`
+        (see `reopened`)."""
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
-        self.client = client or MlflowClient(tracking_uri=tracking_uri)
-        self.owns_run = run_id is None
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.owns_run = run_id is None or reopen
+        if reopen and run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
         if run_id is None:  # synchronous: children need the id for mlflow.parentRunId
             exp = self.client.get_experiment_by_name(experiment)
             location = (artifact_root / experiment).resolve().as_uri() if artifact_root is not None else None
@@ -120,16 +123,12 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            if client.get_run(run_id).info.lifecycle_stage != "active":
+            if MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.lifecycle_stage != "active":
                 return None
         except MlflowException:  # deleted from the store for good
             return None
-        client.update_run(run_id, status="RUNNING")
-        tracker = cls(tracking_uri, run_id=run_id, client=client)
-        tracker.owns_run = True
-        return tracker
+        return cls(tracking_uri, run_id=run_id, reopen=True)
 
     # -- the training thread's side: cheap, never blocks on the store
 
