@@ -93,12 +93,12 @@ async def _invalid(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    body = _body_model(request)
+    declared = _declared_types(request)
     detail, meant = [], set()
     for error in exc.errors():
         loc, msg = tuple(error.get("loc", ())), error.get("msg")
-        if body is not None and loc[:1] == ("body",):
-            msg, guess = _engine_wording(body, loc[1:], error)
+        if loc[:1] in (("body",), ("query",)) and declared.get(loc[0]) is not None:
+            msg, guess = _engine_wording(declared[loc[0]], loc[1:], error)
             meant |= {loc[:-1] + (guess,)} if guess else set()
         if error.get("type") == "json_invalid":
             msg = f"body: {msg} at character {loc[-1]}; send a UTF-8 JSON object (Content-Type: application/json)"
@@ -111,17 +111,17 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def _engine_wording(body: type[BaseModel], path: tuple[Any, ...], error: Mapping[str, Any]) -> tuple[Any, str | None]:
-    """An unknown key, enum value or malformed name in a request body worded as `sgtm run` words it in a recipe,
-    with a did-you-mean; returns (message, the key it was probably meant as). Anything else keeps pydantic's
+def _engine_wording(root: Any, path: tuple[Any, ...], error: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """An unknown key, enum value or malformed name in a request body or query worded as `sgtm run` words it in a
+    recipe, with a did-you-mean; returns (message, the key it was probably meant as). Anything else keeps pydantic's
     message."""
     if error.get("type") == "extra_forbidden":
-        owner = _annotation_at(body, path[:-1])
+        owner = _annotation_at(root, path[:-1])
         if isinstance(owner, type) and issubclass(owner, BaseModel):
             name = getattr(owner, "noun", owner.__name__)
             return unknown_key(path[:-1], str(path[-1]), owner.model_fields, name).msg, \
                 did_you_mean(str(path[-1]), owner.model_fields)
-    field = _annotation_at(body, path)
+    field = _annotation_at(root, path)
     if error.get("type") == "enum" and isinstance(field, type) and issubclass(field, enum.Enum):
         return unknown_choice(path, error.get("input"), [m.value for m in field]).msg, None
     rule = PATTERN_RULES.get((error.get("ctx") or {}).get("pattern"))
@@ -130,17 +130,24 @@ def _engine_wording(body: type[BaseModel], path: tuple[Any, ...], error: Mapping
     return error.get("msg"), None
 
 
-def _body_model(request: Request) -> type[BaseModel] | None:
-    field = getattr(request.scope.get("route"), "body_field", None)
+def _declared_types(request: Request) -> dict[str, Any]:
+    """What the route declares: `body`, its body model (or None); `query`, {parameter: its type}."""
+    route = request.scope.get("route")
+    field = getattr(route, "body_field", None)
     model = getattr(getattr(field, "field_info", None), "annotation", None)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+    params = getattr(getattr(route, "dependant", None), "query_params", [])
+    return {"body": model if isinstance(model, type) and issubclass(model, BaseModel) else None,
+            "query": {p.alias: p.field_info.annotation for p in params}}
 
 
 def _annotation_at(tp: Any, path: tuple[Any, ...]) -> Any:
-    """The type at `path` inside a body model (through models, lists and dicts), or None."""
+    """The type at `path` inside a body model or the query's {parameter: type} (through models, lists and dicts),
+    or None."""
     for part in path:
         tp = _unwrapped(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
+        if isinstance(tp, Mapping):
+            tp = tp.get(str(part))
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
             field = tp.model_fields.get(str(part))
             tp = field.annotation if field else None
         elif typing.get_origin(tp) in (list, dict):

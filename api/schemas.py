@@ -33,9 +33,14 @@ RegistryName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9
 IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 Queue = Literal["gpu", "cpu"]
 
+CURSOR_PATTERN = r"^[A-Za-z0-9_=-]+$"
+"""A page's `next_cursor` (URL-safe base64; api/paging.py)."""
+CURSOR_RULE = "not a cursor this API issued; pass `next_cursor` from the previous page unchanged"
+
 #: What a 422 says when a name does not match its pattern (pydantic would print the regular expression).
 PATTERN_RULES = {
-    UUID_PATTERN: "expected a job id: the UUID the API returned for the job",
+    UUID_PATTERN: "expected an id as the API returned it (a UUID: 8-4-4-4-12 lowercase hex digits)",
+    CURSOR_PATTERN: CURSOR_RULE,
     STAGE_NAME_PATTERN: STAGE_NAME_RULE,
     INPUT_NAME_PATTERN: "an input name: 1-32 lowercase letters, digits or '_', starting with a letter",
     PIPELINE_INPUT_PATTERN: "an earlier stage's name or an existing job id",

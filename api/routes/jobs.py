@@ -4,12 +4,8 @@ A job is named by its whole id or a unique prefix of at least 8 hex characters (
 
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime as dt
 import functools
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -25,8 +21,9 @@ from api.db import jobs as repo
 from api.db.models import Job
 from api.db.status import TERMINAL, JobStatus
 from api.deps import READ_AUTH, AdmittedStream, AuthDep, EnqueuerDep, SessionDep, SettingsDep, StreamsDep
-from api.errors import InvalidRequest, NotFound, Problem
+from api.errors import NotFound
 from api.ids import find_by_id
+from api.paging import CursorQuery, decode_cursor, encode_cursor
 from api.schemas import UUID_PATTERN, EventRead, IdempotencyKey, JobCreate, JobPage, JobRead
 from api.submissions import send_after_commit, submit_job
 from sgtm_engine.config import StageKind
@@ -70,14 +67,14 @@ def list_jobs(session: SessionDep, settings: SettingsDep,
               kind: Annotated[list[StageKind], Query()] = [],  # noqa: B006
               pipeline_id: Annotated[str | None, Query(pattern=UUID_PATTERN)] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_=-]+$")] = None) -> JobPage:
+              cursor: CursorQuery = None) -> JobPage:
     """Newest first. Filter by status, kind and pipeline; page with `next_cursor`."""
-    before = _decode_cursor(cursor) if cursor else None
+    before = decode_cursor(cursor) if cursor else None
     rows = repo.list_jobs(session, status=[s.value for s in status], kind=[k.value for k in kind],
                           pipeline_id=pipeline_id, limit=limit + 1, before=before)
     page, more = rows[:limit], len(rows) > limit
     return JobPage(items=views.job_reads(session, settings, page),
-                   next_cursor=_encode_cursor(page[-1]) if more and page else None)
+                   next_cursor=encode_cursor(page[-1]) if more and page else None)
 
 
 @router.get("/{job_id}", response_model=JobRead, responses={404: ERRORS[404]})
@@ -134,23 +131,6 @@ def _events_since(settings: Settings, job_id: str, cursor: int, session: Session
     final = views.job_read(session, settings, current) if current is not None and current.status in TERMINAL \
         else None
     return [views.event_read(e) for e in events], final
-
-
-def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
-    try:
-        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        when = dt.datetime.fromisoformat(created)
-        if when.tzinfo is None or not re.match(UUID_PATTERN, job_id):
-            raise ValueError("not a cursor")
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest([Problem(("query", "cursor"), "cursor: not a cursor this API issued; pass "
-                                      "`next_cursor` from the previous page unchanged", cursor)]) from None
-    return when, job_id
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime as dt
 import re
 from typing import Annotated, Any
 
@@ -15,10 +12,11 @@ from api import reports
 from api.db import sweeps as sweep_repo
 from api.db.models import Sweep
 from api.deps import READ_AUTH, AuthDep, EnqueuerDep, SessionDep, SettingsDep
-from api.errors import InvalidRequest, NotFound, Problem
+from api.errors import NotFound
 from api.ids import find_by_id
+from api.paging import CursorQuery, decode_cursor, encode_cursor
 from api.routes.jobs import ERRORS
-from api.schemas import UUID_PATTERN, IdempotencyKey, SweepCreate, SweepPage, SweepRead
+from api.schemas import IdempotencyKey, SweepCreate, SweepPage, SweepRead
 from api.submissions import send_after_commit
 from api.sweeps import cancel_sweep, resume_sweep, submit_sweep, sweep_read, sweep_summary
 
@@ -53,16 +51,13 @@ def create_sweep(body: SweepCreate, response: Response, session: SessionDep, set
 @router.get("", response_model=SweepPage, responses={422: ERRORS[422]})
 def list_sweeps(session: SessionDep,
                 limit: Annotated[int, Query(ge=1, le=200)] = 20,
-                cursor: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_=-]+$")] = None
-                ) -> SweepPage:
+                cursor: CursorQuery = None) -> SweepPage:
     """Newest first; page with `next_cursor`."""
-    before = _decode_cursor(cursor) if cursor else None
+    before = decode_cursor(cursor) if cursor else None
     rows = sweep_repo.list_sweeps(session, limit=limit + 1, before=before)
     page, more = rows[:limit], len(rows) > limit
-    next_cursor = None
-    if more and page:
-        next_cursor = base64.urlsafe_b64encode(f"{page[-1].created_at.isoformat()}|{page[-1].id}".encode()).decode()
-    return SweepPage(items=[sweep_summary(session, s) for s in page], next_cursor=next_cursor)
+    return SweepPage(items=[sweep_summary(session, s) for s in page],
+                     next_cursor=encode_cursor(page[-1]) if more and page else None)
 
 
 @router.get("/{sweep_id}", response_model=SweepRead, responses=NOT_FOUND)
@@ -113,15 +108,3 @@ def get_figure(sweep: ExistingSweep, figure: str, session: SessionDep, settings:
     if path is None:
         raise NotFound(f"figure {figure!r} does not exist; this report has {rendered.figures()}")
     return FileResponse(path, media_type="image/png")
-
-
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
-    try:
-        created, sweep_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        when = dt.datetime.fromisoformat(created)
-        if when.tzinfo is None or not re.match(UUID_PATTERN, sweep_id):
-            raise ValueError("not a cursor")
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest([Problem(("query", "cursor"), "cursor: not a cursor this API issued; pass "
-                                      "`next_cursor` from the previous page unchanged", cursor)]) from None
-    return when, sweep_id

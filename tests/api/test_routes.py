@@ -127,9 +127,26 @@ def test_a_body_typo_gets_a_did_you_mean_and_no_follow_on_error(client: TestClie
     r = submit(client, {"kind": "train", "command": "ls"})
     assert "known fields: ['experiment', 'gpus', 'inputs', 'kind', 'queue', 'spec']" in r.text  # nothing close
     r = submit(client, {"kind": "evaluate", "inputs": {"model": "nope"}})  # a name's rule, not its regex
-    assert r.json()["detail"][0]["msg"].startswith("inputs.model='nope': expected a job id: the UUID")
+    assert r.json()["detail"][0]["msg"].startswith("inputs.model='nope': expected an id as the API returned it")
     r = client.post("/api/v1/pipelines", json={"stages": [{"name": "Train", "kind": "train"}]})
     assert r.json()["detail"][0]["msg"] == f"stages[0].name='Train': {STAGE_NAME_RULE}"
+
+
+def test_a_query_typo_gets_a_did_you_mean_and_no_regex(client: TestClient) -> None:
+    r = client.get("/api/v1/jobs", params={"status": ["queued", "runing"]})
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"type": "enum", "loc": ["query", "status", 1], "input": "runing",
+                                   "msg": "status[1]='runing': must be one of ['queued', 'running', 'succeeded', "
+                                          "'failed', 'cancelled']; did you mean 'running'?"}]
+    r = client.get("/api/v1/jobs", params={"kind": "trian"})
+    assert r.json()["detail"][0]["msg"].endswith("did you mean 'train'?")
+    r = client.get("/api/v1/jobs", params={"pipeline_id": "xyz"})
+    assert r.json()["detail"][0]["msg"] == ("pipeline_id='xyz': expected an id as the API returned it (a UUID: "
+                                            "8-4-4-4-12 lowercase hex digits)")
+    for cursor in ("%%", "Zm9v"):  # not even base64; base64 of something else: the same words
+        r = client.get("/api/v1/jobs", params={"cursor": cursor})
+        assert r.json()["detail"][0]["msg"] == (f"cursor={cursor!r}: not a cursor this API issued; pass "
+                                                "`next_cursor` from the previous page unchanged")
 
 
 def test_a_huge_number_is_shown_by_its_magnitude(client: TestClient) -> None:

@@ -232,6 +232,22 @@ def test_bad_sweeps_are_422_naming_field_value_and_fix(client: TestClient, body:
     assert all(w in match[0]["msg"] for w in words), match[0]["msg"]
 
 
+def test_the_list_pages_newest_first_through_next_cursor(client: TestClient) -> None:
+    ids = [post(client, sweep_body(name=f"page-{i}", seeds=[i])).json()["id"] for i in range(3)]
+    seen, cursor = [], None
+    while True:
+        page = client.get("/api/v1/sweeps", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [s["id"] for s in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == ids[::-1]
+    r = client.get("/api/v1/sweeps", params={"cursor": "Zm9v"})  # well-formed base64, not a cursor
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == ("cursor='Zm9v': not a cursor this API issued; pass `next_cursor` from "
+                                            "the previous page unchanged")
+
+
 def test_unknown_sweep_is_404_and_body_shape_is_checked(client: TestClient) -> None:
     assert client.get("/api/v1/sweeps/nope").status_code == 404
     assert client.get("/api/v1/sweeps/00000000-0000-4000-8000-000000000000/report").status_code == 404
