@@ -209,7 +209,7 @@ def attack(model: GPTNeoLM, data: PreparedData, spec: AttackSpec, runtime: Runti
             emit({"type": "progress", "step": step + 1, "total": spec.steps, "metrics": metrics})
         if (step + 1) % spec.eval_every == 0 or done:
             evaluate(step + 1, done)
-    seen = _documents(data, seen_rows)
+    seen = runtime.union(_documents(data, seen_rows))
     leaked = seen & {d for t in data.test_sets.values() for d in t.doc_ids}
     if leaked:  # prepare_data guarantees this cannot happen; a regression must not go unnoticed
         raise DataError(f"the attack trained on {len(leaked)} held-out test documents, e.g. {sorted(leaked)[:3]}")

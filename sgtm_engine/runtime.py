@@ -71,6 +71,14 @@ class Runtime:
             return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def union(self, items: set[str]) -> set[str]:
+        """The union over ranks of each rank's set (under torchrun every rank sees only its share of a batch)."""
+        if not self.distributed:
+            return items
+        gathered: list[set[str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, items)
+        return set().union(*(g for g in gathered if g is not None))
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA when asked (fp32 master weights, the loss is computed in fp32), else nothing."""
         if self.precision == Precision.BF16:

@@ -1,10 +1,13 @@
 """The fine-tuning attack: steps to recovery on synthetic curves, held-out documents never attacked, ablation of the
-start point, the reference from a baseline stage."""
+start point, the reference from a baseline stage, torchrun ranks."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from sgtm_engine.attack import attack, prepare_attack_data, start_model
 from sgtm_engine.config import AblateSpec, AblationKind, AttackSpec, DataSpec, Split, Strategy, from_dict
@@ -175,6 +179,32 @@ def test_masked_parents_are_ablated_then_attacked_as_clean_models(stages):
     clean, how = start_model(untouched, AblateSpec(), parent_ablated=True)  # an ablate stage's output
     assert how == "by the parent stage"
     assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items())
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_attack_matches_one_process(stages, cache, tmp_path):
+    """torchrun with 2 CPU ranks (gloo) attacks the SGTM model to where one process gets: each rank takes half of
+    every batch, so the curve, the token counts and the weights agree."""
+    spec = {**ATTACK, "steps": 4, "save_model": True, "reference_forget_loss": 1.0}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    common = ["run-stage", "--kind", "attack", "--spec", str(tmp_path / "spec.json"), "--input",
+              f"model={stages / 'sgtm'}", "--cache-dir", str(cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sgtm_engine", *common,
+                    "--workdir", str(tmp_path / "ddp")], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "sgtm_engine", *common, "--workdir", str(tmp_path / "one")], check=True,
+                   env=env, timeout=600)
+    ddp, one = read_result(tmp_path / "ddp"), read_result(tmp_path / "one")
+    assert ddp["summary"]["ablation"] == one["summary"]["ablation"] == "zero"
+    for key in ("tokens", "forget_tokens", "forget_steps", "documents_seen"):  # documents: over both ranks
+        assert ddp["summary"][key] == one["summary"][key], key
+    assert [h["step"] for h in ddp["history"]] == [h["step"] for h in one["history"]] == [0, 2, 4]
+    for a, b in zip(ddp["history"], one["history"], strict=True):
+        torch.testing.assert_close(a["metrics"], b["metrics"], rtol=1e-4, atol=1e-5)
+    a, b = (load_file(str(Path(r["artifacts"]["model"]) / "model.safetensors")) for r in (ddp, one))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def _model(workdir: Path):
