@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.db.jobs import IllegalTransition, JobNotFound
 from api.schemas import PATTERN_RULES
 from sgtm_engine.config import did_you_mean, unknown_choice, unknown_key
-from sgtm_engine.errors import Problem, render_loc, render_value
+from sgtm_engine.errors import Problem, is_huge_int, render_loc, render_value
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         text = value if len(value) <= ECHO_LIMIT else f"{value[:ECHO_LIMIT]}… ({len(value)} characters)"
         return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be encoded
-    if isinstance(value, int) and not isinstance(value, bool) and not -10**20 < value < 10**20:
+    if is_huge_int(value):
         return render_value(value)  # `1e308` parsed as a 309-digit integer: its magnitude, not its digits
     if value is None or isinstance(value, int | float | bool):
         return value

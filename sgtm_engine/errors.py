@@ -32,12 +32,18 @@ def render_loc(loc: Loc) -> str:
     return text
 
 
+def is_huge_int(value: Any) -> bool:
+    """An integer of over 16 digits: shown by its magnitude (`steps: 1e308` arrives as a 309-digit integer, and JSON
+    readers lose integers' digits past 2**53 anyway)."""
+    return isinstance(value, int) and not isinstance(value, bool) and not -10**16 < value < 10**16
+
+
 def render_value(value: Any) -> str:
     """How a message shows a value: enums by their value, tuples as lists, integers of over 16 digits in scientific
     notation (`steps: 1e308` arrives as a 309-digit integer), anything long cut to 80 characters."""
     if isinstance(value, enum.Enum):
         return str(value.value)
-    if isinstance(value, int) and not isinstance(value, bool) and not -10**16 < value < 10**16:
+    if is_huge_int(value):
         return format(decimal.Decimal(value), ".3e")
     if isinstance(value, tuple):
         value = [v.value if isinstance(v, enum.Enum) else v for v in value]

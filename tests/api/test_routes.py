@@ -150,12 +150,15 @@ def test_a_query_typo_gets_a_did_you_mean_and_no_regex(client: TestClient) -> No
 
 
 def test_a_huge_number_is_shown_by_its_magnitude(client: TestClient) -> None:
-    """JSON `1e308` for an integer field arrives as a 309-digit integer; the 422 names it `1.000e+308`."""
+    """JSON `1e308` for an integer field arrives as a 309-digit integer; the 422 names it `1.000e+308`, in its message
+    and its echo alike (as any integer of over 16 digits)."""
     r = client.post("/api/v1/jobs", content=b'{"kind": "train", "spec": {"steps": 1e308}}',
                     headers={"Content-Type": "application/json"})
     assert r.status_code == 422
     [problem] = r.json()["detail"]
     assert problem["msg"].startswith("spec.steps=1.000e+308: above the limit") and problem["input"] == "1.000e+308"
+    [problem] = submit(client, {"kind": "train", "spec": {"steps": 10**17}}).json()["detail"]
+    assert problem["msg"].startswith("spec.steps=1.000e+17: ") and problem["input"] == "1.000e+17"  # said alike
 
 
 def test_inputs_are_job_ids_of_model_producing_jobs(client: TestClient, enqueuer: RecordingEnqueuer) -> None:
