@@ -12,8 +12,8 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -33,55 +33,53 @@ from sgtm_engine.config import MODEL_PRODUCERS, StageKind, input_role_problems, 
 from sgtm_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
+K = TypeVar("K", bound=Keyed)
 
 
 def submit_job(session: Session, *, settings: Settings, body: JobCreate,
                idempotency_key: str | None) -> tuple[Job, bool]:
     """Returns (job, created). Commits."""
-    request_hash = _hash(body.model_dump(mode="json"))
-    if idempotency_key is not None:
-        existing = replay(session, settings=settings, table=Job, key=idempotency_key, request_hash=request_hash)
-        if existing is not None:
-            return existing, False
+    def insert(request_hash: str) -> Job:
+        valid = validate_within_limits(settings, body.kind, body.spec, ("body", "spec"))
+        roles = input_role_problems(body.kind, body.inputs)  # the engine's rule, as for a pipeline's stages
+        if roles:
+            raise InvalidRequest([p.nested(("body",), label="") for p in roles])
+        parents = _check_parents(session, inputs=body.inputs, loc=("body", "inputs"))
+        job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
+                                 parents=list(parents.values()), loc=("body",))
+        ready = all(p.status == JobStatus.SUCCEEDED for p in parents.values())
+        return repo.create(session, inputs={name: p.id for name, p in parents.items()},
+                           experiment=body.experiment or settings.mlflow_experiment, will_send=ready,
+                           idempotency_key=idempotency_key, request_hash=request_hash, **job_fields)
 
-    valid = validate_within_limits(settings, body.kind, body.spec, ("body", "spec"))
-    roles = input_role_problems(body.kind, body.inputs)  # the engine's rule, as for a pipeline's stages
-    if roles:
-        raise InvalidRequest([p.nested(("body",), label="") for p in roles])
-    parents = _check_parents(session, inputs=body.inputs, loc=("body", "inputs"))
-    job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
-                             parents=list(parents.values()), loc=("body",))
-    ready = all(p.status == JobStatus.SUCCEEDED for p in parents.values())
-    try:
-        job = repo.create(session, inputs={name: p.id for name, p in parents.items()},
-                          experiment=body.experiment or settings.mlflow_experiment, will_send=ready,
-                          idempotency_key=idempotency_key, request_hash=request_hash, **job_fields)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = replay(session, settings=settings, table=Job, key=idempotency_key, request_hash=request_hash)
-        if existing is None:
-            raise
-        return existing, False
-    return job, True
+    return submit_once(session, settings=settings, table=Job, key=idempotency_key,
+                       body=body.model_dump(mode="json"), insert=insert)
 
 
 def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreate,
                     idempotency_key: str | None) -> tuple[Pipeline, bool]:
-    request_hash = _hash(body.model_dump(mode="json"))
-    if idempotency_key is not None:
-        existing = replay(session, settings=settings, table=Pipeline, key=idempotency_key, request_hash=request_hash)
-        if existing is not None:
-            return existing, False
+    """Returns (pipeline, created). Commits."""
+    def insert(request_hash: str) -> Pipeline:
+        pipeline, _jobs = create_pipeline_rows(
+            session, settings, name=body.name, experiment=body.experiment or settings.mlflow_experiment,
+            plans=_pipeline_plans(session, settings, body), idempotency_key=idempotency_key, request_hash=request_hash)
+        return pipeline
 
-    try:  # the engine's stage-list rules, the ones `sgtm run` applies to a recipe
+    return submit_once(session, settings=settings, table=Pipeline, key=idempotency_key,
+                       body=body.model_dump(mode="json"), insert=insert)
+
+
+def _pipeline_plans(session: Session, settings: Settings, body: PipelineCreate
+                    ) -> list[tuple[Any, ValidSpec, dict[str, Any]]]:
+    """The pipeline's stages as `create_pipeline_rows` takes them, checked: the engine's stage-list rules (the ones
+    `sgtm run` applies to a recipe), each spec within the limits, each input an earlier stage or an existing job.
+    Raises InvalidRequest with every problem."""
+    try:
         parse_stages(body.model_dump(mode="json")["stages"], external=lambda ref: bool(re.match(UUID_PATTERN, ref)))
     except ConfigError as e:
         raise InvalidRequest([p.nested(("body",), label="") for p in e.problems]) from None
     problems: list[Problem] = []
     names = {stage.name: i for i, stage in enumerate(body.stages)}
-
-    experiment = body.experiment or settings.mlflow_experiment
     plans: list[tuple[Any, ValidSpec, dict[str, Any]]] = []  # (stage, valid spec, {input: stage index | Job})
     for i, stage in enumerate(body.stages):
         loc = ("body", "stages", i)
@@ -104,18 +102,7 @@ def submit_pipeline(session: Session, *, settings: Settings, body: PipelineCreat
         plans.append((stage, valid, resolved))
     if problems:
         raise InvalidRequest(problems)
-
-    try:
-        pipeline, _jobs = create_pipeline_rows(session, settings, name=body.name, experiment=experiment, plans=plans,
-                                               idempotency_key=idempotency_key, request_hash=request_hash)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = replay(session, settings=settings, table=Pipeline, key=idempotency_key, request_hash=request_hash)
-        if existing is None:
-            raise
-        return existing, False
-    return pipeline, True
+    return plans
 
 
 def create_pipeline_rows(session: Session, settings: Settings, *, name: str, experiment: str,
@@ -205,6 +192,28 @@ def _job_fields(settings: Settings, *, kind: StageKind, valid: ValidSpec, queue:
         "seed": valid.seed if valid.seed is not None else (inherited.seed if inherited else None),
         "queue": resolved_queue, "gpus": gpus, "max_attempts": settings.max_attempts,
     }
+
+
+def submit_once(session: Session, *, settings: Settings, table: type[K], key: str | None, body: Any,
+                insert: Callable[[str], K]) -> tuple[K, bool]:
+    """A submission under an Idempotency-Key `key` (or none): returns (its row, whether this request created it).
+    An earlier submission under the key is returned as it is (`replay`); else `insert(request hash)` validates the
+    request and adds its rows, and this commits them. A concurrent request with the same key that commits first
+    makes this one's insert hit the key's unique constraint: it rolls back and returns the winner's row."""
+    request_hash = _hash(body)
+    existing = replay(session, settings=settings, table=table, key=key, request_hash=request_hash)
+    if existing is not None:
+        return existing, False
+    try:
+        row = insert(request_hash)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = replay(session, settings=settings, table=table, key=key, request_hash=request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    return row, True
 
 
 def replay(session: Session, *, settings: Settings, table: type[Keyed], key: str | None,

@@ -17,7 +17,6 @@ import logging
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.config import Settings
@@ -29,9 +28,10 @@ from api.db.status import ACTIVE
 from api.errors import InvalidRequest, Problem
 from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCreate, SweepRead, SweepSummary
 from api.specs import ValidSpec, check_strings, validate
-from api.submissions import _hash, create_pipeline_rows, replay, validate_within_limits
+from api.submissions import create_pipeline_rows, submit_once, validate_within_limits
 from sgtm_engine.config import StageKind
 from sgtm_engine.sweep import Cell, SweepError, parse_sweep
+from sgtm_engine.sweep import Sweep as SweepDefinition
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +48,18 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
                  idempotency_key: str | None) -> tuple[Sweep, bool, list[Job]]:
     """Returns (sweep, created, jobs created). Commits."""
     data = body.model_dump(mode="json", exclude_none=True)
-    request_hash = _hash(data)
-    if idempotency_key is not None:
-        existing = replay(session, settings=settings, table=Sweep, key=idempotency_key, request_hash=request_hash)
-        if existing is not None:
-            return existing, False, []
-    problems: list[Problem] = []
-    for key in ("base", "variants", "grid"):
-        if key in data:
-            problems += check_strings(data[key], ("body", key))
-    if problems:
-        raise InvalidRequest(problems)
-    try:
-        definition = parse_sweep(data, max_cells=settings.max_sweep_cells)
-    except SweepError as e:
-        raise InvalidRequest([Problem(("body",) + p.loc, p.msg, p.value) for p in e.problems]) from None
-    plans = {cell.cell_id: _cell_plans(settings, cell) for cell in definition.cells}
-    experiment = body.experiment or settings.mlflow_experiment
-    spec = definition.to_dict() | {"base": data["base"]}
-    try:
+    created: list[Job] = []
+
+    def insert(request_hash: str) -> Sweep:
+        definition = _parse(settings, data)
+        plans = {cell.cell_id: _cell_plans(settings, cell) for cell in definition.cells}
+        experiment = body.experiment or settings.mlflow_experiment
         sweep_repo.lock_submissions(session)
-        sweep = sweep_repo.create_sweep(session, name=body.name, experiment=experiment, spec=spec,
+        sweep = sweep_repo.create_sweep(session, name=body.name, experiment=experiment,
+                                        spec=definition.to_dict() | {"base": data["base"]},
                                         idempotency_key=idempotency_key, request_hash=request_hash)
         latest = sweep_repo.latest_pipelines(session, cell_ids=plans)
         status = sweep_repo.statuses(sweep_repo.jobs_of(session, pipeline_ids=[p.id for p in latest.values()]))
-        created: list[Job] = []
         for cell in definition.cells:
             previous = latest.get(cell.cell_id)
             if previous is not None and status[previous.id] not in RERUN:
@@ -82,18 +69,31 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
                     session, settings, name=_pipeline_name(body.name, cell.position), experiment=experiment,
                     plans=plans[cell.cell_id], sweep_id=sweep.id, cell_id=cell.cell_id)
                 pipeline_id = pipeline.id
-                created += jobs
+                created.extend(jobs)
             sweep_repo.add_cell(session, sweep_id=sweep.id, cell_id=cell.cell_id, position=cell.position,
                                 variant=cell.variant, params=cell.params, seed=cell.seed, pipeline_id=pipeline_id)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = replay(session, settings=settings, table=Sweep, key=idempotency_key, request_hash=request_hash)
-        if existing is None:
-            raise
-        return existing, False, []
-    log.info("sweep %s: %d cells, %d new jobs", sweep.id, len(definition.cells), len(created))
+        return sweep
+
+    sweep, is_new = submit_once(session, settings=settings, table=Sweep, key=idempotency_key, body=data,
+                                insert=insert)
+    if not is_new:
+        return sweep, False, []  # an earlier or concurrent submission's sweep: its jobs were rung for already
+    log.info("sweep %s: %d new jobs", sweep.id, len(created))
     return sweep, True, created
+
+
+def _parse(settings: Settings, data: dict[str, Any]) -> SweepDefinition:
+    """The sweep document expanded into cells; InvalidRequest with every problem, located in the body."""
+    problems: list[Problem] = []
+    for key in ("base", "variants", "grid"):
+        if key in data:
+            problems += check_strings(data[key], ("body", key))
+    if problems:
+        raise InvalidRequest(problems)
+    try:
+        return parse_sweep(data, max_cells=settings.max_sweep_cells)
+    except SweepError as e:
+        raise InvalidRequest([p.nested(("body",), label="") for p in e.problems]) from None
 
 
 def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[Job]:

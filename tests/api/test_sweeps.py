@@ -307,3 +307,18 @@ def test_a_cell_whose_stage_is_refused_is_a_422_for_that_cell_not_a_crash(client
     problems = r.json()["detail"]
     assert problems and all(p["loc"][:2] == ["body", "cells"] for p in problems)
     assert any("wiki-bilngual" in p["msg"] and "wiki-bilingual" in p["msg"] for p in problems), problems
+
+
+def test_simultaneous_submissions_with_one_key_create_one_sweep_and_ring_once(
+        client: TestClient, factory: sessionmaker[Session], enqueuer: RecordingEnqueuer) -> None:
+    """The losers of the race to one Idempotency-Key roll back and get the winner's sweep; the doorbell rings once
+    for each of the winner's jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: post(client, sweep_body(), **{"Idempotency-Key": "burst"}), range(8)))
+    assert all(r.status_code == 202 for r in responses), [r.text for r in responses if r.status_code != 202]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert n_pipelines(factory) == 8
+    trains = {c["jobs"]["train"] for c in responses[0].json()["cells"]}
+    assert sorted(enqueuer.job_ids) == sorted(trains)  # each once
