@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,16 @@ def test_watch_exits_1_and_names_the_cause_of_a_failed_job(client: TestClient, f
     assert "failed" in shown and "TrainingDiverged: loss is nan at step 17" in shown
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even where the tests run as a shell's background job: that
+    starts with SIGINT ignored, and `_thread.interrupt_main` then does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_stops_only_the_watching_and_says_how_to_follow_again(client: TestClient, screen: Console,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import _thread
