@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ from sgtm_engine.model.partition import Region
 from sgtm_engine.recovery import mean_excess, recovery_from_history, steps_to_recovery
 from sgtm_engine.runtime import Runtime
 from sgtm_engine.stage import read_result, run_stage
+from tests.engine.ranks import run_stage_cli
 
 CPU = Runtime(torch.device("cpu"), "fp32")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,15 +185,9 @@ def test_two_process_gloo_ddp_attack_matches_one_process(stages, cache, tmp_path
     every batch, so the curve, the token counts and the weights agree."""
     spec = {**ATTACK, "steps": 4, "save_model": True, "reference_forget_loss": 1.0}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    common = ["run-stage", "--kind", "attack", "--spec", str(tmp_path / "spec.json"), "--input",
-              f"model={stages / 'sgtm'}", "--cache-dir", str(cache)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).parent / "torchrun"
-    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sgtm_engine", *common,
-                    "--workdir", str(tmp_path / "ddp")], check=True, env=env, timeout=600)
-    subprocess.run([sys.executable, "-m", "sgtm_engine", *common, "--workdir", str(tmp_path / "one")], check=True,
-                   env=env, timeout=600)
-    ddp, one = read_result(tmp_path / "ddp"), read_result(tmp_path / "one")
+    args = ["run-stage", "--kind", "attack", "--spec", str(tmp_path / "spec.json"), "--input",
+            f"model={stages / 'sgtm'}", "--cache-dir", str(cache)]
+    ddp, one = run_stage_cli(args, tmp_path / "ddp", ranks=2), run_stage_cli(args, tmp_path / "one")
     assert ddp["summary"]["ablation"] == one["summary"]["ablation"] == "zero"
     for key in ("tokens", "forget_tokens", "forget_steps", "documents_seen"):  # documents: over both ranks
         assert ddp["summary"][key] == one["summary"][key], key

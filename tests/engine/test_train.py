@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +21,10 @@ from sgtm_engine.evaluate import calibrate, evaluate_views
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import run_recipe
 from sgtm_engine.runtime import Runtime
-from sgtm_engine.stage import read_result, run_stage
+from sgtm_engine.stage import run_stage
 from sgtm_engine.tracking import MlflowTracker
 from sgtm_engine.train import build_model, train
+from tests.engine.ranks import ENV, launcher, run_stage_cli
 
 TINY = {
     "model": {"n_layer": 2, "d_model": 64, "context": 32},
@@ -117,14 +117,8 @@ def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
     spec_data = {**TINY, "steps": 6, "micro_batch_size": None, "masking": {"strategy": "sgtm", "forget_mlp_dim": 32,
                                                                            "forget_attn_heads": 4}}
     (tmp_path / "spec.json").write_text(json.dumps(spec_data))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["run-stage", "--kind", "train", "--spec", str(tmp_path / "spec.json"), "--cache-dir", str(cache)]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sgtm_engine", *common,
-                    "--workdir", str(tmp_path / "ddp")], check=True, env=env, timeout=600)
-    subprocess.run([sys.executable, "-m", "sgtm_engine", *common, "--workdir", str(tmp_path / "one")], check=True,
-                   env=env, timeout=600)
-    ddp, one = read_result(tmp_path / "ddp"), read_result(tmp_path / "one")
+    args = ["run-stage", "--kind", "train", "--spec", str(tmp_path / "spec.json"), "--cache-dir", str(cache)]
+    ddp, one = run_stage_cli(args, tmp_path / "ddp", ranks=2), run_stage_cli(args, tmp_path / "one")
     assert ddp["summary"]["mode_steps"] == one["summary"]["mode_steps"]
     assert ddp["summary"]["tokens"] == one["summary"]["tokens"]
     a, b = weights(Path(ddp["artifacts"]["model"])), weights(Path(one["artifacts"]["model"]))
@@ -138,13 +132,9 @@ def test_run_stage_stops_with_a_checkpoint_when_its_stdin_lifeline_closes(tmp_pa
     """The supervisor's death closes the child's stdin; the stage stops as on SIGTERM (Cancelled, exit code 5) at a
     step boundary, with a checkpoint to resume from. torchrun's ranks inherit stdin and stop together."""
     (tmp_path / "spec.json").write_text(json.dumps({**TINY, "steps": 100_000, "checkpoint_every": 100_000}))
-    launcher = [sys.executable, "-m", "sgtm_engine"] if ranks == 1 else [
-        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), "-m",
-        "sgtm_engine"]
-    proc = subprocess.Popen([*launcher, "run-stage", "--kind", "train", "--spec", str(tmp_path / "spec.json"),
+    proc = subprocess.Popen([*launcher(ranks), "run-stage", "--kind", "train", "--spec", str(tmp_path / "spec.json"),
                              "--workdir", str(tmp_path / "w"), "--cache-dir", str(cache), "--stdin-lifeline", "120"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     events = tmp_path / "w" / "events.jsonl"
     deadline = time.monotonic() + 240
     while not (events.exists() and '"progress"' in events.read_text()):
