@@ -1,11 +1,12 @@
 """Ledger fixtures for the unit tests of `api` and `workers`: a migrated database on SQLite and on PostgreSQL
-(`ledger_url` is parametrized over both), settings pointing at it, and a recording enqueuer."""
+(`ledger_url` is parametrized over both), settings pointing at it, a recording enqueuer, and a reader of paged lists."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -82,3 +83,14 @@ def settings(ledger_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def enqueuer() -> RecordingEnqueuer:
     return RecordingEnqueuer()
+
+
+def all_pages(client: Any, path: str, limit: int = 2) -> list[str]:
+    """The ids a newest-first list returns, `limit` at a time, following `next_cursor` to the last page."""
+    ids, cursor = [], None
+    while True:
+        page = client.get(path, params={"limit": limit, **({"cursor": cursor} if cursor else {})}).json()
+        ids += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return ids

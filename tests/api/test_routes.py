@@ -18,7 +18,7 @@ from api.db.session import session_scope
 from api.liveness import write_executor_heartbeat
 from api.main import create_app
 from sgtm_engine.config import STAGE_NAME_RULE, STAGE_SPECS, StageKind
-from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
+from tests.ledger_fixtures import TOKEN, RecordingEnqueuer, all_pages
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NO_AUTH = {"Authorization": ""}
@@ -204,14 +204,7 @@ def test_cancel_queued_then_409_on_finished(client: TestClient, factory: session
 def test_list_filters_and_paginates(client: TestClient) -> None:
     ids = [submit(client, {"kind": "train", "spec": {**TINY, "seed": i}}).json()["id"] for i in range(5)]
     client.post(f"/api/v1/jobs/{ids[0]}/cancel", headers=AUTH)
-    seen, cursor = [], None
-    while True:
-        page = client.get("/api/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
-        seen += [j["id"] for j in page["items"]]
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
-    assert seen == ids[::-1]
+    assert all_pages(client, "/api/v1/jobs") == ids[::-1]
     queued = client.get("/api/v1/jobs", params={"status": "queued"}).json()["items"]
     assert {j["id"] for j in queued} == set(ids[1:])
     assert client.get("/api/v1/jobs", params={"kind": "ablate"}).json()["items"] == []

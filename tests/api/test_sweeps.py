@@ -19,7 +19,7 @@ from api.db import jobs as repo
 from api.db.models import Pipeline
 from api.db.session import session_scope
 from api.main import create_app
-from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
+from tests.ledger_fixtures import TOKEN, RecordingEnqueuer, all_pages
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TINY = {"model": {"n_layer": 2, "d_model": 64, "context": 64}, "steps": 5, "runtime": {"device": "cpu"}}
@@ -234,14 +234,7 @@ def test_bad_sweeps_are_422_naming_field_value_and_fix(client: TestClient, body:
 
 def test_the_list_pages_newest_first_through_next_cursor(client: TestClient) -> None:
     ids = [post(client, sweep_body(name=f"page-{i}", seeds=[i])).json()["id"] for i in range(3)]
-    seen, cursor = [], None
-    while True:
-        page = client.get("/api/v1/sweeps", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
-        seen += [s["id"] for s in page["items"]]
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
-    assert seen == ids[::-1]
+    assert all_pages(client, "/api/v1/sweeps") == ids[::-1]
     r = client.get("/api/v1/sweeps", params={"cursor": "Zm9v"})  # well-formed base64, not a cursor
     assert r.status_code == 422
     assert r.json()["detail"][0]["msg"] == ("cursor='Zm9v': not a cursor this API issued; pass `next_cursor` from "
