@@ -29,7 +29,7 @@ from api.limits import limit_problems
 from api.queue import Enqueuer
 from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
 from api.specs import ValidSpec, validate
-from sgtm_engine.config import MODEL_PRODUCERS, StageKind, input_role_problems, parse_stages
+from sgtm_engine.config import MODEL_PRODUCERS, StageKind, gpus_problems, input_role_problems, parse_stages
 from sgtm_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,8 @@ def _check_parents(session: Session, *, inputs: dict[str, str], loc: tuple[str |
 def _job_fields(settings: Settings, *, kind: StageKind, valid: ValidSpec, queue: str | None, gpus: int,
                 parents: list[Job], loc: tuple[str | int, ...]) -> dict[str, Any]:
     resolved_queue = queue or ("cpu" if valid.wants_cpu else settings.default_queue)
+    if problems := gpus_problems(kind, gpus):  # the engine's rule (a pipeline's stages met it in parse_stages)
+        raise InvalidRequest([p.nested(loc, label="") for p in problems])
     if resolved_queue == "cpu" and gpus > 1:
         raise InvalidRequest([Problem(loc + ("gpus",), f"gpus={gpus}: a cpu-queue job runs as one process; "
                                                         "use queue 'gpu' or gpus=1", gpus)])

@@ -9,8 +9,9 @@ Rules (every problem reported at once, located under `("stages", i, ...)`):
   `model` input must come from a stage that produces a model. The API also lets an input name an existing job: it
   passes `external`, which says whether a reference that is no stage of the list may stand (the API checks the job).
 - `queue` (gpu, cpu or null) and `gpus` (1-8) say where a stage runs under the service; a local run ignores them.
-  A stage on CPU (queue cpu, or spec.runtime.device cpu) runs as one process: gpus 1. (A service whose default queue
-  is cpu refuses gpus > 1 for any stage that names no queue: that depends on the deployment, not the recipe.)
+  Only train and attack stages split their batches over GPUs; the others, and a stage on CPU (queue cpu, or
+  spec.runtime.device cpu), run as one process: gpus 1. (A service whose default queue is cpu refuses gpus > 1 for
+  any stage that names no queue: that depends on the deployment, not the recipe.)
 - Overrides address a stage by name: `train.optim.lr` sets a spec field, `evaluate.inputs.model` an input.
 """
 
@@ -47,6 +48,8 @@ STAGE_INPUTS: dict[StageKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 #: Kinds whose output is a model (may feed a `model` input).
 MODEL_PRODUCERS = frozenset({StageKind.TRAIN, StageKind.ABLATE, StageKind.ATTACK, StageKind.RMU})
+#: Kinds that split their batches over torchrun's ranks (`gpus` > 1); the others run as one process.
+DATA_PARALLEL = frozenset({StageKind.TRAIN, StageKind.ATTACK})
 
 _NAME = re.compile(STAGE_NAME_PATTERN)
 
@@ -201,6 +204,8 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
         mine.append(Problem.at(("queue",), "'gpu', 'cpu' or null (cpu when spec.runtime.device is cpu)", queue))
     if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 8:
         mine.append(Problem.at(("gpus",), "an integer in [1, 8]", gpus))
+    else:
+        mine += gpus_problems(kind, gpus)
     problems += [p.nested(loc, label=name) for p in mine]
     kinds[name] = kind
     spec = raw.get("spec") or {}
@@ -222,6 +227,15 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
                                               "one process; use gpus=1, or queue 'gpu'", gpus).nested(loc, label=name))
         return None
     return Stage(name, kind, spec, inputs, queue, gpus)
+
+
+def gpus_problems(kind: StageKind, gpus: int) -> list[Problem]:
+    """More than one GPU for a stage that does not split its batches over ranks (every rank would do the whole
+    stage, and write the same files). Located at `("gpus",)`."""
+    if gpus > 1 and kind not in DATA_PARALLEL:
+        return [Problem.at(("gpus",), f"{_a(kind)} stage runs as one process (train and attack stages split their "
+                                      "batches over GPUs); use gpus=1", gpus)]
+    return []
 
 
 def input_role_problems(kind: StageKind, inputs: Mapping[str, str]) -> list[Problem]:

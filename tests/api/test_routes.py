@@ -107,6 +107,11 @@ def test_other_bad_bodies_are_422(client: TestClient) -> None:
     assert submit(client, {"kind": "train", "gpus": 0}).status_code == 422
     r = submit(client, {"kind": "train", "queue": "cpu", "gpus": 2})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpus"]
+    parent = submit(client, {"kind": "train", "spec": TINY}).json()["id"]
+    r = submit(client, {"kind": "ablate", "inputs": {"model": parent}, "gpus": 2})  # every rank would ablate
+    assert r.json()["detail"] == [{"type": "value_error", "loc": ["body", "gpus"], "input": 2,
+                                   "msg": "gpus=2: an ablate stage runs as one process (train and attack stages split "
+                                          "their batches over GPUs); use gpus=1"}]
     r = client.post("/api/v1/jobs", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 422
     missing = [k for k in StageKind if k not in STAGE_SPECS]
