@@ -98,7 +98,8 @@ class JobCreate(_Body):
                                           "{'model': '<train job id>'}. Only job ids: never a path or URL.")
     queue: Queue | None = Field(None, description="Worker pool; default: 'cpu' when spec.runtime.device is 'cpu', "
                                                   "else the service's default queue.")
-    gpus: int = Field(1, ge=1, le=8, description="GPUs on one machine; above 1 the stage runs under torchrun (DDP).")
+    gpus: int = Field(1, ge=1, le=8, description="GPUs on one machine; above 1 (train and attack only) the stage runs "
+                                                  "under torchrun, each rank taking its share of every batch.")
     experiment: RegistryName | None = Field(None, description="MLflow experiment; default: the service's.")
 
 
