@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +46,8 @@ class Runtime:
             dist.barrier()
 
     def describe(self, compiled: bool = False) -> dict[str, Any]:
-        """What this run ran on, for result.json and MLflow: device, dtype, attention backend, library versions."""
+        """What this run ran on, for result.json and MLflow: device (the CPU's or GPU's model), dtype, attention
+        backend, CPU vector instructions, library versions, threads and ranks."""
         attention = "sdpa"  # the model's only attention path (model/gpt_neo.py)
         if self.device.type == "cuda":
             enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
@@ -54,7 +57,9 @@ class Runtime:
             attention += f"[{','.join(enabled)}]"
         return {
             "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name(),
+            # the vector instructions torch's CPU kernels use (AVX512, AVX2, ...): CPU results round differently
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "dtype": "bfloat16-autocast" if self.precision == Precision.BF16 else "float32",
             "attention": attention,
             "compile": compiled,
@@ -84,6 +89,17 @@ class Runtime:
         if self.precision == Precision.BF16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform calls the processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def resolve_runtime(spec: RuntimeSpec) -> Runtime:
