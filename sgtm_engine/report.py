@@ -279,13 +279,14 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
 
     Returns:
         `{"tables", "figures": {name: path}, "metrics": {flat MLflow-safe aggregates}, "n_cells", "n_succeeded",
-        "n_failed", "statuses": {status: count}}`.
+        "n_failed", "statuses": {status: count}, "provenance": {code_version, torch, device: [distinct values]}}`.
     """
     groups = group_cells(records)
     statuses = dict(Counter(str(rec.get("status")) for rec in records))
     n_ok = statuses.get(SUCCEEDED, 0)
     report: dict[str, Any] = {"n_cells": len(records), "n_succeeded": n_ok, "n_failed": len(records) - n_ok,
-                              "statuses": statuses, "tables": tables(groups), "figures": {}}
+                              "statuses": statuses, "provenance": provenance(records), "tables": tables(groups),
+                              "figures": {}}
     report["metrics"] = flat_metrics(report)
     if outdir is not None:
         outdir = Path(outdir)
@@ -296,6 +297,25 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
         (outdir / "report.md").write_text(report_markdown(report))
         (outdir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
+
+
+def provenance(records: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """What produced the cells' stage results, each distinct value once: code versions, torch versions and devices
+    (`AMD EPYC (AVX512)`, `NVIDIA H200 (CUDA 12.8)`); single-seed numbers differ between machines."""
+    found: dict[str, dict[str, None]] = {"code_version": {}, "torch": {}, "device": {}}
+    for rec in records:
+        for result in (rec.get("stages") or {}).values():
+            backends = (result.get("backends") or {}) if isinstance(result, Mapping) else {}
+            if not backends:
+                continue
+            detail = f"CUDA {backends['cuda']}" if backends.get("device", "").startswith("cuda") else \
+                backends.get("cpu_capability")
+            device = f"{backends.get('device_name') or backends.get('device')}" + (f" ({detail})" if detail else "")
+            for key, value in (("code_version", result.get("code_version")), ("torch", backends.get("torch")),
+                               ("device", device)):
+                if value:
+                    found[key][str(value)] = None
+    return {key: list(values) for key, values in found.items()}
 
 
 def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
@@ -367,6 +387,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"Cells: {report['n_cells']}, {report['n_succeeded']} succeeded" + (f", {others}" if others else "")
              + ". Statistics are over the succeeded cells only: mean ± sample std (n where a metric has fewer "
                "values than cells).", ""]
+    made = report.get("provenance") or {}
+    if made.get("code_version"):
+        lines += [f"Produced by sgtm {', '.join(made['code_version'])} with torch {', '.join(made['torch'])} on "
+                  f"{', '.join(made['device'])}.", ""]
     for table in report["tables"]:
         if table["name"] == "final":
             cols = _final_columns(table["columns"])

@@ -311,6 +311,21 @@ def test_build_report_writes_figures_markdown_and_json(tmp_path):
     assert report["n_cells"] == len(records) + 1
 
 
+def test_the_report_says_what_produced_its_cells():
+    cpu = {"device": "cpu", "device_name": "AMD EPYC", "cpu_capability": "AVX512", "torch": "2.13.0+cpu"}
+    gpu = {"device": "cuda:0", "device_name": "NVIDIA H200", "cuda": "12.8", "torch": "2.11.0"}
+    records = [_cell("sgtm", seed, {"eval/retain/loss": 5.0}) for seed in (0, 1, 2)]
+    for rec, backends, commit in zip(records, (cpu, cpu, gpu), ("abc", "abc", "def"), strict=True):
+        rec["stages"]["evaluate"].update(backends=backends, code_version=commit)
+    report = build_report(records)
+    assert report["provenance"] == {"code_version": ["abc", "def"], "torch": ["2.13.0+cpu", "2.11.0"],
+                                    "device": ["AMD EPYC (AVX512)", "NVIDIA H200 (CUDA 12.8)"]}
+    assert ("Produced by sgtm abc, def with torch 2.13.0+cpu, 2.11.0 on AMD EPYC (AVX512), NVIDIA H200 (CUDA 12.8)."
+            in report_markdown(report))
+    unknown = build_report([_cell("sgtm", 0, {"eval/retain/loss": 5.0})])  # results recorded without backends
+    assert unknown["provenance"]["device"] == [] and "Produced by" not in report_markdown(unknown)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The sweep recipes
 
