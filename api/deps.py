@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session
 
 from api.config import Settings
 from api.db.models import Job
-from api.errors import Unauthorized
+from api.errors import InvalidRequest, Problem, Unauthorized
 from api.ids import find_by_id
 from api.queue import Enqueuer
 from api.streams import EventStreams, StreamSlot
+from sgtm_engine.config import unknown_key
 
 _bearer = HTTPBearer(auto_error=False, description="A token from SGTM_API_TOKENS (embedded: <data_root>/token).")
 
@@ -52,6 +53,25 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
                 await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
     finally:
         admission.release()
+
+
+def known_query(request: Request) -> None:
+    """A query parameter the route does not take is a 422 with a did-you-mean, as an unknown body key is:
+    `?statuss=failed` would otherwise list every job, unfiltered."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known, todo = set(), [dependant]
+    while todo:  # the route's own parameters and its dependencies'
+        current = todo.pop()
+        known |= {p.alias for p in current.query_params}
+        todo += current.dependencies
+    owner = f"the query of {request.method} {getattr(route, 'path', request.url.path)}"
+    problems = [Problem(("query", key), unknown_key((), key, known, owner).msg, request.query_params[key])
+                for key in request.query_params if key not in known]
+    if problems:
+        raise InvalidRequest(problems)
 
 
 def get_enqueuer(request: Request) -> Enqueuer:

@@ -12,11 +12,12 @@ from contextlib import asynccontextmanager
 
 import anyio
 from alembic.script import ScriptDirectory
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from api.config import Settings
 from api.db.session import make_engine, make_session_factory
+from api.deps import known_query
 from api.errors import install_handlers
 from api.guard import RequestGuard, SecurityHeaders
 from api.migrate import alembic_config
@@ -60,8 +61,9 @@ def create_app(settings: Settings | None = None, *, enqueuer: Enqueuer | None = 
     install_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
     app.add_middleware(SecurityHeaders)
-    for router in (health.router, jobs.router, pipelines.router, sweeps.router):
-        app.include_router(router)
+    app.include_router(health.router)  # probes may add cache-busting parameters
+    for router in (jobs.router, pipelines.router, sweeps.router):
+        app.include_router(router, dependencies=[Depends(known_query)])
     return app
 
 

@@ -148,6 +148,12 @@ def test_a_query_typo_gets_a_did_you_mean_and_no_regex(client: TestClient) -> No
     r = client.get("/api/v1/jobs", params={"pipeline_id": "xyz"})
     assert r.json()["detail"][0]["msg"] == ("pipeline_id='xyz': expected an id as the API returned it (a UUID: "
                                             "8-4-4-4-12 lowercase hex digits)")
+    r = client.get("/api/v1/jobs", params={"statuss": "failed"})  # ignored, it would list every job unfiltered
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"type": "value_error", "loc": ["query", "statuss"], "input": "failed",
+                                   "msg": "statuss: unknown field of the query of GET /api/v1/jobs; did you mean "
+                                          "'status'?"}]
+    assert client.get("/health", params={"probe": "1"}).status_code == 200  # probes may add cache-busters
     for cursor in ("%%", "Zm9v"):  # not even base64; base64 of something else: the same words
         r = client.get("/api/v1/jobs", params={"cursor": cursor})
         assert r.json()["detail"][0]["msg"] == (f"cursor={cursor!r}: not a cursor this API issued; pass "
