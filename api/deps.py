@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.config import Settings
 from api.db.models import Job
-from api.errors import InvalidRequest, Problem, Unauthorized
+from api.errors import InvalidRequest, Problem, Unauthorized, query_params
 from api.ids import find_by_id
 from api.queue import Enqueuer
 from api.streams import EventStreams, StreamSlot
@@ -59,14 +59,7 @@ def known_query(request: Request) -> None:
     """A query parameter the route does not take is a 422 with a did-you-mean, as an unknown body key is:
     `?statuss=failed` would otherwise list every job, unfiltered."""
     route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
-        return
-    known, todo = set(), [dependant]
-    while todo:  # the route's own parameters and its dependencies'
-        current = todo.pop()
-        known |= {p.alias for p in current.query_params}
-        todo += current.dependencies
+    known = query_params(route)
     owner = f"the query of {request.method} {getattr(route, 'path', request.url.path)}"
     problems = [Problem(("query", key), unknown_key((), key, known, owner).msg, request.query_params[key])
                 for key in request.query_params if key not in known]

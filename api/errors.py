@@ -135,9 +135,19 @@ def _declared_types(request: Request) -> dict[str, Any]:
     route = request.scope.get("route")
     field = getattr(route, "body_field", None)
     model = getattr(getattr(field, "field_info", None), "annotation", None)
-    params = getattr(getattr(route, "dependant", None), "query_params", [])
     return {"body": model if isinstance(model, type) and issubclass(model, BaseModel) else None,
-            "query": {p.alias: p.field_info.annotation for p in params}}
+            "query": query_params(route)}
+
+
+def query_params(route: Any) -> dict[str, Any]:
+    """{name: type} of the query parameters a route takes, its own and its dependencies'."""
+    found, todo = {}, [getattr(route, "dependant", None)]
+    while todo:
+        dependant = todo.pop()
+        if dependant is not None:
+            found |= {p.alias: p.field_info.annotation for p in dependant.query_params}
+            todo += dependant.dependencies
+    return found
 
 
 def _annotation_at(tp: Any, path: tuple[Any, ...]) -> Any:
