@@ -63,10 +63,13 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, setting
 
 @router.get("", response_model=JobPage, responses={422: ERRORS[422]})
 def list_jobs(session: SessionDep, settings: SettingsDep,
-              status: Annotated[list[JobStatus], Query()] = [],  # noqa: B006 - FastAPI copies query defaults
-              kind: Annotated[list[StageKind], Query()] = [],  # noqa: B006
-              pipeline_id: Annotated[str | None, Query(pattern=UUID_PATTERN)] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              status: Annotated[list[JobStatus], Query(default_factory=list, description="Any of these; repeat the "
+                                                                                     "parameter")],
+              kind: Annotated[list[StageKind], Query(default_factory=list, description="Any of these; repeat the "
+                                                                                   "parameter")],
+              pipeline_id: Annotated[str | None, Query(pattern=UUID_PATTERN,
+                                                       description="Only this pipeline's stages")] = None,
+              limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
               cursor: CursorQuery = None) -> JobPage:
     """Newest first. Filter by status, kind and pipeline; page with `next_cursor`."""
     before = decode_cursor(cursor) if cursor else None

@@ -50,7 +50,7 @@ def create_sweep(body: SweepCreate, response: Response, session: SessionDep, set
 
 @router.get("", response_model=SweepPage, responses={422: ERRORS[422]})
 def list_sweeps(session: SessionDep,
-                limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                limit: Annotated[int, Query(ge=1, le=200, description="Sweeps per page")] = 20,
                 cursor: CursorQuery = None) -> SweepPage:
     """Newest first; page with `next_cursor`."""
     before = decode_cursor(cursor) if cursor else None
