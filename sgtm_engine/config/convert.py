@@ -45,7 +45,7 @@ def unknown_key(loc: Loc, key: str, choices: typing.Iterable[str], owner: str) -
     """The one wording of 'not a field here': a did-you-mean when one is close, else the known names."""
     choices = sorted(choices)
     guess = did_you_mean(key, choices)
-    hint = f"did you mean {guess!r}?" if guess else f"known fields: {choices}"
+    hint = f"did you mean {guess!r}?" if guess else f"known fields: {choices}" if choices else "it has none"
     return Problem.at(tuple(loc) + (key,), f"unknown field of {owner}; {hint}")
 
 

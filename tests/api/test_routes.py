@@ -154,6 +154,9 @@ def test_a_query_typo_gets_a_did_you_mean_and_no_regex(client: TestClient) -> No
                                    "msg": "statuss: unknown field of the query of GET /api/v1/jobs; did you mean "
                                           "'status'?"}]
     assert client.get("/health", params={"probe": "1"}).status_code == 200  # probes may add cache-busters
+    r = client.get("/api/v1/jobs/00000000-0000-4000-8000-000000000000", params={"verbose": "1"})
+    assert r.json()["detail"][0]["msg"] == ("verbose: unknown field of the query of GET /api/v1/jobs/{job_id}; it has "
+                                            "none")
     for cursor in ("%%", "Zm9v"):  # not even base64; base64 of something else: the same words
         r = client.get("/api/v1/jobs", params={"cursor": cursor})
         assert r.json()["detail"][0]["msg"] == (f"cursor={cursor!r}: not a cursor this API issued; pass "
