@@ -70,7 +70,8 @@ def run_tracked_stage(kind: StageKind, spec: Any, folder: Path, inputs: dict[str
         result = run_stage(kind, spec, folder, inputs, tracker=tracker, emit=emit, cache_dir=cache_dir,
                            overwrite=overwrite)
         # an evaluate or ablate stage inherits its method and seed from the model it was given
-        tracker.set_tags(run_tags(method=result.get("method"), seed=result.get("seed")))
+        tracker.set_tags(run_tags(method=result.get("method"), seed=result.get("seed"),
+                                  code_version=result.get("code_version")))  # the run's tag is its record's
         status = "FINISHED"
         return result
     finally:

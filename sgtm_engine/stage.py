@@ -299,6 +299,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
         claim_workdir(workdir, kind, spec, overwrite)
     runtime.barrier()  # other ranks read the folder only once rank 0 has claimed (or cleared) it
     started = time.time()
+    version = code_version()  # as the stage starts, when it imports its modules (a checkout may change meanwhile)
     events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
     record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
                                  stop or StopFlag())
@@ -306,7 +307,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     checkpoint = record["artifacts"].get("model")
     backends = runtime.describe(compiled=bool(getattr(runtime_spec, "compile", False)))
     record = {
-        "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": code_version(), "backends": backends,
+        "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": version, "backends": backends,
         "started_at": started, "finished_at": time.time(), **record,
     }
     if checkpoint and kind == StageKind.TRAIN:

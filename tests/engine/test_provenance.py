@@ -52,3 +52,42 @@ def test_code_version_format(monkeypatch):
         assert version.startswith("sgtm-") or version == "unknown", version
     monkeypatch.setenv("SGTM_CODE_VERSION", "x" * 100)
     assert code_version() == "x" * MAX_LENGTH  # the ledger's column is 64 characters
+
+
+def test_a_stage_records_the_code_version_it_started_with(tmp_path, engine_cache, monkeypatch):
+    """A checkout that changes while an in-process stage runs (a commit, a branch switch) does not relabel the stage:
+    it records the version it started with, the one its modules were imported from."""
+    import sgtm_engine.stage as stage
+
+    current = {"version": "before"}
+    monkeypatch.setattr(stage, "code_version", lambda: current["version"])
+    train = stage.STAGE_RUNNERS[stage.StageKind.TRAIN]
+
+    def train_then_commit(*args, **kwargs):
+        record = train(*args, **kwargs)
+        current["version"] = "after"
+        return record
+
+    monkeypatch.setitem(stage.STAGE_RUNNERS, stage.StageKind.TRAIN, train_then_commit)
+    result = run_stage("train", TINY, tmp_path / "train", cache_dir=engine_cache)
+    assert result["code_version"] == "before"
+    assert '"code_version": "before"' in (tmp_path / "train" / "resolved_spec.json").read_text()
+
+
+def test_a_stage_run_s_mlflow_tag_is_its_record_s_code_version(tmp_path, engine_cache, monkeypatch):
+    """`sgtm run` tags a stage's MLflow run as it opens it, and again from the stage's record when it ends: the two
+    records of one run agree even when the checkout changed in between."""
+    from mlflow.tracking import MlflowClient
+
+    import sgtm_engine.runner as runner
+    import sgtm_engine.stage as stage
+    from sgtm_engine.recipe import load_recipe
+
+    monkeypatch.setattr(runner, "code_version", lambda: "at-open")
+    monkeypatch.setattr(stage, "code_version", lambda: "recorded")
+    out = runner.run_recipe(load_recipe({"name": "p", "stages": [{"name": "train", "kind": "train", "spec": TINY}]}),
+                            tmp_path / "run", cache_dir=engine_cache)
+    client = MlflowClient(out["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("p").experiment_id])
+    train = next(r for r in runs if r.data.tags.get("sgtm.stage") == "train")
+    assert out["stages"]["train"]["code_version"] == train.data.tags["sgtm.code_version"] == "recorded"
