@@ -16,7 +16,6 @@ from fastapi import Query
 
 from api.errors import InvalidRequest, Problem
 from api.schemas import CURSOR_PATTERN, CURSOR_RULE, UUID_PATTERN
-from sgtm_engine.errors import render_value
 
 CursorQuery = Annotated[str | None, Query(max_length=200, pattern=CURSOR_PATTERN,
                                           description="`next_cursor` of the previous page")]
@@ -39,6 +38,5 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         if when.tzinfo is None or not re.match(UUID_PATTERN, row_id):
             raise ValueError("not a cursor")
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        msg = f"cursor={render_value(cursor)}: {CURSOR_RULE}"
-        raise InvalidRequest([Problem(("query", "cursor"), msg, cursor)]) from None
+        raise InvalidRequest([Problem.at(("cursor",), CURSOR_RULE, cursor).nested(("query",), label="")]) from None
     return when, row_id

@@ -41,9 +41,10 @@ def submit_job(session: Session, *, settings: Settings, body: JobCreate,
     """Returns (job, created). Commits."""
     def insert(request_hash: str) -> Job:
         valid = validate_within_limits(settings, body.kind, body.spec, ("body", "spec"))
-        roles = input_role_problems(body.kind, body.inputs)  # the engine's rule, as for a pipeline's stages
-        if roles:
-            raise InvalidRequest([p.nested(("body",), label="") for p in roles])
+        # the engine's stage rules, which parse_stages applies to a pipeline's (and a sweep's) stages
+        problems = input_role_problems(body.kind, body.inputs) + gpus_problems(body.kind, body.gpus)
+        if problems:
+            raise InvalidRequest([p.nested(("body",), label="") for p in problems])
         parents = _check_parents(session, inputs=body.inputs, loc=("body", "inputs"))
         job_fields = _job_fields(settings, kind=body.kind, valid=valid, queue=body.queue, gpus=body.gpus,
                                  parents=list(parents.values()), loc=("body",))
@@ -182,8 +183,6 @@ def _check_parents(session: Session, *, inputs: dict[str, str], loc: tuple[str |
 def _job_fields(settings: Settings, *, kind: StageKind, valid: ValidSpec, queue: str | None, gpus: int,
                 parents: list[Job], loc: tuple[str | int, ...]) -> dict[str, Any]:
     resolved_queue = queue or ("cpu" if valid.wants_cpu else settings.default_queue)
-    if problems := gpus_problems(kind, gpus):  # the engine's rule (a pipeline's stages met it in parse_stages)
-        raise InvalidRequest([p.nested(loc, label="") for p in problems])
     if resolved_queue == "cpu" and gpus > 1:
         raise InvalidRequest([Problem(loc + ("gpus",), f"gpus={gpus}: a cpu-queue job runs as one process; "
                                                         "use queue 'gpu' or gpus=1", gpus)])
