@@ -47,18 +47,21 @@ TARGET_LANGUAGE = {"wiki-bilingual": "es", "tinystories-bilingual": "es"}
 
 @torch.no_grad()
 def loss_table(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Runtime) -> dict[str, float]:
-    """Flat metrics: `<split>/<category>/{loss,acc,tokens}`, `<split>/loss` (mean of categories), `<split>/loss_tok`."""
+    """Flat metrics: `<split>/<category>/{loss,acc,tokens}`, `<split>/loss` (mean of categories), `<split>/loss_tok`.
+
+    Under torchrun every rank must call this together: each evaluates every world_size-th batch of each category and
+    the sums are added over ranks, so N ranks evaluate the test set once between them, not N times."""
     was_training = model.training
     model.eval()
     model.set_mode(MaskMode.DEFAULT)
-    out: dict[str, float] = {}
-    per_split: dict[str, list[tuple[float, float, int]]] = {}
-    for (split, category), test in sorted(data.test_sets.items()):
+    keys = sorted(data.test_sets)
+    sums: list[list[float]] = []  # per (split, category): summed loss, correct predictions, tokens
+    for key in keys:
+        tokens = data.test_sets[key].tokens
+        starts = list(range(0, tokens.shape[0], spec.batch_size))[:spec.max_batches]
         total_loss, total_correct, total_tokens = 0.0, 0, 0
-        for i, start in enumerate(range(0, test.tokens.shape[0], spec.batch_size)):
-            if spec.max_batches is not None and i >= spec.max_batches:
-                break
-            rows = test.tokens[start:start + spec.batch_size].to(runtime.device)
+        for start in starts[runtime.rank::runtime.world_size]:
+            rows = tokens[start:start + spec.batch_size].to(runtime.device)
             inputs, labels = data.inputs_and_labels(rows)
             total_tokens += int((labels != IGNORE_INDEX).sum())
             ce, correct = torch.zeros((), device=runtime.device), torch.zeros((), device=runtime.device)
@@ -68,12 +71,16 @@ def loss_table(model: GPTNeoLM, data: PreparedData, spec: EvalSpec, runtime: Run
                     correct += ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
             total_loss += float(ce)
             total_correct += int(correct)
+        sums.append([total_loss, total_correct, total_tokens])
+    out: dict[str, float] = {}
+    per_split: dict[str, list[tuple[float, float, int]]] = {}
+    for (split, category), (total_loss, total_correct, total_tokens) in zip(keys, runtime.total(sums), strict=True):
         if total_tokens == 0:
             continue
         loss, acc = total_loss / total_tokens, total_correct / total_tokens
         key = f"{split.value}/{category}"
         out[f"{key}/loss"], out[f"{key}/acc"], out[f"{key}/tokens"] = loss, acc, float(total_tokens)
-        per_split.setdefault(split.value, []).append((loss, acc, total_tokens))
+        per_split.setdefault(split.value, []).append((loss, acc, int(total_tokens)))
     for split, rows in per_split.items():
         out[f"{split}/loss"] = sum(r[0] for r in rows) / len(rows)
         out[f"{split}/acc"] = sum(r[1] for r in rows) / len(rows)

@@ -84,6 +84,14 @@ class Runtime:
         dist.all_gather_object(gathered, items)
         return set().union(*(g for g in gathered if g is not None))
 
+    def total(self, rows: list[list[float]]) -> list[list[float]]:
+        """The element-wise sum over ranks of each rank's rows (float64, so token and hit counts stay exact)."""
+        if not self.distributed:
+            return rows
+        summed = torch.tensor(rows, dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        return summed.tolist()
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA when asked (fp32 master weights, the loss is computed in fp32), else nothing."""
         if self.precision == Precision.BF16:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 from sgtm_engine.config import AblateSpec, CalibrateSpec, EvalSpec, MaskMode, TrainSpec, from_dict
 from sgtm_engine.data.prepare import prepare_data
 from sgtm_engine.errors import EXIT_CANCELLED, Cancelled
-from sgtm_engine.evaluate import calibrate, evaluate_views
+from sgtm_engine.evaluate import calibrate, evaluate_views, loss_table
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import run_recipe
 from sgtm_engine.runtime import Runtime
@@ -111,6 +113,52 @@ def test_evaluation_announces_each_phase_before_it_starts(tiny_data, strategy, p
     assert set(views) == {"eval", "eval_ablated", "eval_calibrated"}
 
 
+def _evaluate_as_rank(rank: int, world: int, port: int, cache: Path, state: dict, out: Path) -> None:
+    """One rank of `test_ranks_share_the_held_out_evaluation`: join a gloo group and evaluate the given weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        spec = from_dict(TrainSpec, TINY)
+        data = prepare_data(spec.data, spec.model.context, cache, spec.noise, spec.filter)
+        model, rows = _counting_model(spec, data, state)
+        metrics = loss_table(model, data, EvalSpec(batch_size=1), Runtime(CPU.device, "fp32", rank, world, rank))
+        (out / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "rows": rows[0]}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _counting_model(spec: TrainSpec, data, state: dict) -> tuple[torch.nn.Module, list[int]]:
+    model = build_model(spec, data.vocab_size, CPU.device)
+    model.load_state_dict(state)
+    rows, forward = [0], model.hidden_states
+
+    def counted(inputs: torch.Tensor) -> torch.Tensor:
+        rows[0] += inputs.shape[0]
+        return forward(inputs)
+
+    model.hidden_states = counted
+    return model, rows
+
+
+def test_ranks_share_the_held_out_evaluation(tiny_data, tmp_path, cache):
+    """Under torchrun each rank evaluates its share of every category's batches and the sums are added over ranks:
+    two gloo ranks together read each held-out row once and both get the one-process metrics."""
+    spec, data = tiny_data
+    state = build_model(spec, data.vocab_size, CPU.device).state_dict()
+    model, rows = _counting_model(spec, data, state)
+    alone = loss_table(model, data, EvalSpec(batch_size=1), CPU)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_evaluate_as_rank, args=(2, port, cache, state, tmp_path), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sum(r["rows"] for r in ranks) == rows[0] == sum(t.tokens.shape[0] for t in data.test_sets.values())
+    assert all(0 < r["rows"] < rows[0] for r in ranks)
+    for r in ranks:
+        torch.testing.assert_close(r["metrics"], alone, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
     """torchrun with 2 CPU ranks (gloo) at the same effective batch ends where one process ends."""
@@ -124,6 +172,7 @@ def test_two_process_gloo_ddp_matches_one_process(tiny_data, tmp_path, cache):
     a, b = weights(Path(ddp["artifacts"]["model"])), weights(Path(one["artifacts"]["model"]))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(ddp["metrics"], one["metrics"], rtol=1e-4, atol=1e-5)  # the ranks' shared evaluation
 
 
 @pytest.mark.slow
