@@ -143,8 +143,7 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
     back through a queue, so `events` gets them whatever `jobs` is."""
     context = multiprocessing.get_context("spawn")
     inbox = _inbox(context) if jobs > 1 and events else None  # given to the workers as they start (not picklable)
-    pool = (ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(inbox, jobs))
-            if jobs > 1 else None)
+    pool = _worker_pool(context, jobs, inbox) if jobs > 1 else None
     pending, done, errors = list(tasks.values()), set(), {}
     running: dict[Future, tuple[_Task, float]] = {}
     with pool or contextlib.nullcontext():
@@ -195,6 +194,25 @@ def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
 _OUTBOX: Any = None
 
 
+def gpu_slots(jobs: int, gpus: list[str]) -> list[str]:
+    """The GPU each of `jobs` workers gets: one each while they last, then round again (workers then share)."""
+    return [gpus[i % len(gpus)] for i in range(jobs)] if gpus else []
+
+
+def _worker_pool(context: Any, jobs: int, inbox: Any, gpus: list[str] | None = None) -> ProcessPoolExecutor:
+    """`jobs` spawned workers; each takes its GPU of `gpus` (default: `gpu_slots` of the visible GPUs) as it
+    starts, so parallel stages do not all land on the first GPU (a stage's device `auto` is the worker's GPU)."""
+    from sgtm_engine.runtime import visible_gpus
+
+    gpus = gpu_slots(jobs, visible_gpus()) if gpus is None else gpus
+    slots = None
+    if gpus:
+        slots = context.SimpleQueue()
+        for gpu in gpus:
+            slots.put(gpu)
+    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(inbox, jobs, slots))
+
+
 def _inbox(context: Any) -> Any:
     """Where the workers send their stages' events. A SimpleQueue's `put` has written to the pipe when it returns,
     so all of a stage's events are readable once its future is done and the parent's `failed` is drawn after them;
@@ -209,9 +227,11 @@ def _worker_emit(label: str) -> Emit | None:
     return None if outbox is None else lambda event: outbox.put((label, event))
 
 
-def _start_worker(outbox: Any, jobs: int) -> None:
+def _start_worker(outbox: Any, jobs: int, slots: Any = None) -> None:
     global _OUTBOX
     _OUTBOX = outbox
+    if slots is not None:  # before anything here touches CUDA, which reads it once
+        os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
     import torch
 
     # the workers share the cores (a stage's runtime.threads, when set, still decides for it): `jobs` processes of

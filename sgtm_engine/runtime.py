@@ -110,6 +110,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (indices or UUIDs)."""
+    count = torch.cuda.device_count()  # NVML's count where it can: no CUDA context in this process
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [d.strip() for d in named.split(",")][:count] if named is not None else [str(i) for i in range(count)]
+
+
 def resolve_runtime(spec: RuntimeSpec) -> Runtime:
     """Pick the device and precision, and join the torchrun process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

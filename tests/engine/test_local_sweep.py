@@ -305,6 +305,30 @@ def test_a_worker_stage_s_events_are_all_delivered_once_its_future_is_done():
             assert [e["step"] for e in got] == list(range(400))
 
 
+def _visible_devices(barrier) -> str:
+    """A stage in a worker process that waits until every worker holds one, then says which GPUs it may use."""
+    import os
+
+    barrier.wait(timeout=120)
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_parallel_workers_take_a_gpu_each_then_share_them():
+    """`--jobs N` on a machine with GPUs: each worker sees one GPU (by the name the parent's CUDA_VISIBLE_DEVICES
+    gives it), so parallel stages do not all run on the first one; with more workers than GPUs they share in turn."""
+    import multiprocessing
+
+    import sgtm_engine.local_sweep as local
+
+    assert local.gpu_slots(3, ["0", "1"]) == ["0", "1", "0"] and local.gpu_slots(2, []) == []
+    context = multiprocessing.get_context("spawn")
+    with multiprocessing.Manager() as manager:
+        barrier = manager.Barrier(3)
+        with local._worker_pool(context, 3, None, local.gpu_slots(3, ["GPU-a", "GPU-b"])) as pool:
+            seen = sorted(pool.map(_visible_devices, [barrier] * 3))
+    assert seen == ["GPU-a", "GPU-a", "GPU-b"]
+
+
 def test_ctrl_c_marks_the_running_stages_and_says_how_to_continue(monkeypatch, tmp_path):
     import sgtm_engine.local_sweep
     import sgtm_engine.runner
