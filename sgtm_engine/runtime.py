@@ -86,7 +86,7 @@ class Runtime:
 
     def total(self, rows: list[list[float]]) -> list[list[float]]:
         """The element-wise sum over ranks of each rank's rows (float64, so token and hit counts stay exact)."""
-        if not self.distributed:
+        if not self.distributed or not rows:  # every rank has the same number of rows
             return rows
         summed = torch.tensor(rows, dtype=torch.float64, device=self.device)
         dist.all_reduce(summed)
