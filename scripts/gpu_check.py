@@ -256,8 +256,12 @@ def sweep(sweep_file: Path, overrides: list[str], workdir: Path, out: Path, jobs
         if path.is_file():
             shutil.copy2(path, out / path.name)
             copied.append(path.name)
+    stages = {}  # where each stage ran (a worker's own GPU) and what it used
+    for result in sorted(workdir.glob("stages/*/result.json")):
+        record = json.loads(result.read_text())
+        stages[result.parent.name] = {"device": record["backends"]["device"], **record.get("resources", {})}
     return {"file": str(sweep_file), "overrides": overrides, "wall_s": time.perf_counter() - t0,
-            "n_cells": report["n_cells"], "n_succeeded": report["n_succeeded"], "copied": copied}
+            "n_cells": report["n_cells"], "n_succeeded": report["n_succeeded"], "copied": copied, "stages": stages}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,53 @@ def resolve_runtime(spec: RuntimeSpec) -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(device, precision, rank, world, local)
+
+
+class ResourceMeter:
+    """What a stage used from its start to `read`: CPU time, peak resident memory and, on CUDA, peak GPU memory
+    (this process's: rank 0's under torchrun).
+
+    The peak resident memory is the stage's own where Linux lets a process reset its high-water mark
+    (/proc/self/clear_refs), else the process's since it started (`peak_rss_since`), which under the service, one
+    process a stage, is the stage's own too."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.since = "stage" if _reset_peak_rss() else "process start"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.start = os.times()
+
+    def read(self) -> dict[str, Any]:
+        now = os.times()
+        used: dict[str, Any] = {"cpu_user_s": round(now.user - self.start.user, 2),
+                                "cpu_system_s": round(now.system - self.start.system, 2),
+                                "peak_rss_gb": round(_peak_rss_bytes() / 2**30, 3), "peak_rss_since": self.since}
+        if self.device.type == "cuda":
+            used["cuda_peak_allocated_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            used["cuda_peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)
+        return used
+
+
+def _reset_peak_rss() -> bool:
+    try:  # proc(5): writing 5 resets the peak resident set size to the current one (Linux 4.0+)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        if found:
+            return int(found.group(1)) * 1024
+    except OSError:
+        pass
+    import resource  # elsewhere: the process's peak, in bytes on macOS and KiB on Linux
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def shutdown(runtime: Runtime) -> None:

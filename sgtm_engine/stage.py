@@ -41,7 +41,7 @@ from sgtm_engine.config import (
 )
 from sgtm_engine.errors import ConfigError, SgtmError
 from sgtm_engine.provenance import code_version
-from sgtm_engine.runtime import Runtime, StopFlag, resolve_runtime
+from sgtm_engine.runtime import ResourceMeter, Runtime, StopFlag, resolve_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:
@@ -301,14 +301,16 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     started = time.time()
     version = code_version()  # as the stage starts, when it imports its modules (a checkout may change meanwhile)
     events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
+    meter = ResourceMeter(runtime.device)
     record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
                                  stop or StopFlag())
+    resources = meter.read()
     record["artifacts"] = {k: _relative(v, workdir) for k, v in (record.get("artifacts") or {}).items()}
     checkpoint = record["artifacts"].get("model")
     backends = runtime.describe(compiled=bool(getattr(runtime_spec, "compile", False)))
     record = {
         "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": version, "backends": backends,
-        "started_at": started, "finished_at": time.time(), **record,
+        "resources": resources, "started_at": started, "finished_at": time.time(), **record,
     }
     if checkpoint and kind == StageKind.TRAIN:
         from sgtm_engine.checkpoint import checkpoint_digest
@@ -320,6 +322,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
                                                      "seed": record.get("seed"), "code_version": record["code_version"],
                                                      "manifest_hash": record.get("manifest_hash")})
         tracker.set_tags({f"sgtm.{key}": str(value) for key, value in backends.items()})
+        tracker.log_metrics({f"resources/{k}": v for k, v in resources.items() if not isinstance(v, str)}, 0)
         tracker.flush()
         try:
             tracker.log_artifact(workdir / "resolved_spec.json")

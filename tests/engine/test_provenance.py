@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy.orm import sessionmaker
 
 from api.config import Settings
 from sgtm_engine.provenance import MAX_LENGTH, code_version
+from sgtm_engine.runtime import _peak_rss_bytes
 from sgtm_engine.stage import run_stage
+from sgtm_engine.tracking import NullTracker
 from tests.ledger_fixtures import RecordingEnqueuer
 from workers.run_store import NullRunStore
 from workers.supervisor import Supervisor
@@ -91,3 +95,27 @@ def test_a_stage_run_s_mlflow_tag_is_its_record_s_code_version(tmp_path, engine_
     runs = client.search_runs([client.get_experiment_by_name("p").experiment_id])
     train = next(r for r in runs if r.data.tags.get("sgtm.stage") == "train")
     assert out["stages"]["train"]["code_version"] == train.data.tags["sgtm.code_version"] == "recorded"
+
+
+class _Metrics(NullTracker):
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.update(metrics)
+
+
+def test_a_stage_records_what_it_used_and_not_what_the_process_used_before(tmp_path, engine_cache):
+    """`resources` in result.json (and as MLflow metrics): the stage's CPU time and its own peak resident memory;
+    memory the process held and gave back before the stage started is not the stage's peak."""
+    big = np.ones(2**31 // 8)  # 2 GiB, written, then returned to the system
+    del big
+    before = _peak_rss_bytes()
+    tracker = _Metrics()
+    used = run_stage("train", TINY, tmp_path / "train", cache_dir=engine_cache, tracker=tracker)["resources"]
+    assert used["cpu_user_s"] > 0 and used["cpu_system_s"] >= 0 and used["peak_rss_gb"] > 0
+    if sys.platform == "linux":
+        assert used["peak_rss_since"] == "stage"
+        assert used["peak_rss_gb"] * 2**30 < before - 2**30
+    assert "cuda_peak_allocated_gb" not in used  # a CPU stage
+    assert tracker.logged["resources/peak_rss_gb"] == used["peak_rss_gb"]
