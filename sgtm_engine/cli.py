@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_UNEXPECTED, ConfigError, SgtmError
+from sgtm_engine.recipe import SWEEP_DIR
 
 if TYPE_CHECKING:
     from sgtm_engine.runtime import StopFlag  # torch: the CLI imports it only in the commands that run stages
@@ -281,7 +282,8 @@ def demo_cmd(
     set_: SetOpt = None, jobs: JobsOpt = 1, no_track: NoTrackOpt = False, cache_dir: CacheOpt = DEFAULT_CACHE,
 ) -> None:
     """Filter vs gradient routing vs SGTM on wiki-bilingual, 2% of the Spanish unlabelled (sweep file `demo`)."""
-    _sweep_local("demo", [*(DEMO_QUICK if quick else ()), *(set_ or [])], workdir, jobs, no_track, None, cache_dir)
+    _sweep_local(str(SWEEP_DIR / "demo.yaml"), [*(DEMO_QUICK if quick else ()), *(set_ or [])], workdir, jobs,
+                 no_track, None, cache_dir)
 
 
 @app.command("attack-matrix")
@@ -298,7 +300,8 @@ def attack_matrix_cmd(
             out["variants"] = [v for v in data["variants"] if v != "strict_filter"]
         return out
 
-    _sweep_local("attack-matrix", set_ or [], workdir, jobs, no_track, None, cache_dir, defaults=defaults)
+    _sweep_local(str(SWEEP_DIR / "attack-matrix.yaml"), set_ or [], workdir, jobs, no_track, None, cache_dir,
+                 defaults=defaults)
 
 
 def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: int, no_track: bool,

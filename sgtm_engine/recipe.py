@@ -32,16 +32,18 @@ __all__ = ["RECIPE_DIR", "SWEEP_DIR", "Recipe", "Stage", "find_recipe", "load_re
 
 
 def find_recipe(name_or_path: str, folder: Path = RECIPE_DIR) -> Path:
-    """A path, or the name of a file in `folder` (with or without `.yaml`)."""
+    """A file's path, or the name of a file in `folder` (with or without `.yaml`); a folder of the same name in the
+    working directory does not hide a name."""
     path = Path(name_or_path)
-    if path.exists():
+    if path.is_file():
         return path
     for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.exists() else []
     what = "sweep" if folder == SWEEP_DIR else "recipe"
-    raise ConfigError(f"{what} {name_or_path!r}: no such file, and not a {what} name; known {what}s: {known}")
+    found = "a folder, not a file" if path.exists() else "no such file"
+    raise ConfigError(f"{what} {name_or_path!r}: {found}, and not a {what} name; known {what}s: {known}")
 
 
 def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.recipe import RECIPE_DIR, load_recipe
+from sgtm_engine.recipe import RECIPE_DIR, find_recipe, load_recipe, read_sweep
 
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 
@@ -34,3 +34,28 @@ def test_bad_recipe_lists_every_problem():
     text = " | ".join(map(str, e.value.problems))
     assert "a.steps=-1" in text and "b.inputs.model='zzz'" in text and "stages[2].kind='bake'" in text
     assert "nope.steps" in text
+
+
+def test_a_folder_in_the_working_directory_does_not_hide_a_name(tmp_path, monkeypatch):
+    """`sgtm sweep demo` run where a `demo/` folder exists (a run folder, a clone) still finds the shipped sweep; a
+    name that is only a folder is refused as one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "runs").mkdir()
+    assert read_sweep("demo")["name"] == "demo"
+    assert find_recipe("wiki-bilingual-sgtm") == RECIPE_DIR / "wiki-bilingual-sgtm.yaml"
+    with pytest.raises(ConfigError, match="'runs': a folder, not a file, and not a recipe name; known recipes"):
+        find_recipe("runs")
+
+
+def test_the_demo_alias_runs_the_shipped_sweep_whatever_the_working_directory_holds(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sgtm_engine.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("echo a script of the user's\n")
+    (tmp_path / "attack-matrix").mkdir()
+    for command in ("demo", "attack-matrix"):  # the shipped file, expanded and refused at train.steps: nothing runs
+        out = CliRunner().invoke(app, [command, "--set", "train.steps=0", "--no-track"]).output
+        assert "train.steps=0" in out and "expected a sweep" not in out and "a folder" not in out, out
