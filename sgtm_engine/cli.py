@@ -235,7 +235,7 @@ DEMO_QUICK = ("name=demo-quick", *(f"{stage}.{pair}" for stage in ("reference", 
 CORPORA_WITH_ADJACENT = ("wiki-bio", "wikipedia-ores")
 
 
-JobsOpt = Annotated[int, typer.Option(help="stages run at once (above 1: each in its own process)")]
+JobsOpt = Annotated[int, typer.Option(min=1, help="stages run at once (above 1: each in its own process)")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
 CacheOpt = Annotated[Path, typer.Option(help="content-addressed data cache")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="STAGE.field=value, or a top-level key: seeds=\\[0], "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
+from sgtm_engine.errors import ConfigError
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report
@@ -87,6 +88,8 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     from sgtm_engine.stage import write_json
     from sgtm_engine.tracking import local_artifact_root, local_tracking_uri
 
+    if jobs < 1:
+        raise ConfigError(f"jobs={jobs}: stages run at once; at least 1")
     workdir = Path(workdir)
     (workdir / "cells").mkdir(parents=True, exist_ok=True)
     todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED]

@@ -350,3 +350,15 @@ def test_ctrl_c_marks_the_running_stages_and_says_how_to_continue(monkeypatch, t
     assert "interrupted; the same command with --workdir runs/wiki-bilingual-sgtm-" in text, ran.output
     assert "continues: finished stages are kept" in text and folder is None  # nothing ran, so no folder yet
     assert swept.exit_code != 0 and ran.exit_code != 0
+
+
+def test_jobs_below_one_are_refused_before_anything_runs(tmp_path):
+    """`--jobs 0` left the executor waiting on no worker forever, at full CPU."""
+    from sgtm_engine.cli import app
+
+    for command in (["sweep", "demo", "--local"], ["demo"], ["attack-matrix"]):
+        result = CliRunner().invoke(app, [*command, "--jobs", "0", "--workdir", str(tmp_path / "w")])
+        assert result.exit_code == 2 and "--jobs" in result.output, result.output
+    with pytest.raises(ConfigError, match="jobs=0: stages run at once; at least 1"):
+        run_sweep(load_sweep("demo"), tmp_path / "w", jobs=0)
+    assert not (tmp_path / "w").exists()
