@@ -85,13 +85,13 @@ def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | N
     (progress bars, which then tell when it is done), from a worker process too."""
     from sgtm_engine.provenance import code_version
     from sgtm_engine.runner import open_run, parent_run
-    from sgtm_engine.stage import write_json
+    from sgtm_engine.stage import make_folder, write_json
     from sgtm_engine.tracking import local_artifact_root, local_tracking_uri
 
     if jobs < 1:
         raise ConfigError(f"jobs={jobs}: stages run at once; at least 1")
-    workdir = Path(workdir)
-    (workdir / "cells").mkdir(parents=True, exist_ok=True)
+    workdir = make_folder(Path(workdir))
+    (workdir / "cells").mkdir(exist_ok=True)
     todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED]
     echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
          f"{workdir}")

@@ -18,8 +18,15 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe, recipe_data
-from sgtm_engine.stage import finished_result, run_stage, write_json
-from sgtm_engine.tracking import MlflowTracker, NullTracker, Tracker, local_artifact_root, local_tracking_uri
+from sgtm_engine.stage import finished_result, make_folder, run_stage, write_json
+from sgtm_engine.tracking import (
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    check_server,
+    local_artifact_root,
+    local_tracking_uri,
+)
 
 if TYPE_CHECKING:
     from sgtm_engine.progress import Emit
@@ -32,8 +39,15 @@ def open_run(uri: str | None, experiment: str, name: str, *, parent_run_id: str 
     """An MLflow run (nested under `parent_run_id` when given), or a NullTracker without a tracking URI."""
     if uri is None:
         return NullTracker()
-    return MlflowTracker(uri, experiment=experiment, run_name=name, parent_run_id=parent_run_id, tags=tags,
-                         artifact_root=artifact_root)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowTracker(uri, experiment=experiment, run_name=name, parent_run_id=parent_run_id, tags=tags,
+                             artifact_root=artifact_root)
+    except MlflowException as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"MLflow store {uri}: could not open run {name!r} ({reason[:300]}); check the store, name "
+                          "another with --mlflow-uri, or run with --no-track") from exc
 
 
 def parent_run(workdir: Path, uri: str | None, experiment: str, name: str, *, tags: dict[str, str],
@@ -41,6 +55,8 @@ def parent_run(workdir: Path, uri: str | None, experiment: str, name: str, *, ta
     """The MLflow run a recipe's or a sweep's stage runs nest under. A rerun in the same folder, against the same
     store and under the same name, reopens the run an earlier one opened, so a resumed run stays one run in MLflow;
     <workdir>/mlflow_run.json keeps its id."""
+    if uri is not None:
+        check_server(uri)  # before anything runs: a wrong URI is said in seconds, not after minutes of retries
     record = workdir / "mlflow_run.json"
     known = json.loads(record.read_text()) if record.exists() else {}
     if uri is not None and known.get("mlflow_uri") == uri and known.get("name") == name:
@@ -88,8 +104,7 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
     The parent run is named `run_name` (default: the recipe's name and spec hash) and carries the stages' headline
     metrics (`headline_metrics`). `events(stage name)`, when given, is where that stage's progress events also go
     (progress bars)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = make_folder(Path(workdir))
     uri = (mlflow_uri or local_tracking_uri(workdir)) if track else None
     artifact_root = local_artifact_root(workdir) if track and mlflow_uri is None else None
     experiment = experiment or recipe.name

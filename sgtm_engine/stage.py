@@ -135,6 +135,19 @@ def _differences(theirs: dict[str, Any], kind: StageKind, spec: Any) -> list[tup
     return differences + spec_differences(theirs.get("spec"), to_dict(spec))
 
 
+def make_folder(path: Path, field: str = "workdir") -> Path:
+    """`path` as a folder, created with its parents when missing; a ConfigError naming `field` when it cannot be one
+    (a file of that name, a parent that is a file, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{field}={str(path)!r}: a file, not a folder; name a folder (created when missing)"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"{field}={str(path)!r}: cannot create the folder ({exc.strerror}); name another") from exc
+    return path
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomically: readers see the old file or the whole new one. The temporary file is this process's own, so
     torchrun's ranks recording the same error at once do not rename each other's."""
@@ -288,8 +301,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     spec_cls = STAGE_SPECS[kind]
     if not isinstance(spec, spec_cls):
         spec = from_dict(spec_cls, spec)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = make_folder(Path(workdir))
     cache = Path(cache_dir) if cache_dir else workdir.parent / ".cache"
     tracker = tracker or NullTracker()
     events = EventLog(workdir, emit)

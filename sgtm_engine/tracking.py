@@ -20,11 +20,14 @@ import os
 import queue
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from sgtm_engine.config import flat_params
+from sgtm_engine.errors import ConfigError
 from sgtm_engine.mlflow_keys import metric_key
 
 log = logging.getLogger(__name__)
@@ -236,12 +239,26 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Refuse an http(s) tracking URI with no server behind it at once: MLflow's client retries a refused connection
+    for minutes before it gives up. Any answer passes (an authenticating proxy's 401, a store without `/health`):
+    only a store that cannot be reached at all is refused."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # something answered
+    except OSError as exc:  # refused, an unknown host, a timeout (URLError is an OSError)
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"MLflow store {uri}: no server answers there ({reason}); start it, name another store "
+                          "with --mlflow-uri, or run with --no-track") from exc
+
+
 def local_tracking_uri(root: str | Path) -> str:
     """A local SQLite store (MLflow's file store is deprecated); `mlflow ui --backend-store-uri <this>` shows it.
     Its artifacts belong in `local_artifact_root(root)`."""
-    path = Path(root).resolve() / "mlflow.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"  # the run folder, which the run creates first
 
 
 def local_artifact_root(root: str | Path) -> Path:

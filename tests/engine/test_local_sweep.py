@@ -362,3 +362,21 @@ def test_jobs_below_one_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="jobs=0: stages run at once; at least 1"):
         run_sweep(load_sweep("demo"), tmp_path / "w", jobs=0)
     assert not (tmp_path / "w").exists()
+
+
+def test_an_mlflow_uri_with_no_server_behind_it_is_refused_in_seconds(tmp_path):
+    """MLflow's client retries a refused connection for minutes (4 min here) before it raises; the sweep says at once
+    that nothing answers, and runs nothing."""
+    import socket
+    import time
+
+    from sgtm_engine.cli import app
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["sweep", "demo", "--local", "--mlflow-uri", uri, "--workdir", str(tmp_path)])
+    assert result.exit_code == 2 and time.monotonic() - started < 30, result.output
+    assert f"MLflow store {uri}: no server answers there" in result.output and "--no-track" in result.output
+    assert not list((tmp_path / "cells").iterdir()) and not (tmp_path / "stages").exists()

@@ -124,3 +124,22 @@ def test_sgtm_run_without_a_workdir_gets_a_fresh_readable_folder_per_run():
     folder = fresh_run_folder(recipe)
     assert folder.parent.name == "runs" and folder.name.startswith("wiki-bilingual-sgtm-")
     assert folder.name.split("-")[-1] != fresh_run_folder(other).name.split("-")[-1]  # the spec hash tells them apart
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_workdir_that_cannot_be_a_folder_is_refused_with_the_field_named(tmp_path, where):
+    """`--workdir` naming a file (or a path under one) is a config error naming it, for a stage, a recipe and a
+    sweep alike, before anything runs (it was a NotADirectoryError traceback)."""
+    from sgtm_engine.local_sweep import load_sweep, run_sweep
+    from sgtm_engine.recipe import load_recipe
+    from sgtm_engine.runner import run_recipe
+
+    (tmp_path / "afile").write_text("notes\n")
+    workdir = tmp_path / "afile" if where == "a file" else tmp_path / "afile" / "sub"
+    why = "a file, not a folder; name a folder" if where == "a file" else "cannot create the folder"
+    for run in (lambda: run_stage("train", TINY_SGTM, workdir),
+                lambda: run_recipe(load_recipe("wiki-bio-sgtm"), workdir),
+                lambda: run_sweep(load_sweep("demo"), workdir)):
+        with pytest.raises(ConfigError, match=f"workdir='{workdir}': {why}"):
+            run()
+    assert (tmp_path / "afile").read_text() == "notes\n"

@@ -60,3 +60,17 @@ def test_cli_submit_watch_and_sse_in_embedded_mode(embedded: Embedded, tmp_path:
     assert refused.returncode == 2 and "409" in refused.stderr
     with embedded.client() as client:
         assert client.get(f"/api/v1/jobs/{job_id}").json()["progress"]["total"] == 15  # the --set override
+
+
+def test_a_live_mlflow_server_passes_the_reachability_check_and_takes_a_local_run(stack: Stack, tmp_path: Path) -> None:
+    """`sgtm run`/`sgtm sweep --local` probe an http(s) store before they start: the deployed MLflow server answers
+    the probe, and the run it lets through is logged there."""
+    from mlflow.tracking import MlflowClient
+
+    from sgtm_engine.runner import parent_run
+    from sgtm_engine.tracking import check_server
+
+    check_server(stack.mlflow_uri)
+    run = parent_run(tmp_path, stack.mlflow_uri, "reachability", "probe", tags={})
+    run.close("FINISHED")
+    assert MlflowClient(stack.mlflow_uri).get_run(run.run_id).info.status == "FINISHED"
