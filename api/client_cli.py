@@ -37,6 +37,7 @@ from sgtm_engine.config import (
     unknown_choice,
 )
 from sgtm_engine.errors import ConfigError
+from sgtm_engine.folders import make_folder
 from sgtm_engine.recipe import find_recipe, load_recipe, read_sweep, recipe_data
 from sgtm_engine.sweep import apply_sweep_overrides
 from sgtm_engine.yamlio import dump_yaml, load_file, parse_sets
@@ -312,7 +313,10 @@ def report(sweep_id: Annotated[str, typer.Argument(help="a sweep id")],
     """Fetch a sweep's report (tables over seeds, mean ± std, n) and its figures into OUT."""
     import json
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        make_folder(out, "--out")
+    except ConfigError as exc:
+        _invalid(exc)
     with connect(url, token, data_root) as client:
         data = request(client, "GET", f"/api/v1/sweeps/{sweep_id}/report").json()
         (out / "report.md").write_text(data["markdown"])

@@ -19,15 +19,13 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from api.config import Settings
+from sgtm_engine.folders import write_json
 
 EXECUTOR_HEARTBEAT = "executor.heartbeat"
 
 
 def write_executor_heartbeat(data_root: Path) -> None:
-    path = data_root / EXECUTOR_HEARTBEAT
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time()}))
-    os.replace(tmp, path)
+    write_json(data_root / EXECUTOR_HEARTBEAT, {"pid": os.getpid(), "at": time.time()})
 
 
 def executor_check(settings: Settings) -> str:

@@ -59,12 +59,16 @@ def run_stage_cmd(
              "at most this many seconds later")] = None,
 ) -> None:
     """Run one stage; exit code per sgtm_engine.errors. Used by the service's supervisor."""
+    from sgtm_engine.folders import make_folder, write_json
     from sgtm_engine.runtime import StopFlag, setup_logging
-    from sgtm_engine.stage import error_record, run_stage, write_json
+    from sgtm_engine.stage import error_record, run_stage
     from sgtm_engine.tracking import MlflowTracker, NullTracker
 
     setup_logging()
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        make_folder(workdir)
+    except ConfigError as exc:  # no folder to record error.json in: the exit code and stderr say it
+        _fail(exc)
     stop = StopFlag().install()
     if stdin_lifeline is not None:
         _stop_when_orphaned(stop, stdin_lifeline)

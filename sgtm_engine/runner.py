@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import StageKind, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
+from sgtm_engine.folders import make_folder, write_json
 from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe, recipe_data
-from sgtm_engine.stage import finished_result, make_folder, run_stage, write_json
+from sgtm_engine.stage import finished_result, run_stage
 from sgtm_engine.tracking import (
     MlflowTracker,
     NullTracker,

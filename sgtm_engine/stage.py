@@ -40,6 +40,7 @@ from sgtm_engine.config import (
     to_dict,
 )
 from sgtm_engine.errors import ConfigError, SgtmError
+from sgtm_engine.folders import make_folder, write_json
 from sgtm_engine.provenance import code_version
 from sgtm_engine.runtime import ResourceMeter, Runtime, StopFlag, resolve_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
@@ -133,27 +134,6 @@ def _differences(theirs: dict[str, Any], kind: StageKind, spec: Any) -> list[tup
 
     differences = [("kind", theirs.get("kind"), kind.value)] if theirs.get("kind") != kind.value else []
     return differences + spec_differences(theirs.get("spec"), to_dict(spec))
-
-
-def make_folder(path: Path, field: str = "workdir") -> Path:
-    """`path` as a folder, created with its parents when missing; a ConfigError naming `field` when it cannot be one
-    (a file of that name, a parent that is a file, no permission)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"{field}={str(path)!r}: a file, not a folder; name a folder (created when missing)"
-                          ) from None
-    except OSError as exc:
-        raise ConfigError(f"{field}={str(path)!r}: cannot create the folder ({exc.strerror}); name another") from exc
-    return path
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically: readers see the old file or the whole new one. The temporary file is this process's own, so
-    torchrun's ranks recording the same error at once do not rename each other's."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=True))
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from api.db.jobs import Lease
 from api.db.session import session_scope
 from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
+from sgtm_engine.folders import write_json
 from sgtm_engine.provenance import code_version
 from workers.child import Child, build_argv, describe_exit, engine_env
 from workers.events import EventTail, ProgressBuffer
@@ -126,7 +126,7 @@ class Supervisor:
                 self._after_final(job_id, outcome, job.mlflow_run_id, finished, job.pipeline_id)
                 return outcome
             spec_path = workdir / "spec.json"
-            _write_atomic(spec_path, json.dumps(job.spec, indent=2, sort_keys=True))
+            write_json(spec_path, job.spec)
             run_id = open_job_run(run_store=self.run_store, factory=self.factory, job=job, attempt=attempt,
                                   inputs=inputs, code_version=self.code_version)
             argv = build_argv(self.settings, kind=job.kind, spec_path=spec_path, workdir=workdir,
@@ -327,11 +327,6 @@ def _explain(workdir: Path, child: Child) -> str:
         return "\n".join(lines)
     return child.log_tail()
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _lock_workdir(workdir: Path, settings: Settings, job_id: str, attempt: int,

@@ -37,7 +37,7 @@ def test_a_workdir_with_only_a_partial_checkpoint_starts_fresh_and_clean(tmp_pat
 
 
 def _write_many(path: str, n: int) -> None:
-    from sgtm_engine.stage import write_json
+    from sgtm_engine.folders import write_json
 
     for i in range(n):
         write_json(Path(path), {"writer": os.getpid(), "i": i})
