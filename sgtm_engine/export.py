@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from sgtm_engine.config import AblateSpec, AblationKind
 from sgtm_engine.data.conditional import find_control_tokens, generation_config
 from sgtm_engine.errors import ConfigError
+from sgtm_engine.folders import make_folder
 from sgtm_engine.model.ablation import ablate as ablate_model
 from sgtm_engine.model.hf import OUTPUT_BIAS_NAME, WEIGHTS_NAME, load_hf, save_hf
 from sgtm_engine.model_card import model_card
@@ -71,6 +72,7 @@ def export_model(source: Path, out: Path, ablate: str | None = None, seed: int =
         positions: rows of the exported position table (default 4 x context; at least the context).
     """
     model_dir, tok_dir, record = _resolve(Path(source), calibrated)
+    make_folder(Path(out), "out")
     model = load_hf(model_dir)
     variant = "ablated and calibrated" if calibrated else _VARIANTS.get((record or {}).get("kind"), "trained")
     if ablate is not None:

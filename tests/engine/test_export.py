@@ -106,3 +106,12 @@ def test_the_calibrated_model_of_an_evaluate_stage_exports(stages, tmp_path):
     assert "ablated and calibrated" in (out / "README.md").read_text()
     with pytest.raises(Exception, match="calibrated"):
         export_model(stages / "train", tmp_path / "nope", calibrated=True)
+
+
+def test_an_export_into_a_file_is_refused_naming_out(stages, tmp_path):
+    from sgtm_engine.errors import ConfigError
+
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError, match=r"out='.*notes.txt': a file, not a folder"):
+        export_model(stages / "train", tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
