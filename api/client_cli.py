@@ -62,8 +62,10 @@ def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     from api.config import Settings
     from api.migrate import upgrade
 
-    data_root = data_root.resolve()
-    data_root.mkdir(parents=True, exist_ok=True)
+    try:
+        data_root = make_folder(data_root.resolve(), "--data-root")
+    except ConfigError as exc:
+        _invalid(exc)
     env = dict(os.environ, SGTM_MODE="embedded", SGTM_DATA_ROOT=str(data_root))
     if not env.get("SGTM_API_TOKENS"):
         env["SGTM_API_TOKENS"] = _ensure_token(data_root)

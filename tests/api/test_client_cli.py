@@ -212,16 +212,18 @@ def test_a_422_prints_each_problem_once_naming_its_field(client: TestClient, mon
     ]
 
 
-def test_report_into_a_file_is_refused_before_the_service_is_asked(tmp_path: Path) -> None:
-    """`sgtm report SWEEP --out notes.txt`: a config error naming --out (it was a FileExistsError traceback), the file
-    untouched, and no request made (the URL below has no server)."""
+@pytest.mark.parametrize(("command", "flag"), [(["report", "abcdef12", "--url", "http://127.0.0.1:1"], "--out"),
+                                             (["serve", "--port", "1"], "--data-root")])
+def test_a_folder_option_naming_a_file_is_refused_before_anything_starts(tmp_path: Path, command: list[str],
+                                                                        flag: str) -> None:
+    """`sgtm report SWEEP --out notes.txt`, `sgtm serve --data-root notes.txt`: a config error naming the option (it
+    was a FileExistsError traceback), the file untouched, no request made and no server started."""
     from typer.testing import CliRunner
 
     from api.client_cli import service_app
 
     (tmp_path / "notes.txt").write_text("mine\n")
-    result = CliRunner().invoke(service_app, ["report", "abcdef12", "--out", str(tmp_path / "notes.txt"),
-                                              "--url", "http://127.0.0.1:1"])
-    assert result.exit_code == 2 and "--out=" in result.output, result.output
+    result = CliRunner().invoke(service_app, [*command, flag, str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and f"{flag}=" in result.output, result.output
     assert "a file, not a folder" in result.output and "cannot reach" not in result.output
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
