@@ -38,6 +38,7 @@ from sgtm_engine.config import (
     method_name,
     spec_hash,
     to_dict,
+    unknown_choice,
 )
 from sgtm_engine.errors import ConfigError, SgtmError
 from sgtm_engine.folders import make_folder, write_json
@@ -274,7 +275,10 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
         cache_dir: content-addressed data/tokenizer cache (default: <workdir>/../.cache).
         overwrite: start over in a workdir that holds a run of another spec (else that is refused).
     """
-    kind = StageKind(kind)
+    try:
+        kind = StageKind(kind)
+    except ValueError:
+        raise ConfigError(unknown_choice(("kind",), kind, [k.value for k in StageKind])) from None
     if kind not in STAGE_RUNNERS:
         raise ConfigError(f"kind={kind.value!r}: no runner for this stage kind yet; known: "
                           f"{sorted(k.value for k in STAGE_RUNNERS)}")

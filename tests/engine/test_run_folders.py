@@ -143,3 +143,11 @@ def test_a_workdir_that_cannot_be_a_folder_is_refused_with_the_field_named(tmp_p
         with pytest.raises(ConfigError, match=f"workdir='{workdir}': {why}"):
             run()
     assert (tmp_path / "afile").read_text() == "notes\n"
+
+
+def test_a_misspelt_stage_kind_gets_a_did_you_mean_and_no_folder(tmp_path):
+    """`run_stage("trian", ...)` from a notebook (or `run-stage --kind trian`) words it as a recipe's kind is worded
+    (it was a bare ValueError from the enum)."""
+    with pytest.raises(ConfigError, match=r"kind='trian': must be one of \[.*\]; did you mean 'train'\?"):
+        run_stage("trian", {}, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
