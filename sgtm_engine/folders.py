@@ -26,10 +26,9 @@ def make_folder(path: Path, field: str = "workdir") -> Path:
     return path
 
 
-def write_json(path: Path, payload: Any, **dumps: Any) -> None:
+def write_json(path: Path, payload: Any) -> None:
     """Atomically: readers see the old file or the whole new one. The temporary file is this process's own, so
-    torchrun's ranks recording the same error at once do not rename each other's. `dumps`: json.dumps options
-    (default: indented, sorted keys, anything else as its str)."""
+    torchrun's ranks recording the same error at once do not rename each other's."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, **({"indent": 2, "default": str, "sort_keys": True} | dumps)))
+    tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=True))
     tmp.replace(path)

@@ -328,7 +328,6 @@ def _explain(workdir: Path, child: Child) -> str:
     return child.log_tail()
 
 
-
 def _lock_workdir(workdir: Path, settings: Settings, job_id: str, attempt: int,
                   factory: sessionmaker[Session]) -> int:
     """An exclusive flock on `<workdir>/.lock`, inherited by the child: no two engine processes ever share a workdir
