@@ -294,9 +294,10 @@ def run_attack_stage(spec: AttackSpec, parent: Mapping[str, Any], baseline: Mapp
                                          pad_token_id=data.pad_id))
     final = result.history[-1]["metrics"]
     metrics = {f"eval/{k}": v for k, v in final.items()}
-    metrics["attack/start_forget_loss"] = result.history[0]["metrics"].get(forget_key(spec), float("nan"))
-    if rec.mean_excess is not None:
-        metrics["attack/mean_excess_forget_loss"] = rec.mean_excess
+    start_retain_loss = result.history[0]["metrics"].get("retain/loss")
+    curve = {"start_forget_loss": rec.start, "end_gap": rec.end_gap, "mean_excess_forget_loss": rec.mean_excess,
+             "start_retain_loss": start_retain_loss}
+    metrics.update({f"attack/{k}": v for k, v in curve.items() if v is not None})
     if rec.step is not None:
         metrics["attack/steps_to_recovery"] = float(rec.step)
         metrics["attack/forget_tokens_to_recovery"] = float(rec.forget_tokens or 0)
@@ -306,7 +307,8 @@ def run_attack_stage(spec: AttackSpec, parent: Mapping[str, Any], baseline: Mapp
     return {
         "metrics": metrics,
         "recovery": rec.as_dict(),
-        "summary": {**rec.as_dict(), **extra, "reference_source": reference_source, "ablation": ablation,
+        "summary": {**rec.as_dict(), **extra, "start_retain_loss": start_retain_loss,
+                    "reference_source": reference_source, "ablation": ablation,
                     "parent_method": parent.get("method"),
                     "curve_key": forget_key(spec), "steps": spec.steps, "tokens": result.tokens,
                     "forget_tokens": result.forget_tokens, "forget_steps": result.forget_steps,

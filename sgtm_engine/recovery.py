@@ -1,7 +1,7 @@
 """Recovery from an attack: pure functions of a forget-loss curve and the reference it is measured against.
 
-Stdlib only: the attack stage computes its summary with them, and sweep reports (which the API imports) read them.
-The definitions are docs/method.md §12's.
+Stdlib only. The attack stage records a `Recovery` in its result (`recovery` and `summary`), and sweep reports read
+it from there. The definitions are docs/method.md §12's.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def mean_excess(curve: Sequence[tuple[int, float]], reference: float) -> float |
 @dataclass(frozen=True)
 class Recovery:
     """Steps and forget tokens an attacker needed to reach the reference, or None when it did not within `steps`;
-    and the curve's mean excess over the reference (`mean_excess`), recovered or not."""
+    the curve's mean excess over the reference (`mean_excess`), recovered or not; its first and last points."""
 
     reference: float
     steps: int  # the attack's length
@@ -59,10 +59,19 @@ class Recovery:
     forget_tokens: int | None
     tokens: int | None
     mean_excess: float | None
+    start: float | None
+    """The forget loss at the curve's first evaluation (step 0: the attacked model as it came)."""
+    end: float | None
+    """The forget loss at the curve's last evaluation."""
 
     @property
     def recovered(self) -> bool:
         return self.step is not None
+
+    @property
+    def end_gap(self) -> float | None:
+        """The last forget loss minus the reference: <= 0 ended recovered, > 0 is what the attack left."""
+        return None if self.end is None else self.end - self.reference
 
     def describe(self) -> str:
         if self.step is None:
@@ -73,14 +82,16 @@ class Recovery:
         return {"reference_forget_loss": self.reference, "attack_steps": self.steps, "recovered": self.recovered,
                 "steps_to_recovery": self.step, "forget_tokens_to_recovery": self.forget_tokens,
                 "tokens_to_recovery": self.tokens, "mean_excess_forget_loss": self.mean_excess,
+                "start_forget_loss": self.start, "end_forget_loss": self.end, "end_gap": self.end_gap,
                 "verdict": self.describe()}
 
 
 def recovery_from_history(history: Sequence[Mapping[str, Any]], reference: float, key: str, steps: int) -> Recovery:
     """Recovery of an attack's evaluation history (records with `step`, `tokens`, `forget_tokens`, `metrics`)."""
-    curve = [(int(h["step"]), float(h["metrics"].get(key, float("nan")))) for h in history]
+    curve = sorted((int(h["step"]), float(h["metrics"].get(key, float("nan")))) for h in history)
     step, excess = steps_to_recovery(curve, reference), mean_excess(curve, reference)
+    start, end = (curve[0][1], curve[-1][1]) if curve else (None, None)
     if step is None:
-        return Recovery(reference, steps, None, None, None, excess)
+        return Recovery(reference, steps, None, None, None, excess, start, end)
     at = next(h for h in history if int(h["step"]) == step)
-    return Recovery(reference, steps, step, int(at["forget_tokens"]), int(at["tokens"]), excess)
+    return Recovery(reference, steps, step, int(at["forget_tokens"]), int(at["tokens"]), excess, start, end)

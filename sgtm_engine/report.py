@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from sgtm_engine.mlflow_keys import metric_key
-from sgtm_engine.recovery import mean_excess
 
 SUCCEEDED = "succeeded"
 _FINAL_KEY = re.compile(r"^(eval|eval_ablated|eval_calibrated)/((retain|forget|adjacent)/(loss|acc)|capability/[^/]+)$")
@@ -85,30 +84,21 @@ def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if _FINAL_KEY.match(k) and v is not None}
 
 
+#: The fields of an attack stage's summary (`recovery.Recovery`'s, and the stage's own) that the report aggregates.
+_ATTACK_FIELDS = ("steps_to_recovery", "forget_tokens_to_recovery", "start_forget_loss", "end_forget_loss",
+                  "start_retain_loss", "end_gap", "mean_excess_forget_loss", "reference_forget_loss", "attack_steps")
+
+
 def attack_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
-    """Per attack stage: `<stage>/steps_to_recovery` (None if not recovered), `/recovered` (0/1),
-    `/forget_tokens_to_recovery`, `/start_forget_loss`, `/end_forget_loss`, `/start_retain_loss`, `/end_gap` (end
-    forget loss minus this seed's reference), `/mean_excess_forget_loss` (the curve's mean excess over the reference),
-    `/reference_forget_loss`, `/forget_prefix_loss` (conditional models' zero-step attack) and `/attack_steps`."""
+    """Per attack stage: `<stage>/<field>` of its summary as the stage recorded it (None where it did not, e.g. the
+    steps to recovery of an attack that did not recover), `<stage>/recovered` (0/1) and `<stage>/forget_prefix_loss`
+    (conditional models' zero-step attack)."""
     out: dict[str, float | None] = {}
     for name, res in stages_of(record, "attack"):
         summary = res.get("summary") or {}
-        curve, retain = attack_curve(res), attack_curve(res, "retain/loss")
-        reference = summary.get("reference_forget_loss")
-        out[f"{name}/steps_to_recovery"] = summary.get("steps_to_recovery")
+        out.update({f"{name}/{field}": summary.get(field) for field in _ATTACK_FIELDS})
         out[f"{name}/recovered"] = 1.0 if summary.get("steps_to_recovery") is not None else 0.0
-        out[f"{name}/forget_tokens_to_recovery"] = summary.get("forget_tokens_to_recovery")
-        out[f"{name}/start_forget_loss"] = curve[0][1] if curve else None
-        out[f"{name}/end_forget_loss"] = curve[-1][1] if curve else None
-        out[f"{name}/start_retain_loss"] = retain[0][1] if retain else None
-        out[f"{name}/end_gap"] = curve[-1][1] - reference if curve and reference is not None else None
-        excess = summary.get("mean_excess_forget_loss")
-        if "mean_excess_forget_loss" not in summary and reference is not None:  # recorded before the stage kept it
-            excess = mean_excess(curve, reference)
-        out[f"{name}/mean_excess_forget_loss"] = excess
-        out[f"{name}/reference_forget_loss"] = reference
         out[f"{name}/forget_prefix_loss"] = summary.get("forget_prefix_step0_forget_loss")
-        out[f"{name}/attack_steps"] = summary.get("steps")
     return out
 
 

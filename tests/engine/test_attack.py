@@ -91,6 +91,8 @@ def test_recovery_reports_steps_and_forget_tokens_or_not_recovered():
     assert never.step is None and never.forget_tokens is None
     assert never.describe() == "not recovered within 30 steps"
     assert never.as_dict()["steps_to_recovery"] is None
+    shuffled = recovery_from_history(history[::-1], 4.4, "forget/loss", 30)  # the curve's ends are by step
+    assert (shuffled.start, shuffled.end, shuffled.as_dict()["end_gap"]) == (6.0, 4.5, pytest.approx(0.1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

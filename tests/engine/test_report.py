@@ -137,20 +137,27 @@ def test_attack_table_averages_the_mean_excess_over_all_seeds_recovered_or_not()
     assert md.split("| weak_filter |")[2].split("\n")[0].endswith("| 0.600 ± 0.141 |")
 
 
-def test_attacks_recorded_without_a_mean_excess_get_it_from_their_curve():
-    """Run folders from before the attack stage recorded its mean excess: the report computes it from the stored
-    curve and reference, as the stage does; a recorded value, None included (a NaN curve), is kept as it is."""
+def test_attack_statistics_are_the_attack_stages_own_summary():
+    """The report aggregates what each attack stage recorded (its MLflow run shows the same numbers), and the stage's
+    curve numbers agree with its history: start and end of the forget curve, the end gap, the mean excess."""
     records = _load("attack")
-    assert all("mean_excess_forget_loss" not in r["stages"]["attack"]["summary"] for r in records)
-    kept_none = records[1]  # sgtm, seed 1
-    kept_none["stages"]["attack"]["summary"]["mean_excess_forget_loss"] = None
     report = build_report(records, None)
+    fields = ("start_forget_loss", "end_forget_loss", "start_retain_loss", "end_gap", "mean_excess_forget_loss",
+              "reference_forget_loss", "steps_to_recovery")
     for row in next(t for t in report["tables"] if t["name"] == "attack")["rows"]:
-        attacks = [r["stages"]["attack"] for r in records if r["variant"] == row["variant"] and r is not kept_none]
-        values = [mean_excess([(h["step"], h["metrics"]["forget/loss"]) for h in a["history"]],
-                              a["summary"]["reference_forget_loss"]) for a in attacks]
-        assert all(v is not None and v > 0 for v in values)
-        assert row["stats"]["attack/mean_excess_forget_loss"] == asdict(mean_std(values))
+        attacks = [r["stages"]["attack"] for r in records if r["variant"] == row["variant"]]
+        for field in fields:
+            assert row["stats"][f"attack/{field}"] == asdict(mean_std(a["summary"][field] for a in attacks)), field
+        for a in attacks:  # the fixture's history and metrics are rounded to 4 decimals, its summary is not
+            summary, curve = a["summary"], [(h["step"], h["metrics"]["forget/loss"]) for h in a["history"]]
+            near = {"abs": 1e-4}
+            reference = summary["reference_forget_loss"]
+            assert summary["start_forget_loss"] == pytest.approx(curve[0][1], **near)
+            assert summary["end_forget_loss"] == pytest.approx(curve[-1][1], **near)
+            assert summary["start_retain_loss"] == pytest.approx(a["history"][0]["metrics"]["retain/loss"], **near)
+            assert summary["end_gap"] == pytest.approx(summary["end_forget_loss"] - reference)
+            assert summary["mean_excess_forget_loss"] == pytest.approx(mean_excess(curve, reference), **near)
+            assert a["metrics"]["attack/end_gap"] == pytest.approx(summary["end_gap"], **near)
 
 
 def test_attack_markdown_says_not_recovered():
