@@ -277,7 +277,7 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
     report: dict[str, Any] = {"n_cells": len(records), "n_succeeded": n_ok, "n_failed": len(records) - n_ok,
                               "statuses": statuses, "provenance": provenance(records), "tables": tables(groups),
                               "figures": {}}
-    report["metrics"] = flat_metrics(report)
+    report["metrics"] = sweep_metrics(report)
     if outdir is not None:
         outdir = Path(outdir)
         outdir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +308,7 @@ def provenance(records: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
     return {key: list(values) for key, values in found.items()}
 
 
-def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+def sweep_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """`<group>/<metric>/{mean,std}` and `<group>/n_succeeded` for the sweep's MLflow parent run (MLflow-safe
     keys; the per-metric n stays in report.json, which keeps a 45-cell sweep under a thousand metrics)."""
     out: dict[str, float] = {"sweep/n_cells": float(report["n_cells"]),

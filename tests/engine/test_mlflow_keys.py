@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_metric_name, _validate_param_name
 
 from sgtm_engine.mlflow_keys import metric_key
-from sgtm_engine.report import flat_metrics
+from sgtm_engine.report import sweep_metrics
 from sgtm_engine.tracking import MlflowTracker, local_tracking_uri
 
 CATEGORIES = ["Geografía, historia", "数学", "历史", "Ciencias naturales", "Arte/Música", "Ñandú (Æsir)", "a//b",
@@ -16,10 +16,10 @@ CATEGORIES = ["Geografía, historia", "数学", "历史", "Ciencias naturales", 
 
 
 def _report_keys(metrics: list[str]) -> set[str]:
-    """The keys `report.flat_metrics` gives these metrics' means in a sweep row of variant `v`."""
+    """The keys `report.sweep_metrics` gives these metrics' means in a sweep row of variant `v`."""
     row = {"variant": "v", "params": {}, "n_succeeded": 1, "stats": {m: {"mean": 1.0, "std": None} for m in metrics}}
     report = {"n_cells": 1, "n_succeeded": 1, "n_failed": 0, "tables": [{"rows": [row]}]}
-    return {k for k in flat_metrics(report) if not k.startswith("sweep/") and k != "v/n_succeeded"}
+    return {k for k in sweep_metrics(report) if not k.startswith("sweep/") and k != "v/n_succeeded"}
 
 
 @pytest.mark.parametrize("name", CATEGORIES)
