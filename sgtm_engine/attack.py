@@ -306,7 +306,6 @@ def run_attack_stage(spec: AttackSpec, parent: Mapping[str, Any], baseline: Mapp
     pools = data.active_pools()
     return {
         "metrics": metrics,
-        "recovery": rec.as_dict(),
         "summary": {**rec.as_dict(), **extra, "start_retain_loss": start_retain_loss,
                     "reference_source": reference_source, "ablation": ablation,
                     "parent_method": parent.get("method"),

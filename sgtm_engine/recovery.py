@@ -1,7 +1,7 @@
 """Recovery from an attack: pure functions of a forget-loss curve and the reference it is measured against.
 
-Stdlib only. The attack stage records a `Recovery` in its result (`recovery` and `summary`), and sweep reports read
-it from there. The definitions are docs/method.md §12's.
+Stdlib only. The attack stage records a `Recovery` in its result's `summary`, and sweep reports read it from
+there. The definitions are docs/method.md §12's.
 """
 
 from __future__ import annotations

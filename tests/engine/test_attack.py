@@ -143,8 +143,8 @@ def test_a_filtered_parent_is_attacked_with_the_forget_data_it_never_saw(stages,
 def test_the_baseline_attacked_recovers_at_step_zero_and_bad_references_are_refused(stages, cache):
     rec = run_stage("attack", ATTACK, stages / "att_base", inputs={"model": stages / "base",
                                                                     "baseline": stages / "base"}, cache_dir=cache)
-    assert rec["recovery"]["steps_to_recovery"] == 0 and rec["recovery"]["forget_tokens_to_recovery"] == 0
-    assert rec["recovery"]["reference_forget_loss"] == rec["history"][0]["metrics"]["forget/loss"]
+    assert rec["summary"]["steps_to_recovery"] == 0 and rec["summary"]["forget_tokens_to_recovery"] == 0
+    assert rec["summary"]["reference_forget_loss"] == rec["history"][0]["metrics"]["forget/loss"]
     assert rec["summary"]["reference_source"] == "baseline model, this attack's evaluation"
     other = json.loads((stages / "base" / "result.json").read_text())
     other["data_spec"]["seed"], other["context"] = 1, 64  # another held-out draw, another truncation
@@ -158,7 +158,7 @@ def test_the_baseline_attacked_recovers_at_step_zero_and_bad_references_are_refu
         run_stage("attack", ATTACK, stages / "att_noref", inputs={"model": stages / "base"}, cache_dir=cache)
     far = run_stage("attack", {**ATTACK, "reference_forget_loss": 0.5}, stages / "att_far",
                     inputs={"model": stages / "base"}, cache_dir=cache)
-    assert far["recovery"]["verdict"] == "not recovered within 6 steps"
+    assert far["summary"]["verdict"] == "not recovered within 6 steps"
     curve = [(h["step"], h["metrics"]["forget/loss"] - 0.5) for h in far["history"]]  # above 0.5 throughout
     area = sum((g0 + g1) / 2 * (s1 - s0) for (s0, g0), (s1, g1) in zip(curve, curve[1:], strict=False))
     assert far["metrics"]["attack/mean_excess_forget_loss"] == pytest.approx(area / 6)
