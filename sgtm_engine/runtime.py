@@ -14,6 +14,8 @@ import platform
 import re
 import signal
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,8 +121,13 @@ def visible_gpus() -> list[str]:
     return [d.strip() for d in named.split(",")][:count] if named is not None else [str(i) for i in range(count)]
 
 
-def resolve_runtime(spec: RuntimeSpec) -> Runtime:
-    """Pick the device and precision, and join the torchrun process group when launched by torchrun."""
+@contextlib.contextmanager
+def stage_runtime(spec: RuntimeSpec) -> Iterator[Runtime]:
+    """The device and precision `spec` asks for; launched by torchrun, inside its process group for the duration.
+
+    A group joined here is left here: after every rank's last collective on success (a barrier, so that none tears
+    down while another still needs it), at once on an error. A group the caller set up is the caller's to leave.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -137,9 +144,21 @@ def resolve_runtime(spec: RuntimeSpec) -> Runtime:
     precision = spec.precision
     if precision == Precision.AUTO:
         precision = Precision.BF16 if device.type == "cuda" else Precision.FP32
-    if world > 1 and not dist.is_initialized():
+    joins = world > 1 and not dist.is_initialized()
+    if joins:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, precision, rank, world, local)
+    try:
+        yield Runtime(device, precision, rank, world, local)
+        if joins:
+            dist.barrier()
+    finally:
+        if joins:
+            dist.destroy_process_group()
+            # gloo's worker threads free finished collectives, and the Python tensors those hold, after the caller has
+            # moved on, and need the GIL for it; in a process that exits first they abort it ("terminate called without
+            # an active exception"; pytorch/pytorch#179291). DDP keeps the group alive past its destruction, so its
+            # threads cannot be joined here: hand them the GIL for a moment instead.
+            time.sleep(0.05)
 
 
 class ResourceMeter:
@@ -187,11 +206,6 @@ def _peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def shutdown(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class StopFlag:

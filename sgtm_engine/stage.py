@@ -43,7 +43,7 @@ from sgtm_engine.config import (
 from sgtm_engine.errors import ConfigError, SgtmError
 from sgtm_engine.folders import make_folder, write_json
 from sgtm_engine.provenance import code_version
-from sgtm_engine.runtime import ResourceMeter, Runtime, StopFlag, resolve_runtime
+from sgtm_engine.runtime import ResourceMeter, Runtime, StopFlag, stage_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:
@@ -290,16 +290,17 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     tracker = tracker or NullTracker()
     events = EventLog(workdir, emit)
     runtime_spec = getattr(spec, "runtime", None)
-    runtime = resolve_runtime(runtime_spec if runtime_spec is not None else RuntimeSpec())
-    if runtime.is_main:
-        claim_workdir(workdir, kind, spec, overwrite)
-    runtime.barrier()  # other ranks read the folder only once rank 0 has claimed (or cleared) it
-    started = time.time()
-    version = code_version()  # as the stage starts, when it imports its modules (a checkout may change meanwhile)
-    events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
-    meter = ResourceMeter(runtime.device)
-    record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
-                                 stop or StopFlag())
+    with stage_runtime(runtime_spec if runtime_spec is not None else RuntimeSpec()) as runtime:
+        if runtime.is_main:
+            claim_workdir(workdir, kind, spec, overwrite)
+        runtime.barrier()  # other ranks read the folder only once rank 0 has claimed (or cleared) it
+        started = time.time()
+        version = code_version()  # as the stage starts, when it imports its modules (a checkout may change meanwhile)
+        events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
+        meter = ResourceMeter(runtime.device)
+        record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
+                                     stop or StopFlag())
+    # torchrun's ranks have left their process group together; rank 0 writes the stage's outputs
     resources = meter.read()
     record["artifacts"] = {k: _relative(v, workdir) for k, v in (record.get("artifacts") or {}).items()}
     checkpoint = record["artifacts"].get("model")
