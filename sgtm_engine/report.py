@@ -85,7 +85,7 @@ def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 #: The fields of an attack stage's summary (`recovery.Recovery`'s, and the stage's own) that the report aggregates.
-_ATTACK_FIELDS = ("steps_to_recovery", "forget_tokens_to_recovery", "start_forget_loss", "end_forget_loss",
+ATTACK_FIELDS = ("steps_to_recovery", "forget_tokens_to_recovery", "start_forget_loss", "end_forget_loss",
                   "start_retain_loss", "end_gap", "mean_excess_forget_loss", "reference_forget_loss", "attack_steps")
 
 
@@ -96,7 +96,7 @@ def attack_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for name, res in stages_of(record, "attack"):
         summary = res.get("summary") or {}
-        out.update({f"{name}/{field}": summary.get(field) for field in _ATTACK_FIELDS})
+        out.update({f"{name}/{field}": summary.get(field) for field in ATTACK_FIELDS})
         out[f"{name}/recovered"] = 1.0 if summary.get("steps_to_recovery") is not None else 0.0
         out[f"{name}/forget_prefix_loss"] = summary.get("forget_prefix_step0_forget_loss")
     return out
