@@ -30,8 +30,7 @@ from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCr
 from api.specs import ValidSpec, check_strings, validate
 from api.submissions import create_pipeline_rows, submit_once, validate_within_limits
 from sgtm_engine.config import StageKind
-from sgtm_engine.sweep import Cell, SweepError, parse_sweep
-from sgtm_engine.sweep import Sweep as SweepDefinition
+from sgtm_engine.sweep import Cell, SweepError, SweepPlan, parse_sweep
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
     return sweep, True, created
 
 
-def _parse(settings: Settings, data: dict[str, Any]) -> SweepDefinition:
+def _parse(settings: Settings, data: dict[str, Any]) -> SweepPlan:
     """The sweep document expanded into cells; InvalidRequest with every problem, located in the body."""
     problems: list[Problem] = []
     for key in ("base", "variants", "grid"):

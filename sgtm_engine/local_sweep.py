@@ -25,7 +25,7 @@ from sgtm_engine.folders import make_folder, write_json
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report
-from sgtm_engine.sweep import Cell, Sweep, apply_sweep_overrides, cell_label, parse_sweep
+from sgtm_engine.sweep import Cell, SweepPlan, apply_sweep_overrides, cell_label, parse_sweep
 from sgtm_engine.yamlio import dump_yaml
 
 if TYPE_CHECKING:
@@ -36,13 +36,13 @@ if TYPE_CHECKING:
 
 
 def load_sweep(name_or_path: str, overrides: dict[str, Any] | None = None,
-               defaults: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: {}) -> Sweep:
+               defaults: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: {}) -> SweepPlan:
     """Read a sweep file and apply `defaults(data)`, then `overrides` (`--set`), before expanding it."""
     data = read_sweep(name_or_path)
     return parse_sweep(apply_sweep_overrides(data, {**defaults(data), **(overrides or {})}))
 
 
-def cells_yaml(sweep: Sweep) -> str:
+def cells_yaml(sweep: SweepPlan) -> str:
     """Every cell's resolved pipeline, as YAML (`--print-config`)."""
     cells = [{"cell": cell_label(c), "cell_id": c.cell_id, "stages": [
         {k: s[k] for k in ("name", "kind", "inputs", "spec")} for s in c.stages]} for c in sweep.cells]
@@ -78,7 +78,7 @@ def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
     return {s["name"]: workdir / "stages" / f"{s['kind']}-{keys[s['name']]}" for s in cell.stages}
 
 
-def run_sweep(sweep: Sweep, workdir: Path, *, jobs: int = 1, mlflow_uri: str | None = None,
+def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str | None = None,
               cache_dir: Path | None = None, echo: Callable[[str], None] = print,
               events: Callable[[str], Emit] | None = None) -> dict[str, Any]:
     """Run every cell that has not succeeded in `workdir` yet, then write and return the sweep's report.

@@ -59,7 +59,9 @@ class Cell:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sweep:
+class SweepPlan:
+    """A sweep document, validated and expanded into its cells (the service's ledger row is `api.db.models.Sweep`)."""
+
     name: str
     experiment: str | None
     variants: dict[str, dict[str, Any]]
@@ -108,7 +110,7 @@ def apply_sweep_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> di
 # Parse
 
 
-def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
+def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> SweepPlan:
     """Validate a sweep document and expand it into cells. Raises `SweepError` listing every problem."""
     if not isinstance(data, dict):
         raise SweepError(Problem.at((), "a sweep is a mapping with 'base', 'variants', 'grid', 'seeds'"))
@@ -138,8 +140,8 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> Sweep:
     if problems:
         unique: dict[str, Problem] = {}  # a bad path fails every cell alike: report it once
         raise SweepError([unique.setdefault(p.msg, p) for p in problems if p.msg not in unique])
-    return Sweep(name=name, experiment=experiment, variants=variants, grid=grid, seeds=seeds, seed_paths=seed_paths,
-                 cells=cells)
+    return SweepPlan(name=name, experiment=experiment, variants=variants, grid=grid, seeds=seeds,
+                     seed_paths=seed_paths, cells=cells)
 
 
 def _parse_base(base: Any, problems: list[Problem]) -> list[dict[str, Any]] | None:

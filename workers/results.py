@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def read_result(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
     """The JSON object at `path`, or None when it is missing or not a complete JSON object."""
     try:
         # NaN/Infinity become strings: JSON columns (PostgreSQL) cannot store them as numbers

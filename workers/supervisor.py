@@ -39,7 +39,7 @@ from sgtm_engine.folders import write_json
 from sgtm_engine.provenance import code_version
 from workers.child import Child, build_argv, describe_exit, engine_env
 from workers.events import EventTail, ProgressBuffer
-from workers.results import read_result
+from workers.results import read_json_object
 from workers.run_store import RunStore
 from workers.runs import LeaseLost, close_finished_pipelines, close_finished_sweeps, close_job_run, open_job_run
 
@@ -115,7 +115,7 @@ class Supervisor:
         lock_fd = _lock_workdir(workdir, self.settings, job_id, attempt, self.factory)
         child: Child | None = None
         try:
-            finished = read_result(workdir / "result.json")
+            finished = read_json_object(workdir / "result.json")
             if finished is not None:
                 # An earlier attempt finished but its final state never reached the ledger (an outage, a crash
                 # after the child exited): record that result instead of training again.
@@ -208,7 +208,7 @@ class Supervisor:
                 run_id: str | None, pipeline_id: str | None) -> Outcome:
         code = watch.exit_code
         assert code is not None
-        result = read_result(workdir / "result.json") if code == 0 else None
+        result = read_json_object(workdir / "result.json") if code == 0 else None
         if code == 0 and result is not None:
             outcome = self._finalize(job_id, attempt, Outcome.SUCCEEDED,
                                      lambda s: repo.mark_succeeded(s, job_id=job_id, attempt=attempt, result=result))
@@ -320,7 +320,7 @@ def _write_progress(session: Session, job_id: str, attempt: int, buffer: Progres
 
 def _explain(workdir: Path, child: Child) -> str:
     """The engine's own account (`error.json`: type, message, every config problem), else its log's tail."""
-    record = read_result(workdir / "error.json")
+    record = read_json_object(workdir / "error.json")
     if record and record.get("message"):
         lines = [f"{record.get('type', 'Error')}: {record['message']}"]
         lines += [f"  - {p}" for p in record.get("problems") or [] if p not in record["message"]]
