@@ -1,11 +1,11 @@
 """Training-step throughput: our SDPA GPT-Neo vs stock HF GPT-Neo (eager), and the cost of an SGTM forget step.
 
-Everything runs in one process, interleaved round by round, from the same weights and batches, so machine noise
-hits every contender alike; medians over rounds are compared. Both sides use torch's own kernels and the same
-allocator (whatever the process was started with: no allocator tuning). Each round runs HF's two steps, one untimed
-step of ours (it absorbs what HF's freed memory and cold caches cost the next step), then ours in an order that
-rotates from round to round. Shapes: the paper's 8M TinyStories model (6 layers, d=128, 32 heads, context 512, GPT-2
-vocabulary) and a smaller CPU shape.
+Everything runs in one process, interleaved round by round, from the same weights and batches, so machine noise hits
+every contender alike; ratios are taken within each round and their median over rounds reported, with the range over
+rounds beside it. Both sides use torch's own kernels and the same allocator (whatever the process was started with: no
+allocator tuning). Each round runs HF's two steps, one untimed step of ours (it absorbs what HF's freed memory and
+cold caches cost the next step), then ours in an order that rotates from round to round. Shapes: the paper's 8M
+TinyStories model (6 layers, d=128, 32 heads, context 512, GPT-2 vocabulary) and a smaller CPU shape.
 
 Contenders per round (one full optimizer step each: forward, backward, masking, AdamW):
 - hf:       transformers.GPTNeoForCausalLM (eager attention) + torch.optim.AdamW with its defaults (what a user of
@@ -96,11 +96,18 @@ def bench_shape(name: str, spec: ModelSpec, batch: int, rounds: int, warmup: int
     print(f"[{name}] params={base.num_parameters():,} batch={batch}x{spec.context} rounds={rounds}")
     for k, v in med.items():
         print(f"  {k:7s} {v * 1000:9.1f} ms/step  {tokens / v:10.0f} tokens/s")
-    res = {"hf": med["hf"], "clean": med["clean"], "speedup": med["hf"] / med["clean"],
-           "overhead": med["sgtm"] / med["clean"] - 1,
-           "retain_ratio": med["retain"] / med["clean"], "speedup_fused": med["hf_fused"] / med["clean"]}
-    print(f"  speedup_vs_hf={res['speedup']:.2f} (vs hf with fused AdamW: {res['speedup_fused']:.2f}) "
-          f"sgtm_forget_overhead={res['overhead'] * 100:+.2f}% retain_step_ratio={res['retain_ratio']:.3f}")
+    # Ratios are taken within a round, then the median over rounds: a slow round (another process, a page-fault
+    # storm) slows every contender of that round and cancels out; the range shows how far single rounds stray.
+    ratios = {name: [a / b for a, b in zip(times[num], times[den], strict=True)]
+              for name, (num, den) in {"speedup": ("hf", "clean"), "speedup_fused": ("hf_fused", "clean"),
+                                       "sgtm": ("sgtm", "clean"), "retain": ("retain", "clean")}.items()}
+    res = {"hf": med["hf"], "clean": med["clean"], **{k: statistics.median(v) for k, v in ratios.items()}}
+    res["overhead"] = res.pop("sgtm") - 1
+    res["retain_ratio"] = res.pop("retain")
+    over = [(r - 1) * 100 for r in ratios["sgtm"]]
+    print(f"  speedup_vs_hf={res['speedup']:.2f} (rounds {min(ratios['speedup']):.2f}..{max(ratios['speedup']):.2f};"
+          f" vs hf with fused AdamW: {res['speedup_fused']:.2f}) sgtm_forget_overhead={res['overhead'] * 100:+.2f}% "
+          f"(rounds {min(over):+.1f}..{max(over):+.1f}%) retain_step_ratio={res['retain_ratio']:.3f}")
     return res
 
 
