@@ -51,7 +51,7 @@ class Runtime:
 
     def describe(self, compiled: bool = False) -> dict[str, Any]:
         """What this run ran on, for result.json and MLflow: device (the CPU's or GPU's model), dtype, attention
-        backend, CPU vector instructions, library versions, threads and ranks."""
+        backend, CPU vector instructions, library versions, memory allocator, threads and ranks."""
         attention = "sdpa"  # the model's only attention path (model/gpt_neo.py)
         if self.device.type == "cuda":
             enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
@@ -112,6 +112,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+#: Allocators that replace malloc when preloaded (LD_PRELOAD), known by their library's name.
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def allocator() -> str:
+    """The process's malloc: a preloaded jemalloc, tcmalloc or mimalloc (Linux: found among the loaded libraries),
+    else `system` (the C library's). It moves step times and memory use, not results (docs/performance.md)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return next((name for name in _ALLOCATORS if f"/lib{name}" in maps), "system")
 
 
 def visible_gpus() -> list[str]:

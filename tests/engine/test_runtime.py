@@ -1,19 +1,23 @@
 """Where a stage runs: the torchrun process group a stage joins is left when the stage ends, with or without an
-error, and a group the caller set up stays the caller's. Two real gloo ranks, as torchrun starts them (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+error, and a group the caller set up stays the caller's (two real gloo ranks, as torchrun starts them: RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); the memory allocator a run records is the one it ran on."""
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from sgtm_engine.config import Device, RuntimeSpec
-from sgtm_engine.runtime import stage_runtime
+from sgtm_engine.runtime import allocator, stage_runtime
 
 CPU_SPEC = RuntimeSpec(device=Device.CPU, threads=1)
 
@@ -60,3 +64,19 @@ def test_one_process_joins_no_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with stage_runtime(CPU_SPEC) as runtime:
         assert not runtime.distributed and not dist.is_initialized()
+
+
+def _allocator_under(preload: str) -> str:
+    env = {**os.environ, "LD_PRELOAD": preload}
+    code = "from sgtm_engine.runtime import allocator; print(allocator())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_the_allocator_recorded_is_the_one_loaded():
+    assert allocator() == "system" or os.environ.get("LD_PRELOAD")  # this process: the C library's malloc
+    assert _allocator_under("") == "system"
+    jemalloc = ctypes.util.find_library("jemalloc")
+    if jemalloc is None:
+        pytest.skip("no jemalloc on this machine to preload")
+    assert _allocator_under(jemalloc) == "jemalloc"

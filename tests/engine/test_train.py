@@ -211,6 +211,7 @@ def test_stage_chain_and_result_records(tmp_path, cache):
     assert backends["device"] == "cpu" and backends["dtype"] == "float32" and backends["attention"] == "sdpa"
     assert backends["torch"] == torch.__version__ and backends["compile"] is False
     assert backends["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and backends["device_name"]
+    assert backends["allocator"] in ("system", "jemalloc", "tcmalloc", "mimalloc")
     ablated = run_stage("ablate", {"ablate": {"kind": "zero"}}, tmp_path / "ablate",
                         inputs={"model": tmp_path / "train"}, cache_dir=cache)
     ev = run_stage("evaluate", {"calibrate": {"steps": 3, "batch_size": 2}, "eval": {"max_batches": 1,
