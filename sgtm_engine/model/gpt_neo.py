@@ -21,7 +21,6 @@ Choices (docs/method.md §1, §5):
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -213,10 +212,6 @@ class GPTNeoLM(nn.Module):
         for block in self.transformer.h:
             block.mode = mode
 
-    @property
-    def mode(self) -> MaskMode:
-        return self.transformer.h[0].mode if len(self.transformer.h) else MaskMode.DEFAULT
-
     # -- forward ------------------------------------------------------------------------------------------------------
 
     def hidden_states(self, input_ids: torch.Tensor, upto: int | None = None) -> torch.Tensor:
@@ -263,17 +258,6 @@ class GPTNeoLM(nn.Module):
     def flops_per_token(self) -> float:
         """6 * params (training FLOPs per token), the convention the paper's compute axes use."""
         return 6.0 * self.num_parameters()
-
-
-@contextmanager
-def masking_mode(model: GPTNeoLM, mode: MaskMode) -> Iterator[GPTNeoLM]:
-    """Run a block of code with the model in `mode`, restoring the previous mode afterwards."""
-    previous = model.mode
-    model.set_mode(mode)
-    try:
-        yield model
-    finally:
-        model.set_mode(previous)
 
 
 def unwrap(model: nn.Module) -> GPTNeoLM:

@@ -39,7 +39,6 @@ class MaskAwareAdamW(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
                  fused: bool = True):
         named = [(n, p) for n, p in named_params if p.requires_grad]
-        self.names = [n for n, _ in named]
         self.partition = partition
         self.fused = fused
         super().__init__([p for _, p in named], {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
@@ -47,7 +46,12 @@ class MaskAwareAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, frozen: dict[str, Region] | None = None):  # type: ignore[override]
-        """One AdamW step; `frozen` maps parameter names to the region that must not change (see Partition.frozen)."""
+        """One AdamW step; `frozen` maps parameter names to the region that must not change (see Partition.frozen).
+        `closure`, as in torch.optim: re-evaluates the model and returns the loss, which `step` returns."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         frozen = frozen or {}
         for group in self.param_groups:
             batch = _Updates(group, self.fused)
@@ -73,7 +77,7 @@ class MaskAwareAdamW(torch.optim.Optimizer):
                     continue
                 self._step_split(p, name, state, region, batch)
             batch.run()
-        return None
+        return loss
 
     def _step_split(self, p: torch.Tensor, name: str, state: dict, region: Region | None, batch: _Updates) -> None:
         active = [r for r in (Region.RETAIN, Region.FORGET) if r is not region]
