@@ -8,14 +8,16 @@ proves it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, Strategy
+from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, OptimizerKind, OptimSpec, Strategy
 from sgtm_engine.model.gpt_neo import GPTNeoLM
-from sgtm_engine.model.masking import apply_gradient_masks
-from sgtm_engine.model.partition import Partition
+from sgtm_engine.model.masking import apply_gradient_masks, region_view
+from sgtm_engine.model.optim import build_optimizer, step_optimizer
+from sgtm_engine.model.partition import Partition, Region
 
 SPEC = ModelSpec(n_layer=2, d_model=64, n_head=8, context=24, window_size=8, vocab_size=97)
 F_MLP, F_HEADS = 16, 2
@@ -221,3 +223,157 @@ def test_percent_forget_size_is_per_block_and_rounds_toward_forget():
     assert MaskingSpec(forget_param_perc=3).forget_sizes(ts) == (62, 1)
     assert MaskingSpec(forget_param_perc=50).forget_sizes(ts) == (1024, 16)
     assert MaskingSpec().forget_sizes(ts) == (64, 1)
+
+
+# --- the partition table itself ---------------------------------------------------------------------------------------
+
+D, HD = SPEC.d_model, SPEC.head_dim
+MLP_SPLITS = {"mlp.c_fc.weight": (0, R_MLP, SPEC.mlp_dim), "mlp.c_fc.bias": (0, R_MLP, SPEC.mlp_dim),
+              "mlp.c_proj.weight": (1, R_MLP, SPEC.mlp_dim)}
+ATTN_SPLITS = {**{f"attn.attention.{p}_proj.weight": (0, R_COL, D) for p in "qkv"},
+               "attn.attention.out_proj.weight": (1, R_COL, D)}
+
+
+@pytest.mark.parametrize("heads", [F_HEADS, 1, 0], ids=["2-heads", "1-head", "no-forget-heads"])
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_partition_splits_exactly_the_documented_tensors(strategy, heads):
+    """docs/method.md §3: each masked block splits c_fc (rows), its bias, c_proj (columns) and, when attention is
+    partitioned, q/k/v (rows) and out_proj (columns), forget = the tail; nothing else is split. Attention is not
+    partitioned for sgtm_joint_attention nor when forget_attn_heads is 0 (§5, last line)."""
+    part = Partition(SPEC, MaskingSpec(strategy=strategy, forget_mlp_dim=F_MLP, forget_attn_heads=heads,
+                                       masked_layers=(1,)))
+    expected = {}
+    if strategy != Strategy.NONE:
+        expected.update(MLP_SPLITS)
+        if heads and strategy != Strategy.SGTM_JOINT_ATTENTION:
+            expected.update({k: (dim, (SPEC.n_head - heads) * HD, size) for k, (dim, _, size) in ATTN_SPLITS.items()})
+    got = {name: (s.dim, s.split, s.size) for name, s in part.slices.items()}
+    assert got == {f"transformer.h.1.{k}": v for k, v in expected.items()}
+    for name, (_, split, size) in got.items():  # regions: retain = the head [0, split), forget = the tail
+        sl = part.slice_of(name)
+        assert (sl.bounds(Region.RETAIN), sl.bounds(Region.FORGET), sl.bounds(Region.ALL)) == \
+            ((0, split), (split, size), (0, size))
+    assert part.slice_of("transformer.h.0.mlp.c_fc.weight") is None  # block 0 is not masked
+    with_two = Partition(SPEC, MaskingSpec(strategy=strategy, forget_mlp_dim=F_MLP, forget_attn_heads=F_HEADS,
+                                           masked_layers=(1,)))
+    for mode in MaskMode:
+        if not heads or strategy == Strategy.SGTM_JOINT_ATTENTION:  # no step freezes any attention coordinate
+            assert not [n for n in part.frozen(mode) if ".attn." in n], mode
+        else:  # what a step freezes does not depend on how many heads (> 0) are forget
+            assert part.frozen(mode) == with_two.frozen(mode), mode
+
+
+@pytest.mark.parametrize("strategy", [s for s in Strategy if s != Strategy.NONE])
+def test_no_forget_heads_leaves_attention_joint(strategy):
+    """forget_attn_heads = 0: attention is not partitioned in any strategy (docs/method.md §5), so retain and
+    forget steps give every attention parameter its true (stock) gradient, and ablation leaves attention alone."""
+    torch.manual_seed(0)
+    model = GPTNeoLM(SPEC, MaskingSpec(strategy=strategy, forget_mlp_dim=F_MLP, forget_attn_heads=0))
+    attn = [n for n, _ in model.named_parameters() if ".attn." in n]
+    stock = grads(model, MaskMode.DEFAULT)
+    for mode in (MaskMode.RETAIN, MaskMode.FORGET):
+        g = grads(model, mode)
+        for n in attn:
+            assert torch.count_nonzero(g[n]) > 0, f"{mode}: {n} should learn"
+            if mode == MaskMode.FORGET and strategy in (Strategy.SGTM, Strategy.SGTM_JOINT_PROJECTION):
+                torch.testing.assert_close(g[n], stock[n], rtol=0, atol=0)  # stock forward, no surgery on attention
+    assert not [n for n, _ in model.partition.ablation_targets() if ".attn." in n]
+
+
+def test_partition_summary_names_the_slice():
+    """`describe()` goes into logs and result files: strategy, masked blocks, forget sizes and the forget-step set;
+    a clean model has no slice at all, whatever sizes its masking spec names."""
+    clean = MaskingSpec(strategy=Strategy.NONE, forget_mlp_dim=F_MLP, forget_attn_heads=F_HEADS)
+    assert Partition(SPEC, clean).describe() == {
+        "strategy": "none", "masked_layers": [], "forget_mlp_units_per_block": 0, "forget_heads_per_block": 0,
+        "frozen_on_forget_steps": []}
+    masking = MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=F_MLP, forget_attn_heads=F_HEADS, masked_layers=(1,))
+    summary = Partition(SPEC, masking).describe()
+    assert summary == {
+        "strategy": "sgtm", "masked_layers": [1], "forget_mlp_units_per_block": F_MLP,
+        "forget_heads_per_block": F_HEADS,
+        "frozen_on_forget_steps": sorted(f"transformer.h.1.{k}" for k in [
+            *MLP_SPLITS, "mlp.c_proj.bias", *ATTN_SPLITS, "attn.attention.out_proj.bias"]),
+    }
+
+
+def test_region_view_refuses_a_region_of_an_unsplit_tensor():
+    """Asking for the retain/forget part of a tensor the partition does not split is an error, never a guess."""
+    model = make_model(Strategy.SGTM)
+    params = dict(model.named_parameters())
+    for name in ("transformer.wte.weight", "transformer.h.0.mlp.c_proj.bias", "transformer.h.0.ln_1.weight"):
+        assert region_view(params[name], model.partition, name, Region.ALL) is params[name]
+        for region in (Region.RETAIN, Region.FORGET):
+            with pytest.raises(KeyError, match="not split"):
+                region_view(params[name], model.partition, name, region)
+
+
+def test_gradient_masks_skip_parameters_without_a_gradient():
+    """Surgery on a parameter that got no gradient (never used, or grads set to None) is a no-op, not an error,
+    and the others are still masked."""
+    model = make_model(Strategy.SGTM, mask_embeddings=True)
+    g = grads(model, MaskMode.DEFAULT, surgery=False)
+    model.zero_grad(set_to_none=True)
+    apply_gradient_masks(model, model.partition, MaskMode.FORGET)
+    assert all(p.grad is None for p in model.parameters())
+    for name, p in model.named_parameters():  # only some parameters have a gradient
+        if ".h.0." in name or name == "transformer.wte.weight":
+            p.grad = g[name].clone()
+    apply_gradient_masks(model, model.partition, MaskMode.FORGET)
+    params = dict(model.named_parameters())
+    assert params["transformer.wpe.weight"].grad is None and params["transformer.h.1.mlp.c_fc.weight"].grad is None
+    masked = {n: p.grad for n, p in params.items() if p.grad is not None}
+    assert torch.count_nonzero(masked["transformer.wte.weight"]) == 0
+    assert torch.count_nonzero(SLICES["c_fc.retain_rows"](masked)) == 0
+    torch.testing.assert_close(SLICES["c_fc.forget_rows"](masked), SLICES["c_fc.forget_rows"](g), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", [MaskMode.RETAIN, MaskMode.FORGET])
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_mask_aware_adamw_freezes_every_documented_zero_slice(strategy, mode):
+    """docs/method.md §5-§6: every coordinate the table above says gets zero gradient (structurally or by surgery)
+    is frozen, i.e. bit-identical after mask-aware AdamW steps with weight decay and warm momentum; every other
+    slice moves. Checked against the hand-written table, not against `Partition.frozen`, so a structural zero the
+    partition forgets to list (retain mode, activation masking) is caught: weight decay would shrink it."""
+    model = make_model(strategy, mask_embeddings=True)
+    opt = build_optimizer(model, model.partition, OptimSpec(lr=1e-2, weight_decay=0.1, warmup_steps=0),
+                          OptimizerKind.MASK_AWARE)
+
+    def step(m: MaskMode) -> None:
+        opt.zero_grad()
+        model.set_mode(m)
+        ids, labels = batch()
+        model(ids, labels)[1].backward()
+        apply_gradient_masks(model, model.partition, m)
+        step_optimizer(opt, model.partition.frozen(m))
+        model.set_mode(MaskMode.DEFAULT)
+
+    for _ in range(2):  # warm the moments, so stale momentum would move a frozen coordinate
+        step(MaskMode.DEFAULT)
+    with torch.no_grad():
+        before = {n: p.clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        step(mode)
+    after = dict(model.named_parameters())
+    frozen = expected_zero(strategy, mode, mask_embeddings=True)
+    for name, view in SLICES.items():
+        moved = not torch.equal(view(before), view(after).detach())
+        assert moved != (name in frozen), f"{strategy}/{mode}: {name} {'moved' if moved else 'did not move'}"
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_set_mode_sets_every_block(n_layer):
+    """`set_mode` puts every block in one mode (the forward reads the mode per block) and accepts the config's
+    string form; the output then is that mode's, whichever mode came before."""
+    model = GPTNeoLM(dataclasses.replace(SPEC, n_layer=n_layer), MaskingSpec(forget_mlp_dim=F_MLP,
+                                                                               forget_attn_heads=F_HEADS))
+    ids, _ = batch()
+    model.set_mode("retain")
+    assert [b.mode for b in model.transformer.h] == [MaskMode.RETAIN] * n_layer
+    retain_out = model(ids)[0]
+    model.set_mode(MaskMode.FORGET)
+    assert [b.mode for b in model.transformer.h] == [MaskMode.FORGET] * n_layer
+    forget_out = model(ids)[0]
+    assert not torch.equal(forget_out, retain_out)  # the mode reached the forward
+    model.set_mode(MaskMode.RETAIN)
+    torch.testing.assert_close(model(ids)[0], retain_out, rtol=0, atol=0)

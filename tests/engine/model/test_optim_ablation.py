@@ -22,6 +22,7 @@ from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.masking import apply_gradient_masks, region_view
 from sgtm_engine.model.optim import build_optimizer, lr_at, step_optimizer
+from sgtm_engine.model.partition import Region
 
 SPEC = ModelSpec(n_layer=2, d_model=64, n_head=8, context=16, window_size=8, vocab_size=97)
 OPTIM = OptimSpec(lr=1e-2, weight_decay=0.1, warmup_steps=0)
@@ -90,11 +91,14 @@ def test_legacy_adamw_moves_masked_coordinates():
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.parametrize("strategy", [Strategy.NONE, Strategy.SGTM])
 @pytest.mark.parametrize("fused", [True, False])
-def test_unmasked_training_matches_torch_adamw(fused):
-    """Fused: the same kernel as torch's fused AdamW, so bitwise; reference: op for op the single-tensor AdamW."""
+def test_unmasked_training_matches_torch_adamw(fused, strategy):
+    """Fused: the same kernel as torch's fused AdamW, so bitwise; reference: op for op the single-tensor AdamW.
+    On default steps a masked model's split tensors (row and column splits) must also match bitwise: while both
+    regions share a step count the whole tensor is one update, never a column view through another path."""
     optim = dataclasses.replace(OPTIM, fused=fused)
-    ours, ref = model_for(Strategy.NONE), model_for(Strategy.NONE)
+    ours, ref = model_for(strategy), model_for(strategy)
     opt = build_optimizer(ours, ours.partition, optim, OptimizerKind.MASK_AWARE)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps,
                                 weight_decay=OPTIM.weight_decay, **({"fused": True} if fused else {"foreach": False}))
@@ -137,6 +141,42 @@ def test_fused_and_reference_paths_agree_when_regions_have_their_own_step_counts
         assert steps == {k: v for k, v in ref_opt.state[b].items() if k.startswith("step")}, n
 
 
+def test_step_without_frozen_is_plain_adamw():
+    """`step()` with no `frozen` (e.g. a caller that treats it as any torch optimizer) freezes nothing: the same
+    result as `step(frozen={})`."""
+    a, b = model_for(), model_for()
+    opts = [build_optimizer(m, m.partition, OPTIM, OptimizerKind.MASK_AWARE) for m in (a, b)]
+    ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context), generator=torch.Generator().manual_seed(0))
+    for m in (a, b):
+        m(ids, torch.roll(ids, -1, 1))[1].backward()
+    opts[0].step()
+    opts[1].step(frozen={})
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), n
+
+
+def test_step_with_a_closure_runs_it_and_returns_its_loss():
+    """The torch.optim contract: `step(closure)` evaluates the closure (with autograd on, though `step` itself runs
+    without) and returns its loss; the update is the one the closure's gradients give."""
+    a, b = model_for(), model_for()
+    opts = [build_optimizer(m, m.partition, OPTIM, OptimizerKind.MASK_AWARE) for m in (a, b)]
+    ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context), generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opts[0].zero_grad()
+        loss = a(ids, torch.roll(ids, -1, 1))[1]
+        loss.backward()
+        return loss
+
+    loss = opts[0].step(closure)
+    expected = b(ids, torch.roll(ids, -1, 1))[1]
+    expected.backward()
+    assert opts[1].step() is None
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), n
+
+
 def test_split_step_counts_drive_bias_correction_per_region():
     """After forget-only steps the forget region has its own step count; a default step updates both correctly."""
     model = model_for()
@@ -145,6 +185,61 @@ def test_split_step_counts_drive_bias_correction_per_region():
     train_step(model, opt, MaskMode.DEFAULT, 1)
     p = model.transformer.h[0].mlp.c_fc.weight
     assert opt.state[p]["step_forget"] == 2 and opt.state[p]["step_retain"] == 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_each_region_is_exactly_adamw_over_the_steps_it_was_trained_on(fused):
+    """A split tensor's regions are independent AdamWs (docs/method.md §6): after forget, default, retain, default
+    steps, the forget rows/columns equal torch's AdamW run on the (masked) gradients of the steps that trained them,
+    with bias correction counting only those steps, and likewise the retain side."""
+    model = model_for()
+    opt = build_optimizer(model, model.partition, dataclasses.replace(OPTIM, fused=fused), OptimizerKind.MASK_AWARE)
+    params = dict(model.named_parameters())
+    names = ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight",
+             "transformer.h.0.attn.attention.q_proj.weight", "transformer.h.1.attn.attention.out_proj.weight")
+    start = {n: params[n].detach().clone() for n in names}
+    recorded: list[tuple[MaskMode, dict[str, torch.Tensor]]] = []
+    for s, mode in enumerate((MaskMode.FORGET, MaskMode.DEFAULT, MaskMode.FORGET, MaskMode.RETAIN, MaskMode.DEFAULT)):
+        ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context), generator=torch.Generator().manual_seed(s))
+        model.set_mode(mode)
+        opt.zero_grad()
+        model(ids, torch.roll(ids, -1, 1))[1].backward()
+        apply_gradient_masks(model, model.partition, mode)
+        recorded.append((mode, {n: params[n].grad.clone() for n in names}))
+        step_optimizer(opt, model.partition.frozen(mode))
+    model.set_mode(MaskMode.DEFAULT)
+    trains = {"retain": (MaskMode.DEFAULT, MaskMode.RETAIN), "forget": (MaskMode.DEFAULT, MaskMode.FORGET)}
+    for n in names:
+        for side, modes in trains.items():
+            region = Region.RETAIN if side == "retain" else Region.FORGET
+            view = lambda t, n=n, region=region: region_view(t, model.partition, n, region)  # noqa: E731
+            ref = torch.nn.Parameter(view(start[n]).clone())
+            ref_opt = torch.optim.AdamW([ref], lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps,
+                                        weight_decay=OPTIM.weight_decay, foreach=False)
+            for mode, g in recorded:
+                if mode in modes:
+                    ref.grad = view(g[n]).clone()
+                    ref_opt.step()
+            torch.testing.assert_close(view(params[n]).detach(), ref.detach(), rtol=1e-6, atol=1e-7,
+                                       msg=f"{side} region of {n}")
+            assert opt.state[params[n]][f"step_{side}"] == sum(m in modes for m, _ in recorded)
+
+
+def test_parameters_without_a_gradient_are_skipped():
+    """As torch's AdamW: a parameter with no gradient this step is neither decayed nor given optimizer state."""
+    model = model_for()
+    opt = build_optimizer(model, model.partition, OPTIM, OptimizerKind.MASK_AWARE)
+    ids = torch.randint(0, SPEC.vocab_size, (2, SPEC.context), generator=torch.Generator().manual_seed(0))
+    model(ids, torch.roll(ids, -1, 1))[1].backward()
+    skipped = {"transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.h.1.ln_2.bias"}
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for n in skipped}
+    for n in skipped:
+        params[n].grad = None
+    step_optimizer(opt, model.partition.frozen(MaskMode.DEFAULT))
+    for n in skipped:
+        assert torch.equal(params[n], before[n]) and not opt.state[params[n]], n
+    assert not torch.equal(params["transformer.h.1.mlp.c_fc.weight"], model_for().transformer.h[1].mlp.c_fc.weight)
 
 
 def test_optimizer_state_round_trips():
@@ -219,3 +314,107 @@ def test_reinit_ablation_is_seeded_and_has_the_retain_slice_std():
     retain_std = float(wa[:r].std())
     assert used["transformer.h.0.mlp.c_fc.weight"] == pytest.approx(retain_std)
     assert float(wa[r:].std()) == pytest.approx(retain_std, rel=0.1)
+
+
+# θ_forget as zero-ablation removes it, per strategy (docs/method.md §9), written out independently of the partition:
+# the in-rows and in-biases always (q/k/v only when attention is partitioned); the down-projection columns only where
+# the down-projection is partitioned and the strategy is not gradient routing.
+_IN = ("c_fc", "q", "k", "v")
+ABLATED = {
+    Strategy.NONE: (),
+    Strategy.SGTM: (*_IN, "c_proj", "out_proj"),
+    Strategy.ACTIVATION_MASKING: (*_IN, "c_proj", "out_proj"),
+    Strategy.GRADIENT_ROUTING: _IN,
+    Strategy.SGTM_JOINT_PROJECTION: _IN,
+    Strategy.SGTM_JOINT_MLP_PROJECTION: (*_IN, "out_proj"),
+    Strategy.SGTM_JOINT_ATTN_PROJECTION: (*_IN, "c_proj"),
+    Strategy.SGTM_JOINT_ATTENTION: ("c_fc",),
+}
+
+
+_KIND = {"mlp.c_fc.weight": "c_fc", "mlp.c_fc.bias": "c_fc", "mlp.c_proj.weight": "c_proj",
+         "attn.attention.q_proj.weight": "q", "attn.attention.k_proj.weight": "k", "attn.attention.v_proj.weight": "v",
+         "attn.attention.out_proj.weight": "out_proj"}
+
+
+def _forget_part(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """The forget slice of a block tensor as §3's table defines it (16 units, 2 heads): rows or columns."""
+    r, c = SPEC.mlp_dim - 16, (SPEC.n_head - 2) * SPEC.head_dim
+    if kind == "c_fc":
+        return t[r:]
+    if kind == "c_proj":
+        return t[:, r:]
+    return t[:, c:] if kind == "out_proj" else t[c:]
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_zero_ablation_zeroes_exactly_the_documented_slices(strategy):
+    """Per strategy, zero-ablation sets exactly θ_forget's ablated slices to 0 and leaves every other coordinate
+    (retain slices, down-projection biases, LayerNorms, embeddings, kept columns) bit-identical."""
+    model = model_for(strategy)
+    with torch.no_grad():  # non-zero biases and LayerNorms, so "untouched" and "zeroed" are distinguishable
+        for n, p in model.named_parameters():
+            if "bias" in n or "ln" in n:
+                p.add_(torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    used = ablate(model, AblateSpec(kind=AblationKind.ZERO))
+    ablated = set()
+    for n, p in model.named_parameters():
+        expected = before[n]
+        kind = _KIND.get(n.split(".", 3)[-1]) if n.startswith("transformer.h.") else None
+        if kind in ABLATED[strategy]:
+            _forget_part(kind, expected).zero_()
+            ablated.add(n)
+        assert torch.equal(p.detach(), expected), n
+    assert used == dict.fromkeys(ablated, 0.0)  # zero-ablation records sigma 0.0 for every ablated tensor
+
+
+def test_reinit_ablation_takes_sigma_from_the_retain_slice_only():
+    """σ is the std of the matching retain slice of the same tensor (docs/method.md §9), not of the forget slice
+    or of the whole tensor: scale only the retain rows/columns and σ (and the re-drawn slice) must follow them."""
+    model = model_for()
+    r, c = SPEC.mlp_dim - 16, (SPEC.n_head - 2) * SPEC.head_dim
+    params = dict(model.transformer.h[0].named_parameters())
+    # tensor -> (retain view, forget view), as §3's table splits it
+    split = {
+        "mlp.c_fc.weight": lambda t: (t[:r], t[r:]),
+        "mlp.c_fc.bias": lambda t: (t[:r], t[r:]),
+        "mlp.c_proj.weight": lambda t: (t[:, :r], t[:, r:]),
+        "attn.attention.q_proj.weight": lambda t: (t[:c], t[c:]),
+        "attn.attention.out_proj.weight": lambda t: (t[:, :c], t[:, c:]),
+    }
+    with torch.no_grad():
+        params["mlp.c_fc.bias"].normal_(0.0, 0.5)
+        for scale, (k, views) in zip((10.0, 1.0, 5.0, 8.0, 4.0), split.items(), strict=True):
+            retain, forget = views(params[k])
+            retain.mul_(scale)
+            forget.fill_(100.0)  # far from the retain entries: neither its std nor the tensor's may be used
+    retain_before = {k: views(params[k])[0].detach().clone() for k, views in split.items()}
+    used = ablate(model, AblateSpec(kind=AblationKind.REINIT, seed=3))
+    for k, views in split.items():
+        retain, forget = (v.detach() for v in views(params[k]))
+        sigma = float(retain_before[k].std())
+        assert used[f"transformer.h.0.{k}"] == pytest.approx(sigma), k
+        assert float(forget.std()) == pytest.approx(sigma, rel=0.4), k  # drawn at that scale (16 bias entries: loose)
+        assert float(forget.mean().abs()) < sigma, k  # centred at 0, not at the old forget values
+        torch.testing.assert_close(retain, retain_before[k], rtol=0, atol=0)  # the retain slice is untouched
+
+
+@pytest.mark.parametrize("retain_units", [1, 2])
+def test_reinit_ablation_with_a_one_or_two_unit_retain_slice(retain_units):
+    """A retain slice of one entry has no std: σ is 0 and the re-drawn slice is 0, never NaN. With two entries σ is
+    their (unbiased) std."""
+    spec = dataclasses.replace(SPEC, d_mlp=8)
+    torch.manual_seed(0)
+    model = GPTNeoLM(spec, MaskingSpec(forget_mlp_dim=8 - retain_units, forget_attn_heads=2))
+    bias = model.transformer.h[0].mlp.c_fc.bias
+    with torch.no_grad():
+        bias.copy_(torch.arange(8.0) + 1.0)
+    expected = 0.0 if retain_units == 1 else float(torch.tensor([1.0, 2.0]).std())
+    used = ablate(model, AblateSpec(kind=AblationKind.REINIT, seed=0))
+    assert used["transformer.h.0.mlp.c_fc.bias"] == pytest.approx(expected)
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    if retain_units == 1:
+        assert torch.count_nonzero(bias[1:]) == 0
+    torch.testing.assert_close(bias[:retain_units], torch.arange(retain_units, dtype=torch.float32) + 1.0)
