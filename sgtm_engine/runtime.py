@@ -70,6 +70,7 @@ class Runtime:
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "threads": torch.get_num_threads(),
+            "allocator": allocator(),
             "world_size": self.world_size,
         }
 
