@@ -18,6 +18,7 @@ import enum
 from dataclasses import dataclass
 
 from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, Strategy
+from sgtm_engine.errors import ConfigError
 
 
 class Region(enum.Enum):
@@ -74,6 +75,9 @@ class Partition:
     """The per-model partition table. `frozen(mode)` maps parameter name -> frozen Region for that step's mode."""
 
     def __init__(self, model: ModelSpec, masking: MaskingSpec):
+        problems = masking.problems_with(model)  # the stage specs' own check, for a model built directly too
+        if problems:
+            raise ConfigError(problems)
         self.model = model
         self.masking = masking
         self.strategy = masking.strategy

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, OptimizerKind, OptimSpec, Strategy
+from sgtm_engine.errors import ConfigError
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.masking import apply_gradient_masks, region_view
 from sgtm_engine.model.optim import build_optimizer, step_optimizer
@@ -377,3 +378,12 @@ def test_set_mode_sets_every_block(n_layer):
     assert not torch.equal(forget_out, retain_out)  # the mode reached the forward
     model.set_mode(MaskMode.RETAIN)
     torch.testing.assert_close(model(ids)[0], retain_out, rtol=0, atol=0)
+
+
+def test_a_partition_refuses_a_masking_spec_that_does_not_fit_the_model():
+    """A model built directly (a notebook, not a stage spec) gets the same check as a stage: a masked block the model
+    does not have is a ConfigError naming the field, not a KeyError at the first masked step."""
+    with pytest.raises(ConfigError, match=r"masking\.masked_layers=\[5\]: out of range for n_layer=2"):
+        GPTNeoLM(SPEC, MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=F_MLP, masked_layers=(1, 5)))
+    with pytest.raises(ConfigError, match="forget_mlp_dim"):
+        Partition(SPEC, MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=SPEC.mlp_dim))
