@@ -98,12 +98,12 @@ def bench_shape(name: str, spec: ModelSpec, batch: int, rounds: int, warmup: int
         print(f"  {k:7s} {v * 1000:9.1f} ms/step  {tokens / v:10.0f} tokens/s")
     # Ratios are taken within a round, then the median over rounds: a slow round (another process, a page-fault
     # storm) slows every contender of that round and cancels out; the range shows how far single rounds stray.
-    ratios = {name: [a / b for a, b in zip(times[num], times[den], strict=True)]
-              for name, (num, den) in {"speedup": ("hf", "clean"), "speedup_fused": ("hf_fused", "clean"),
-                                       "sgtm": ("sgtm", "clean"), "retain": ("retain", "clean")}.items()}
-    res = {"hf": med["hf"], "clean": med["clean"], **{k: statistics.median(v) for k, v in ratios.items()}}
-    res["overhead"] = res.pop("sgtm") - 1
-    res["retain_ratio"] = res.pop("retain")
+    ratios = {key: [a / b for a, b in zip(times[num], times[den], strict=True)]
+              for key, (num, den) in {"speedup": ("hf", "clean"), "speedup_fused": ("hf_fused", "clean"),
+                                      "sgtm": ("sgtm", "clean"), "retain": ("retain", "clean")}.items()}
+    mid = {k: statistics.median(v) for k, v in ratios.items()}
+    res = {"hf": med["hf"], "clean": med["clean"], "speedup": mid["speedup"], "speedup_fused": mid["speedup_fused"],
+           "overhead": mid["sgtm"] - 1, "retain_ratio": mid["retain"]}
     over = [(r - 1) * 100 for r in ratios["sgtm"]]
     print(f"  speedup_vs_hf={res['speedup']:.2f} (rounds {min(ratios['speedup']):.2f}..{max(ratios['speedup']):.2f};"
           f" vs hf with fused AdamW: {res['speedup_fused']:.2f}) sgtm_forget_overhead={res['overhead'] * 100:+.2f}% "

@@ -337,14 +337,13 @@ _KIND = {"mlp.c_fc.weight": "c_fc", "mlp.c_fc.bias": "c_fc", "mlp.c_proj.weight"
          "attn.attention.out_proj.weight": "out_proj"}
 
 
-def _forget_part(kind: str, t: torch.Tensor) -> torch.Tensor:
-    """The forget slice of a block tensor as §3's table defines it (16 units, 2 heads): rows or columns."""
-    r, c = SPEC.mlp_dim - 16, (SPEC.n_head - 2) * SPEC.head_dim
-    if kind == "c_fc":
-        return t[r:]
-    if kind == "c_proj":
-        return t[:, r:]
-    return t[:, c:] if kind == "out_proj" else t[c:]
+def _parts(kind: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(retain, forget) views of a block tensor as §3's table splits it (model_for's 16 units, 2 heads): in-rows
+    of c_fc (and its bias) and q/k/v, columns of the down-projections."""
+    split = SPEC.mlp_dim - 16 if kind in ("c_fc", "c_proj") else (SPEC.n_head - 2) * SPEC.head_dim
+    if kind in ("c_proj", "out_proj"):
+        return t[:, :split], t[:, split:]
+    return t[:split], t[split:]
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
@@ -363,7 +362,7 @@ def test_zero_ablation_zeroes_exactly_the_documented_slices(strategy):
         expected = before[n]
         kind = _KIND.get(n.split(".", 3)[-1]) if n.startswith("transformer.h.") else None
         if kind in ABLATED[strategy]:
-            _forget_part(kind, expected).zero_()
+            _parts(kind, expected)[1].zero_()
             ablated.add(n)
         assert torch.equal(p.detach(), expected), n
     assert used == dict.fromkeys(ablated, 0.0)  # zero-ablation records sigma 0.0 for every ablated tensor
@@ -373,16 +372,11 @@ def test_reinit_ablation_takes_sigma_from_the_retain_slice_only():
     """σ is the std of the matching retain slice of the same tensor (docs/method.md §9), not of the forget slice
     or of the whole tensor: scale only the retain rows/columns and σ (and the re-drawn slice) must follow them."""
     model = model_for()
-    r, c = SPEC.mlp_dim - 16, (SPEC.n_head - 2) * SPEC.head_dim
     params = dict(model.transformer.h[0].named_parameters())
-    # tensor -> (retain view, forget view), as §3's table splits it
-    split = {
-        "mlp.c_fc.weight": lambda t: (t[:r], t[r:]),
-        "mlp.c_fc.bias": lambda t: (t[:r], t[r:]),
-        "mlp.c_proj.weight": lambda t: (t[:, :r], t[:, r:]),
-        "attn.attention.q_proj.weight": lambda t: (t[:c], t[c:]),
-        "attn.attention.out_proj.weight": lambda t: (t[:, :c], t[:, c:]),
-    }
+    # tensor -> its (retain view, forget view)
+    split = {k: (lambda t, kind=_KIND[k]: _parts(kind, t)) for k in (
+        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "attn.attention.q_proj.weight",
+        "attn.attention.out_proj.weight")}
     with torch.no_grad():
         params["mlp.c_fc.bias"].normal_(0.0, 0.5)
         for scale, (k, views) in zip((10.0, 1.0, 5.0, 8.0, 4.0), split.items(), strict=True):
