@@ -1,4 +1,4 @@
-"""`sgtm`: run recipes, stages and sweeps in-process, the demo, and export. Service commands plug in as entry points.
+"""`sgtm`: run recipes, stages, sweeps and the demo in-process, export models, serve a run folder's MLflow UI.
 
 Engine commands live here; `serve`, `worker`, `submit`, `jobs`, `cancel`, `watch` come from the service package
 through the `sgtm.commands` entry-point group, so the engine never imports the service (docs/architecture.md).
@@ -165,7 +165,7 @@ def run_cmd(
     run_name = " ".join([parsed.name, *(set_ or []), f"({spec_hash(recipe_data(parsed))[:8]})"])
     with StageBars() as bars:
         setup_logging(level=logging.WARNING, handler=bars.log_handler())  # the bars say what INFO lines would
-        _quiet_mlflow()
+        _mlflow_warnings_only()
         bars.console.print(f"[bold]{parsed.name}[/]: {len(parsed.stages)} stages in {workdir}")
         try:
             results = run_recipe(parsed, workdir, mlflow_uri=None if no_track else mlflow_uri, track=not no_track,
@@ -191,7 +191,7 @@ def _stopped(bars, exc: BaseException, resume: str) -> None:
         bars.end_running("failed", type(exc).__name__)
 
 
-def _quiet_mlflow() -> None:
+def _mlflow_warnings_only() -> None:
     """MLflow's INFO lines (creating its tables, one per run) would tear the bars and say nothing the bars do not; a
     level the user set wins. An environment variable, because MLflow sets its logger's level when it is imported."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -207,8 +207,18 @@ def _summary(console, workdir: Path, results: dict) -> None:
         console.print(headline(result["metrics"], title=f"{results['recipe']}: stage {name}"))
     console.print(f"run folder: {workdir} (result.json: every stage's record)", highlight=False)
     if results.get("mlflow_uri"):
-        console.print(f"MLflow: mlflow ui --backend-store-uri {results['mlflow_uri']}", highlight=False,
-                      soft_wrap=True)
+        console.print(_mlflow_hint(results["mlflow_uri"], workdir), highlight=False, soft_wrap=True)
+
+
+def _mlflow_hint(uri: str, workdir: Path) -> str:
+    """How to look at the runs: the folder's own store through `sgtm ui`, another store where it is."""
+    from sgtm_engine.tracking import local_tracking_uri
+
+    if uri == local_tracking_uri(workdir):
+        return f"MLflow: sgtm ui {workdir}"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: {uri}"
+    return f"MLflow: mlflow ui --backend-store-uri {uri}"
 
 
 def fresh_run_folder(recipe) -> Path:
@@ -332,7 +342,7 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
         uri = None if no_track else (mlflow_uri or local_tracking_uri(workdir))
         with StageBars() as bars:  # one bar per stage, from worker processes too (--jobs above 1)
             setup_logging(level=logging.WARNING, handler=bars.log_handler())
-            _quiet_mlflow()
+            _mlflow_warnings_only()
             try:
                 report = run_sweep(sweep, workdir, jobs=jobs, mlflow_uri=uri, cache_dir=cache_dir,
                                    echo=lambda line: bars.console.print(line, markup=False, highlight=False),
@@ -345,7 +355,7 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
     typer.echo("\n" + report_markdown(report))
     typer.echo(f"figures: {', '.join(report['figures'].values()) or 'none'}; all numbers: {workdir / 'report.json'}")
     if uri:
-        typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+        typer.echo(_mlflow_hint(uri, workdir))
     typer.echo(f"took {(time.perf_counter() - started) / 60:.1f} min")
     raise typer.Exit(0 if report["n_succeeded"] == report["n_cells"] else 1)
 
@@ -372,6 +382,28 @@ def export_cmd(
     except SgtmError as exc:
         _fail(exc)
     typer.echo(f"exported to {path}")
+
+
+@app.command("ui")
+def ui_cmd(
+    folder: Annotated[Path, typer.Argument(help="a run folder of sgtm run, sweep --local, demo or attack-matrix")],
+    host: Annotated[str, typer.Option(help="the network interface to serve on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="the port to serve on")] = 5000,
+) -> None:
+    """Serve a run folder's MLflow store in MLflow's UI; a folder that moved is re-pointed at its own artifacts."""
+    from sgtm_engine.tracking import local_tracking_uri, mlflow_offline_defaults, repoint_local_store
+
+    if not (folder / "mlflow.db").is_file():
+        _fail(ConfigError(f"FOLDER={folder}: holds no MLflow store (mlflow.db); name the folder a run wrote, or "
+                          "one with --workdir"))
+    moved_from = repoint_local_store(folder)
+    if moved_from is not None:
+        typer.echo(f"{folder} was at {moved_from}: its MLflow store now points at the artifacts here")
+    typer.echo(f"MLflow UI of {folder}: http://{host}:{port}")
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", local_tracking_uri(folder), "--host", host,
+            "--port", str(port)]
+    mlflow_offline_defaults()
+    os.execv(argv[0], argv)  # the UI is MLflow's own server; Ctrl-C stops it
 
 
 #: Plugin commands named like an engine command: the engine's wins and may delegate (`sweep` without --local).

@@ -27,6 +27,7 @@ from sgtm_engine.tracking import (
     check_server,
     local_artifact_root,
     local_tracking_uri,
+    repoint_local_store,
 )
 
 if TYPE_CHECKING:
@@ -53,18 +54,18 @@ def open_run(uri: str | None, experiment: str, name: str, *, parent_run_id: str 
 
 def parent_run(workdir: Path, uri: str | None, experiment: str, name: str, *, tags: dict[str, str],
                artifact_root: Path | None = None) -> Tracker:
-    """The MLflow run a recipe's or a sweep's stage runs nest under. A rerun in the same folder, against the same
-    store and under the same name, reopens the run an earlier one opened, so a resumed run stays one run in MLflow;
-    <workdir>/mlflow_run.json keeps its id."""
+    """The MLflow run a recipe's or a sweep's stage runs nest under. A rerun in the same folder, under the same name,
+    reopens the run an earlier one opened when the store holds it, so a resumed run stays one run in MLflow;
+    <workdir>/mlflow_run.json keeps its id. The folder's own store is re-pointed first if the folder moved."""
     if uri is not None:
         check_server(uri)  # before anything runs: a wrong URI is said in seconds, not after minutes of retries
+    if uri == local_tracking_uri(workdir) and (moved_from := repoint_local_store(workdir)) is not None:
+        log.info("%s moved from %s: its MLflow store now points at the artifacts here", workdir, moved_from)
     record = workdir / "mlflow_run.json"
     known = json.loads(record.read_text()) if record.exists() else {}
-    if uri is not None and known.get("mlflow_uri") == uri and known.get("name") == name:
-        reopened = MlflowTracker.reopened(uri, known["run_id"])
-        if reopened is not None:
-            return reopened
-    run = open_run(uri, experiment, name, tags=tags, artifact_root=artifact_root)
+    # a run id is a UUID: the store holding it is the store it was opened in (a moved folder's store included)
+    reopened = MlflowTracker.reopened(uri, known["run_id"]) if uri and known.get("name") == name else None
+    run = reopened or open_run(uri, experiment, name, tags=tags, artifact_root=artifact_root)
     if uri is not None:
         write_json(record, {"mlflow_uri": uri, "name": name, "run_id": run.run_id})
     return run

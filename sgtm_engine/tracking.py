@@ -15,12 +15,15 @@ Choices (docs/architecture.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +94,7 @@ class MlflowTracker:
         beside itself, not in MLflow's default `./mlruns` of the working directory); None: the store decides.
         With a `run_id` the tracker logs to that run and leaves ending it to whoever created it, unless `reopen`
         (see `reopened`)."""
-        _quiet_mlflow()
+        mlflow_offline_defaults()
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -122,7 +125,7 @@ class MlflowTracker:
     def reopened(cls, tracking_uri: str, run_id: str) -> MlflowTracker | None:
         """An ended run of ours that goes on (a resumed recipe or sweep folder): set running again and ended by
         `close` as a run this tracker created would be; None when the store no longer holds it active."""
-        _quiet_mlflow()
+        mlflow_offline_defaults()
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -230,7 +233,7 @@ class MlflowTracker:
                 time.sleep(min(0.5 * 2 ** attempt, 5.0))
 
 
-def _quiet_mlflow() -> None:
+def mlflow_offline_defaults() -> None:
     """MLflow 3 sends usage telemetry from a background thread to a remote endpoint. Research runs should not phone
     home, and on an offline machine every attempt waits for a timeout (also at interpreter exit). Respect an
     explicit setting; otherwise opt out before mlflow is first imported."""
@@ -264,3 +267,35 @@ def local_tracking_uri(root: str | Path) -> str:
 def local_artifact_root(root: str | Path) -> Path:
     """Where the experiments of `local_tracking_uri(root)` keep their artifacts (logged models included)."""
     return Path(root).resolve() / "mlartifacts"
+
+
+#: The columns of MLflow's SQL schema (mlflow 3.17, pinned) that hold artifact locations.
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
+
+
+def repoint_local_store(root: str | Path) -> Path | None:
+    """Point the local store of a run folder that moved (or was copied) at the folder's own artifacts again.
+
+    MLflow records artifact locations as absolute URIs and has no API to change them, so at a new place the store
+    would list its runs but not their artifacts, and a resumed run would write its artifacts back at the old place.
+    Every location under the old `mlartifacts` is rewritten to the same path under `local_artifact_root(root)`.
+    Returns the folder the store was at, or None when it points here already (or `root` holds no store).
+    """
+    db = Path(root).resolve() / "mlflow.db"
+    if not db.exists():
+        return None
+    here = local_artifact_root(root).as_uri()
+    with contextlib.closing(sqlite3.connect(db)) as con, con:  # one transaction: all of it or nothing
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        # an experiment of ours keeps its artifacts at <folder>/mlartifacts/<experiment>
+        roots = {loc.rsplit("/", 1)[0] for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                 if loc and loc.startswith("file://") and loc.rsplit("/", 1)[0].endswith("/mlartifacts")}
+        old = sorted(roots - {here})
+        for before in old:
+            for table, column in (tc for tc in _LOCATION_COLUMNS if tc[0] in tables):
+                con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - our constants
+                            f"WHERE substr({column}, 1, ?) = ?", (here, len(before) + 1, len(before) + 1,
+                                                                  before + "/"))
+    return Path(urllib.request.url2pathname(urllib.parse.urlparse(old[0]).path)).parent if old else None

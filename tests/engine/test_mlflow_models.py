@@ -17,6 +17,7 @@ from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.model.hf import load_hf
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import register_last_model, run_recipe
+from sgtm_engine.tracking import local_artifact_root, local_tracking_uri, repoint_local_store
 from tests.engine.tiny import TINY_SGTM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,3 +151,73 @@ def test_a_rerun_keeps_finished_stages_and_reopens_its_parent_run(tmp_path, engi
     third = run_recipe(changed, tmp_path / "run", cache_dir=engine_cache)
     assert third["mlflow_parent_run_id"] != deleted
     assert client.get_run(third["mlflow_parent_run_id"]).info.status == "FINISHED"
+
+
+def _locations(client, experiment: str, registered: str) -> list[str]:
+    """Every artifact location the store records for an experiment: its own, its runs', its logged models' and its
+    registered model versions'."""
+    exp = client.get_experiment_by_name(experiment)
+    return [exp.artifact_location, *(r.info.artifact_uri for r in client.search_runs([exp.experiment_id])),
+            *(m.artifact_location for m in client.search_logged_models([exp.experiment_id])),
+            *(v.source for v in client.search_model_versions(f"name='{registered}'"))]
+
+
+def test_a_moved_run_folder_resumes_into_its_own_mlflow_store(tmp_path, engine_cache):
+    """MLflow records absolute artifact locations: a run folder moved elsewhere and resumed there logs into its own
+    artifacts (not back at the old place), reopens its parent run, and its earlier models load from here."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    recipe = load_recipe(RECIPE, {"train.steps": 3})
+    recipe = load_recipe(RECIPE, {"train.steps": 3, **register_last_model(recipe, "moved")})
+    first = run_recipe(recipe, tmp_path / "a" / "run", cache_dir=engine_cache)
+    (tmp_path / "b").mkdir()
+    moved = (tmp_path / "a" / "run").rename(tmp_path / "b" / "run")
+    (moved / "evaluate" / "result.json").unlink()  # the evaluate stage cut off: the rerun logs a run and a model
+    again = run_recipe(recipe, moved, cache_dir=engine_cache)
+    assert not (tmp_path / "a" / "run").exists()  # nothing was written back at the old place
+    assert again["mlflow_uri"] == local_tracking_uri(moved)
+    assert again["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+    client = MlflowClient(again["mlflow_uri"])
+    locations = _locations(client, "tiny", "moved")
+    assert len(locations) >= 1 + 3 + 2 + 2  # experiment, parent + two stage runs (+ the rerun), models, versions
+    assert all(loc.startswith(local_artifact_root(moved).as_uri() + "/") for loc in locations), locations
+    assert repoint_local_store(moved) is None  # done once; the store now points here
+    mlflow.set_tracking_uri(again["mlflow_uri"])
+    try:  # version 1 was logged and registered at the old place
+        loaded = mlflow.pyfunc.load_model("models:/moved/1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert loaded.predict(np.zeros((1, 4), dtype=np.int64)).shape[:2] == (1, 4)
+
+
+@pytest.mark.slow
+def test_sgtm_ui_serves_a_copied_folders_own_artifacts(run, tmp_path):
+    """`sgtm ui` on a copy of a run folder: MLflow's UI server hands out the copy's artifacts, not the original's."""
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.integration.compose import ServiceProcess, free_port, wait_until
+
+    root, out, client, runs = run
+    copy = shutil.copytree(root / "run", tmp_path / "copy")
+    run_id = runs["train"].info.run_id
+    served = next(copy.joinpath("mlartifacts").rglob(f"{run_id}/artifacts/result.json"))
+    served.write_text('{"copy": true}')
+    no_store = subprocess.run([sys.executable, "-m", "sgtm_engine.cli", "ui", str(tmp_path)], capture_output=True,
+                              text=True, check=False)
+    assert no_store.returncode == 2 and f"FOLDER={tmp_path}: holds no MLflow store" in no_store.stderr
+    port = free_port()
+    ui = ServiceProcess("sgtm-ui", [sys.executable, "-m", "sgtm_engine.cli", "ui", str(copy), "--port", str(port)],
+                        {}, tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base}/health").status_code == 200, 60, "sgtm ui", ui.log_tail)
+        got = httpx.get(f"{base}/get-artifact", params={"path": "result.json", "run_uuid": run_id})
+        assert got.status_code == 200 and got.json() == {"copy": True}
+    finally:
+        ui.stop()
+    assert f"was at {(root / 'run').resolve()}" in ui.log_tail()
