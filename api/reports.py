@@ -50,14 +50,11 @@ def render(settings: Settings, sweep_id: str, records: list[dict[str, Any]]) -> 
     root = _reports_root(settings) / sweep_id
     outdir = root / fingerprint
     if not (outdir / "report.json").is_file():
-        build_report, report_markdown = _engine()
+        build_report = _engine()
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         try:
-            report = dict(build_report(records, tmp))
-            # figure paths point into the temporary folder: keep file names only (never a server path in a response)
-            report["figures"] = {name: Path(str(path)).name for name, path in (report.get("figures") or {}).items()}
-            (tmp / "report.md").write_text(report_markdown(report))
+            report = build_report(records, tmp)  # its figures are file names in tmp: never a server path
             (tmp / "report.json").write_text(json.dumps(jsonable(report), indent=1, sort_keys=True))
             try:
                 os.replace(tmp, outdir)
@@ -79,13 +76,13 @@ def _reports_root(settings: Settings) -> Path:
         return Path(tempfile.gettempdir()) / "sgtm-reports"
 
 
-def _engine() -> tuple[Any, Any]:
+def _engine() -> Any:
     try:
-        from sgtm_engine.report import build_report, report_markdown
+        from sgtm_engine.report import build_report
     except ImportError as e:
         raise Unavailable(f"sweep reports need sgtm_engine.report and matplotlib, which this installation lacks "
                           f"({e}); install the 'engine' extra") from None
-    return build_report, report_markdown
+    return build_report
 
 
 def jsonable(value: Any) -> Any:

@@ -353,7 +353,8 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
     except SgtmError as exc:
         _fail(exc)
     typer.echo("\n" + report_markdown(report))
-    typer.echo(f"figures: {', '.join(report['figures'].values()) or 'none'}; all numbers: {workdir / 'report.json'}")
+    figures = ", ".join(str(workdir / file) for file in report["figures"].values())
+    typer.echo(f"figures: {figures or 'none'}; all numbers: {workdir / 'report.json'}")
     if uri:
         typer.echo(_mlflow_hint(uri, workdir))
     typer.echo(f"took {(time.perf_counter() - started) / 60:.1f} min")

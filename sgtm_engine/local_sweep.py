@@ -132,7 +132,7 @@ def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str
         cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
     report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
     parent.log_metrics(report["metrics"], step=0)
-    for path in [workdir / "report.md", workdir / "report.json", *report["figures"].values()]:
+    for path in [workdir / "report.md", workdir / "report.json", *(workdir / f for f in report["figures"].values())]:
         parent.log_artifact(path)
     parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
     return report

@@ -268,8 +268,9 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
         outdir: where to write the files; None computes the tables and metrics only.
 
     Returns:
-        `{"tables", "figures": {name: path}, "metrics": {flat MLflow-safe aggregates}, "n_cells", "n_succeeded",
-        "n_failed", "statuses": {status: count}, "provenance": {code_version, torch, device: [distinct values]}}`.
+        `{"tables", "figures": {name: file name in outdir}, "metrics": {flat MLflow-safe aggregates}, "n_cells",
+        "n_succeeded", "n_failed", "statuses": {status: count}, "provenance": {code_version, torch, device:
+        [distinct values]}}`.
     """
     groups = group_cells(records)
     statuses = dict(Counter(str(rec.get("status")) for rec in records))
@@ -417,7 +418,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"- {label}, seed {m['seed']}: {m['status']} (cell {m['cell_id']})" for label, m in missing]
         lines.append("")
     if report.get("figures"):
-        lines += [f"![{name}]({Path(path).name})" for name, path in report["figures"].items()]
+        lines += [f"![{name}]({file})" for name, file in report["figures"].items()]
     return "\n".join(lines) + "\n"
 
 

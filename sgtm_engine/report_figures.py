@@ -212,12 +212,13 @@ FIGURES: dict[str, Callable[[Sequence[Mapping[str, Any]]], Figure | None]] = {
 
 
 def write_figures(records: Sequence[Mapping[str, Any]], outdir: Path) -> dict[str, str]:
-    """Every figure the records carry data for, as `<outdir>/<name>.png`; returns {name: path}."""
+    """Every figure the records carry data for, as `<outdir>/<name>.png`; returns {name: file name} (relative to
+    `outdir`, so a report folder that moves keeps its links)."""
     out = {}
     for name, make in FIGURES.items():
         fig = make(records)
         if fig is not None:
             fig.savefig(outdir / f"{name}.png", dpi=110)
             plt.close(fig)
-            out[name] = str(outdir / f"{name}.png")
+            out[name] = f"{name}.png"
     return out

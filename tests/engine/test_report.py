@@ -311,8 +311,9 @@ def test_build_report_writes_figures_markdown_and_json(tmp_path):
     broken.update(cell_id="broken", status="failed", stages={})
     report = build_report(records + [broken], tmp_path)
     assert set(report["figures"]) == {"tradeoff", "undiscovered_rate", "attack"}
-    for path in report["figures"].values():
-        assert Path(path).stat().st_size > 10_000
+    assert report["figures"] == {name: f"{name}.png" for name in report["figures"]}  # beside report.json
+    for file in report["figures"].values():
+        assert (tmp_path / file).stat().st_size > 10_000
     assert (tmp_path / "report.md").read_text().count("![") == 3
     assert json.loads((tmp_path / "report.json").read_text())["n_failed"] == 1
     assert report["n_cells"] == len(records) + 1
