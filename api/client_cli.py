@@ -76,8 +76,8 @@ def serve(host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     executor.start()
     console.print(f"[bold]sgtm[/] embedded: API http://{host}:{port} (docs at /docs), data in {data_root}")
     console.print(f"  token: {data_root / 'token'} (or SGTM_API_TOKENS)")
-    if settings.tracking_uri:
-        console.print(f"  MLflow: mlflow ui --backend-store-uri {settings.tracking_uri}")
+    if settings.tracking_uri:  # the data root's own store, or the server named
+        console.print(f"  MLflow: {settings.mlflow_tracking_uri or f'sgtm ui {data_root}'}")
     try:
         import uvicorn
 

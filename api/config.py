@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sgtm_engine.folders import local_tracking_uri
+
 #: Values nobody should deploy with: tokens and database passwords from tutorials and templates.
 WEAK_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "password", "postgres", "token",
                           "admin", "sgtm", "test", "example", "default"})
@@ -177,7 +179,7 @@ class Settings(BaseSettings):
     def tracking_uri(self) -> str | None:
         if not self.tracking:
             return None
-        return self.mlflow_tracking_uri or f"sqlite:///{(self.data_root / 'mlflow.db').resolve()}"
+        return self.mlflow_tracking_uri or local_tracking_uri(self.data_root)
 
     @property
     def jobs_root(self) -> Path:

@@ -21,9 +21,10 @@ import torch
 
 from sgtm_engine.config import TrainSpec, from_dict
 from sgtm_engine.data.prepare import prepare_data
+from sgtm_engine.folders import local_tracking_uri
 from sgtm_engine.local_sweep import load_sweep
 from sgtm_engine.runtime import Runtime
-from sgtm_engine.tracking import MlflowTracker, NullTracker, local_tracking_uri
+from sgtm_engine.tracking import MlflowTracker, NullTracker
 from sgtm_engine.train import train
 
 

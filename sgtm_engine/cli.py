@@ -212,7 +212,7 @@ def _summary(console, workdir: Path, results: dict) -> None:
 
 def _mlflow_hint(uri: str, workdir: Path) -> str:
     """How to look at the runs: the folder's own store through `sgtm ui`, another store where it is."""
-    from sgtm_engine.tracking import local_tracking_uri
+    from sgtm_engine.folders import local_tracking_uri
 
     if uri == local_tracking_uri(workdir):
         return f"MLflow: sgtm ui {workdir}"
@@ -324,9 +324,9 @@ def _sweep_local(name: str, pairs: Sequence[str], workdir: Path | None, jobs: in
     """Expand the sweep file with the overrides (`defaults` first, then `--set`), then print or run its cells."""
     import time
 
+    from sgtm_engine.folders import local_tracking_uri
     from sgtm_engine.local_sweep import cells_yaml, load_sweep, run_sweep
     from sgtm_engine.report import report_markdown
-    from sgtm_engine.tracking import local_tracking_uri
     from sgtm_engine.yamlio import parse_sets
 
     started = time.perf_counter()
@@ -392,7 +392,8 @@ def ui_cmd(
     port: Annotated[int, typer.Option(min=1, max=65535, help="the port to serve on")] = 5000,
 ) -> None:
     """Serve a run folder's MLflow store in MLflow's UI; a folder that moved is re-pointed at its own artifacts."""
-    from sgtm_engine.tracking import local_tracking_uri, mlflow_offline_defaults, repoint_local_store
+    from sgtm_engine.folders import local_tracking_uri, repoint_local_store
+    from sgtm_engine.tracking import mlflow_offline_defaults
 
     if not (folder / "mlflow.db").is_file():
         _fail(ConfigError(f"FOLDER={folder}: holds no MLflow store (mlflow.db); name the folder a run wrote, or "

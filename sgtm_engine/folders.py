@@ -1,12 +1,17 @@
-"""Run folders on disk: making one, and writing a JSON record into it so that readers never see half of it.
+"""Run folders on disk: making one, writing a JSON record into it so that readers never see half of it, and the
+MLflow store a folder keeps (which moves with the folder).
 
 Stdlib only: the service's client, API and worker parent use these too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +37,55 @@ def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=True))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The MLflow store a folder keeps (a run folder of `sgtm run` or `sgtm sweep --local`, the embedded service's data root)
+
+
+def local_tracking_uri(root: str | Path) -> str:
+    """The folder's SQLite store (MLflow's file store is deprecated); its artifacts are in `local_artifact_root`."""
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def local_artifact_root(root: str | Path) -> Path:
+    """Where the experiments of `local_tracking_uri(root)` keep their artifacts (logged models included)."""
+    return Path(root).resolve() / "mlartifacts"
+
+
+def experiment_location(artifact_root: Path, experiment: str) -> str:
+    """The artifact location an experiment is created with under `artifact_root`: `<artifact_root>/<experiment>`."""
+    return (artifact_root / experiment).resolve().as_uri()
+
+
+#: The columns of MLflow's SQL schema (mlflow 3.17, pinned) that hold artifact locations.
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
+
+
+def repoint_local_store(root: str | Path) -> Path | None:
+    """Point the store of a folder that moved (or was copied) at the folder's own artifacts again.
+
+    MLflow records artifact locations as absolute URIs and has no API to change them, so at a new place the store
+    would list its runs but not their artifacts, and a resumed run would write its artifacts back at the old place.
+    Every location under an old `mlartifacts` (`experiment_location`'s) is rewritten to the same path under
+    `local_artifact_root(root)`, in one transaction. Returns the folder the store was at, or None when it points here
+    already (or `root` holds no store).
+    """
+    db = Path(root).resolve() / "mlflow.db"
+    if not db.exists():
+        return None
+    here = local_artifact_root(root).as_uri()
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        roots = {loc.rpartition("/mlartifacts/")[0] + "/mlartifacts"
+                 for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                 if loc and loc.startswith("file://") and "/mlartifacts/" in loc}
+        old = sorted(roots - {here})
+        for before in old:
+            for table, column in (tc for tc in _LOCATION_COLUMNS if tc[0] in tables):
+                con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - our constants
+                            f"WHERE substr({column}, 1, ?) = ?", (here, len(before) + 1, len(before) + 1,
+                                                                  before + "/"))
+    return Path(urllib.request.url2pathname(urllib.parse.urlparse(old[0]).path)).parent if old else None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.folders import make_folder, write_json
+from sgtm_engine.folders import local_artifact_root, local_tracking_uri, make_folder, write_json
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report
@@ -86,7 +86,6 @@ def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str
     (progress bars, which then tell when it is done), from a worker process too."""
     from sgtm_engine.provenance import code_version
     from sgtm_engine.runner import open_run, parent_run
-    from sgtm_engine.tracking import local_artifact_root, local_tracking_uri
 
     if jobs < 1:
         raise ConfigError(f"jobs={jobs}: stages run at once; at least 1")

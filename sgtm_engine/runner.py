@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import StageKind, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.folders import make_folder, write_json
+from sgtm_engine.folders import local_artifact_root, local_tracking_uri, make_folder, repoint_local_store, write_json
 from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe, recipe_data
@@ -25,9 +25,6 @@ from sgtm_engine.tracking import (
     NullTracker,
     Tracker,
     check_server,
-    local_artifact_root,
-    local_tracking_uri,
-    repoint_local_store,
 )
 
 if TYPE_CHECKING:

@@ -15,15 +15,12 @@ Choices (docs/architecture.md):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Any, Protocol
 
 from sgtm_engine.config import flat_params
 from sgtm_engine.errors import ConfigError
+from sgtm_engine.folders import experiment_location
 from sgtm_engine.mlflow_keys import metric_key
 
 log = logging.getLogger(__name__)
@@ -103,7 +101,7 @@ class MlflowTracker:
             self.client.update_run(run_id, status="RUNNING")
         if run_id is None:  # synchronous: children need the id for mlflow.parentRunId
             exp = self.client.get_experiment_by_name(experiment)
-            location = (artifact_root / experiment).resolve().as_uri() if artifact_root is not None else None
+            location = experiment_location(artifact_root, experiment) if artifact_root is not None else None
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, location)
             all_tags = dict(tags or {})
             if parent_run_id:
@@ -256,46 +254,3 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(f"MLflow store {uri}: no server answers there ({reason}); start it, name another store "
                           "with --mlflow-uri, or run with --no-track") from exc
-
-
-def local_tracking_uri(root: str | Path) -> str:
-    """A local SQLite store (MLflow's file store is deprecated); `mlflow ui --backend-store-uri <this>` shows it.
-    Its artifacts belong in `local_artifact_root(root)`."""
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"  # the run folder, which the run creates first
-
-
-def local_artifact_root(root: str | Path) -> Path:
-    """Where the experiments of `local_tracking_uri(root)` keep their artifacts (logged models included)."""
-    return Path(root).resolve() / "mlartifacts"
-
-
-#: The columns of MLflow's SQL schema (mlflow 3.17, pinned) that hold artifact locations.
-_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                     ("logged_models", "artifact_location"), ("model_versions", "source"),
-                     ("model_versions", "storage_location"))
-
-
-def repoint_local_store(root: str | Path) -> Path | None:
-    """Point the local store of a run folder that moved (or was copied) at the folder's own artifacts again.
-
-    MLflow records artifact locations as absolute URIs and has no API to change them, so at a new place the store
-    would list its runs but not their artifacts, and a resumed run would write its artifacts back at the old place.
-    Every location under the old `mlartifacts` is rewritten to the same path under `local_artifact_root(root)`.
-    Returns the folder the store was at, or None when it points here already (or `root` holds no store).
-    """
-    db = Path(root).resolve() / "mlflow.db"
-    if not db.exists():
-        return None
-    here = local_artifact_root(root).as_uri()
-    with contextlib.closing(sqlite3.connect(db)) as con, con:  # one transaction: all of it or nothing
-        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        # an experiment of ours keeps its artifacts at <folder>/mlartifacts/<experiment>
-        roots = {loc.rsplit("/", 1)[0] for (loc,) in con.execute("SELECT artifact_location FROM experiments")
-                 if loc and loc.startswith("file://") and loc.rsplit("/", 1)[0].endswith("/mlartifacts")}
-        old = sorted(roots - {here})
-        for before in old:
-            for table, column in (tc for tc in _LOCATION_COLUMNS if tc[0] in tables):
-                con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - our constants
-                            f"WHERE substr({column}, 1, ?) = ?", (here, len(before) + 1, len(before) + 1,
-                                                                  before + "/"))
-    return Path(urllib.request.url2pathname(urllib.parse.urlparse(old[0]).path)).parent if old else None

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.config import Settings
 from api.db.session import make_engine, make_session_factory
 from api.queue import Enqueuer, make_enqueuer
+from sgtm_engine.folders import local_artifact_root, repoint_local_store
 from workers.run_store import RunStore, make_run_store
 from workers.supervisor import Supervisor
 
@@ -32,7 +33,10 @@ def build_worker_context(settings: Settings | None = None, *, enqueuer: Enqueuer
     settings = settings or Settings()
     factory = make_session_factory(make_engine(settings.ledger_url))
     enqueuer = enqueuer or make_enqueuer(settings)
-    artifact_root = None if settings.mlflow_tracking_uri else (settings.data_root / "mlartifacts")
+    artifact_root = None
+    if settings.tracking and not settings.mlflow_tracking_uri:  # embedded: the data root's own store, wherever it is
+        repoint_local_store(settings.data_root)
+        artifact_root = local_artifact_root(settings.data_root)
     run_store = make_run_store(settings.tracking_uri, artifact_root=artifact_root)
     supervisor = Supervisor(settings=settings, factory=factory, enqueuer=enqueuer, run_store=run_store,
                             shutdown=shutdown)

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from sgtm_engine.folders import experiment_location
+
 log = logging.getLogger(__name__)
 
 RUN_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
@@ -84,7 +86,7 @@ class MlflowRunStore:
             if found is None:
                 location = None
                 if self._artifact_root is not None:
-                    location = (self._artifact_root / name).resolve().as_uri()
+                    location = experiment_location(self._artifact_root, name)
                 try:
                     self._experiments[name] = self.client.create_experiment(name, artifact_location=location)
                 except Exception:  # noqa: BLE001 - another worker created it first: read theirs

@@ -147,7 +147,7 @@ def tiny_matrix():
 def first_run(tiny_matrix, tmp_path_factory, engine_cache):
     """The tiny matrix run once (~15 s on 2 cores): every test that uses it is marked slow."""
     workdir = tmp_path_factory.mktemp("matrix")
-    from sgtm_engine.tracking import local_tracking_uri
+    from sgtm_engine.folders import local_tracking_uri
 
     lines: list[str] = []
     report = run_sweep(tiny_matrix, workdir, mlflow_uri=local_tracking_uri(workdir), cache_dir=engine_cache,
@@ -174,7 +174,7 @@ def test_a_sweep_runs_each_distinct_stage_once_and_reports(first_run):
 def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run):
     from mlflow.tracking import MlflowClient
 
-    from sgtm_engine.tracking import local_tracking_uri
+    from sgtm_engine.folders import local_tracking_uri
 
     workdir, _, _ = first_run
     client = MlflowClient(local_tracking_uri(workdir))
@@ -195,7 +195,7 @@ def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run
 def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_matrix, engine_cache):
     from mlflow.tracking import MlflowClient
 
-    from sgtm_engine.tracking import local_tracking_uri
+    from sgtm_engine.folders import local_tracking_uri
 
     workdir, report, _ = first_run
     sgtm = next(c for c in tiny_matrix.cells if c.variant == "sgtm_zero")

@@ -7,9 +7,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_metric_name, _validate_param_name
 
+from sgtm_engine.folders import local_tracking_uri
 from sgtm_engine.mlflow_keys import metric_key
 from sgtm_engine.report import sweep_metrics
-from sgtm_engine.tracking import MlflowTracker, local_tracking_uri
+from sgtm_engine.tracking import MlflowTracker
 
 CATEGORIES = ["Geografía, historia", "数学", "历史", "Ciencias naturales", "Arte/Música", "Ñandú (Æsir)", "a//b",
               "..", "한국어", "tab\there", "ﬁlm", "x" * 300]

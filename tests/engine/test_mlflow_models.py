@@ -13,11 +13,11 @@ import torch
 
 from sgtm_engine.config import EvaluateSpec, TrainSpec, from_dict
 from sgtm_engine.errors import ConfigError
+from sgtm_engine.folders import local_artifact_root, local_tracking_uri, repoint_local_store
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.model.hf import load_hf
 from sgtm_engine.recipe import load_recipe
 from sgtm_engine.runner import register_last_model, run_recipe
-from sgtm_engine.tracking import local_artifact_root, local_tracking_uri, repoint_local_store
 from tests.engine.tiny import TINY_SGTM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -49,3 +49,31 @@ def test_params_render_exactly_as_the_engine_logs_them() -> None:
     tracker (`log_params({"spec": ...})`); MLflow accepts the second write only if it is identical."""
     spec = to_dict(TrainSpec())
     assert spec_params(spec) == flat_params({"spec": spec})
+
+
+def test_an_embedded_data_root_that_moved_keeps_its_mlflow_artifacts(tmp_path: Path) -> None:
+    """The embedded service keeps its MLflow store in its data root. Moved, the worker points the store at the
+    artifacts there again: runs logged before the move show their artifacts, and new ones are not written back at
+    the old place."""
+    from mlflow.tracking import MlflowClient
+
+    from sgtm_engine.folders import local_artifact_root, local_tracking_uri
+    from workers.context import build_worker_context
+    from workers.run_store import make_run_store
+
+    old, new, files = tmp_path / "old", tmp_path / "new", tmp_path / "files"
+    old.mkdir()
+    files.mkdir()
+    (files / "note.txt").write_text("logged before the move")
+    before = make_run_store(local_tracking_uri(old), artifact_root=local_artifact_root(old))
+    run_id = before.create_run(before.experiment_id("exp"), name="before", tags={})
+    before.log_artifacts(run_id, files, "files")
+    old.rename(new)
+    context = build_worker_context(Settings(_env_file=None, mode="embedded", data_root=new, tracking=True))
+    after = context.run_store.create_run(context.run_store.experiment_id("exp"), name="after", tags={})
+    context.run_store.log_artifacts(after, files, "files")
+    client = MlflowClient(local_tracking_uri(new))
+    assert client.get_run(run_id).info.artifact_uri.startswith(local_artifact_root(new).as_uri() + "/")
+    fetched = client.download_artifacts(run_id, "files/note.txt", str(tmp_path))
+    assert Path(fetched).read_text() == "logged before the move"
+    assert not old.exists()  # the run logged after the move wrote here, not at the old place
