@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,9 @@ import torch.distributed as dist
 
 from sgtm_engine.config import Device, RuntimeSpec
 from sgtm_engine.runtime import allocator, stage_runtime
+from tests.integration.compose import free_port
 
 CPU_SPEC = RuntimeSpec(device=Device.CPU, threads=1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_torchrun_rank(rank: int, world: int, ports: list[int], out: Path) -> None:
@@ -53,7 +47,7 @@ def _as_torchrun_rank(rank: int, world: int, ports: list[int], out: Path) -> Non
 
 
 def test_a_stage_leaves_the_process_group_it_joined(tmp_path):
-    torch.multiprocessing.spawn(_as_torchrun_rank, args=(2, [_free_port() for _ in range(3)], tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(_as_torchrun_rank, args=(2, [free_port() for _ in range(3)], tmp_path), nprocs=2)
     for rank in range(2):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert seen == {"joined": True, "total": [[3.0]], "left_after_success": True, "left_after_error": True,
