@@ -396,8 +396,9 @@ def ui_cmd(
     from sgtm_engine.tracking import mlflow_offline_defaults
 
     if not (folder / "mlflow.db").is_file():
-        _fail(ConfigError(f"FOLDER={folder}: holds no MLflow store (mlflow.db); name the folder a run wrote, or "
-                          "one with --workdir"))
+        run = next((p for p in folder.resolve().parents if (p / "mlflow.db").is_file()), None)  # a stage's folder
+        fix = f"did you mean {run}, the run folder it is in?" if run else "name the folder a run or sweep wrote"
+        _fail(ConfigError(f"FOLDER={folder}: holds no MLflow store (mlflow.db); {fix}"))
     moved_from = repoint_local_store(folder)
     if moved_from is not None:
         typer.echo(f"{folder} was at {moved_from}: its MLflow store now points at the artifacts here")

@@ -210,6 +210,9 @@ def test_sgtm_ui_serves_a_copied_folders_own_artifacts(run, tmp_path):
     no_store = subprocess.run([sys.executable, "-m", "sgtm_engine.cli", "ui", str(tmp_path)], capture_output=True,
                               text=True, check=False)
     assert no_store.returncode == 2 and f"FOLDER={tmp_path}: holds no MLflow store" in no_store.stderr
+    stage = subprocess.run([sys.executable, "-m", "sgtm_engine.cli", "ui", str(copy / "train")], capture_output=True,
+                           text=True, check=False)
+    assert stage.returncode == 2 and f"did you mean {copy}, the run folder it is in?" in stage.stderr
     port = free_port()
     ui = ServiceProcess("sgtm-ui", [sys.executable, "-m", "sgtm_engine.cli", "ui", str(copy), "--port", str(port)],
                         {}, tmp_path)
