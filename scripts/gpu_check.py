@@ -252,7 +252,7 @@ def sweep(sweep_file: Path, overrides: list[str], workdir: Path, out: Path, jobs
     say(f"{cells.name}: {len(cells.cells)} cells, {jobs} at a time")
     report = run_sweep(cells, workdir, jobs=jobs, mlflow_uri=None, echo=say)
     copied = []
-    for path in [workdir / "report.md", workdir / "report.json", *map(Path, report["figures"].values())]:
+    for path in [workdir / "report.md", workdir / "report.json", *(workdir / f for f in report["figures"].values())]:
         if path.is_file():
             shutil.copy2(path, out / path.name)
             copied.append(path.name)
