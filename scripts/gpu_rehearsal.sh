@@ -28,4 +28,7 @@ tiny_sweep=(--sweep-set 'grid={train.model.d_model: [32, 64]}' --sweep-set 'seed
 env -i HOME="$HOME" PATH="$venv/bin:/usr/bin:/bin" SGTM_GPU_OUT="$out" SGTM_GPU_BUDGET_S=900 \
   unshare -n bash scripts/gpu_check.sh --device cpu --tiny --steps 3 --warmup 4 --sweep-jobs 2 \
   --sweep-workdir /tmp/sgtm-gpu-sweep-rehearsal "${tiny_sweep[@]}"
+for made in gpu_check.json report.json report.md tradeoff.png; do  # what a GPU run brings back
+  [ -s "$out/$made" ] || { echo "rehearsal failed: $out/$made is missing" >&2; exit 1; }
+done
 echo "rehearsal passed; outputs in $out: $(ls "$out" | tr '\n' ' ')"
