@@ -309,7 +309,7 @@ def run_attack_stage(spec: AttackSpec, parent: Mapping[str, Any], baseline: Mapp
         "summary": {**rec.as_dict(), **extra, "start_retain_loss": start_retain_loss,
                     "reference_source": reference_source, "ablation": ablation,
                     "parent_method": parent.get("method"),
-                    "curve_key": forget_key(spec), "steps": spec.steps, "tokens": result.tokens,
+                    "curve_key": forget_key(spec), "tokens": result.tokens,
                     "forget_tokens": result.forget_tokens, "forget_steps": result.forget_steps,
                     "forget_step_share": result.forget_steps / spec.steps, "documents_seen": len(result.seen_docs),
                     "test_documents_seen": 0, "pools": {n: int(data.pools[n].examples.shape[0]) for n in pools},

@@ -79,7 +79,7 @@ class Recovery:
         return f"recovered at step {self.step} ({self.forget_tokens:,} forget tokens)"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"reference_forget_loss": self.reference, "attack_steps": self.steps, "recovered": self.recovered,
+        return {"reference_forget_loss": self.reference, "steps": self.steps, "recovered": self.recovered,
                 "steps_to_recovery": self.step, "forget_tokens_to_recovery": self.forget_tokens,
                 "tokens_to_recovery": self.tokens, "mean_excess_forget_loss": self.mean_excess,
                 "start_forget_loss": self.start, "end_forget_loss": self.end, "end_gap": self.end_gap,

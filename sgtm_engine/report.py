@@ -86,7 +86,7 @@ def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 #: The fields of an attack stage's summary (`recovery.Recovery`'s, and the stage's own) that the report aggregates.
 ATTACK_FIELDS = ("steps_to_recovery", "forget_tokens_to_recovery", "start_forget_loss", "end_forget_loss",
-                  "start_retain_loss", "end_gap", "mean_excess_forget_loss", "reference_forget_loss", "attack_steps")
+                  "start_retain_loss", "end_gap", "mean_excess_forget_loss", "reference_forget_loss", "steps")
 
 
 def attack_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
@@ -365,7 +365,7 @@ def _attack_cell(row: Mapping[str, Any], key: str) -> str:
     if key.endswith("/recovered"):
         return f"{round(stat['mean'] * stat['n'])}/{stat['n']}" if stat and stat["mean"] is not None else "–"
     if key.endswith("steps_to_recovery") and (stat is None or stat["mean"] is None):
-        steps = row["stats"].get(key.replace("steps_to_recovery", "attack_steps"))
+        steps = row["stats"].get(key.replace("steps_to_recovery", "steps"))
         return f"not recovered within {steps['mean']:.0f} steps" if steps and steps["mean"] else "–"
     fmt = {"steps_to_recovery": ".0f", "tokens_to_recovery": ",.0f", "end_gap": "+.3f"}
     return format_stat(stat, next((f for k, f in fmt.items() if key.endswith(k)), ".3f"), with_n=False)

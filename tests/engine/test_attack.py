@@ -159,6 +159,7 @@ def test_the_baseline_attacked_recovers_at_step_zero_and_bad_references_are_refu
     far = run_stage("attack", {**ATTACK, "reference_forget_loss": 0.5}, stages / "att_far",
                     inputs={"model": stages / "base"}, cache_dir=cache)
     assert far["summary"]["verdict"] == "not recovered within 6 steps"
+    assert far["summary"]["steps"] == 6 and "attack_steps" not in far["summary"]  # the attack's length, one name
     curve = [(h["step"], h["metrics"]["forget/loss"] - 0.5) for h in far["history"]]  # above 0.5 throughout
     area = sum((g0 + g1) / 2 * (s1 - s0) for (s0, g0), (s1, g1) in zip(curve, curve[1:], strict=False))
     assert far["metrics"]["attack/mean_excess_forget_loss"] == pytest.approx(area / 6)
