@@ -385,13 +385,15 @@ def export_cmd(
     typer.echo(f"exported to {path}")
 
 
-@app.command("ui")
+@app.command("ui", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ui_cmd(
+    ctx: typer.Context,
     folder: Annotated[Path, typer.Argument(help="a run folder of sgtm run, sweep --local, demo or attack-matrix")],
     host: Annotated[str, typer.Option(help="the network interface to serve on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="the port to serve on")] = 5000,
 ) -> None:
-    """Serve a run folder's MLflow store in MLflow's UI; a folder that moved is re-pointed at its own artifacts."""
+    """Serve a run folder's MLflow store in MLflow's UI; a folder that moved is re-pointed at its own artifacts. Other
+    options pass through to `mlflow ui` (`--allowed-hosts` when serving beyond this machine with `--host 0.0.0.0`)."""
     from sgtm_engine.folders import local_tracking_uri, repoint_local_store
     from sgtm_engine.tracking import mlflow_offline_defaults
 
@@ -404,7 +406,7 @@ def ui_cmd(
         typer.echo(f"{folder} was at {moved_from}: its MLflow store now points at the artifacts here")
     typer.echo(f"MLflow UI of {folder}: http://{host}:{port}")
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", local_tracking_uri(folder), "--host", host,
-            "--port", str(port)]
+            "--port", str(port), *ctx.args]
     mlflow_offline_defaults()
     os.execv(argv[0], argv)  # the UI is MLflow's own server; Ctrl-C stops it
 

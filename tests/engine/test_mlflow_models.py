@@ -224,3 +224,6 @@ def test_sgtm_ui_serves_a_copied_folders_own_artifacts(run, tmp_path):
     finally:
         ui.stop()
     assert f"was at {(root / 'run').resolve()}" in ui.log_tail()
+    passed = subprocess.run([sys.executable, "-m", "sgtm_engine.cli", "ui", str(copy), "--no-such-option"],
+                            capture_output=True, text=True, check=False, timeout=60)  # passed on: mlflow refuses it
+    assert passed.returncode == 2 and "mlflow ui" in passed.stderr and "'--no-such-option'" in passed.stderr
