@@ -245,6 +245,7 @@ def time_arm(name: str, spec: ModelSpec, batch: torch.Tensor, runtime: Runtime, 
 def sweep(sweep_file: Path, overrides: list[str], workdir: Path, out: Path, jobs: int) -> dict[str, Any]:
     """The sweep through the local executor (resumable: a rerun skips the cells that already succeeded)."""
     from sgtm_engine.local_sweep import load_sweep, run_sweep
+    from sgtm_engine.report import report_files
     from sgtm_engine.yamlio import parse_sets
 
     t0 = time.perf_counter()
@@ -252,7 +253,7 @@ def sweep(sweep_file: Path, overrides: list[str], workdir: Path, out: Path, jobs
     say(f"{cells.name}: {len(cells.cells)} cells, {jobs} at a time")
     report = run_sweep(cells, workdir, jobs=jobs, mlflow_uri=None, echo=say)
     copied = []
-    for path in [workdir / "report.md", workdir / "report.json", *(workdir / f for f in report["figures"].values())]:
+    for path in report_files(report, workdir):
         if path.is_file():
             shutil.copy2(path, out / path.name)
             copied.append(path.name)

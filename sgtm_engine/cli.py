@@ -394,13 +394,13 @@ def ui_cmd(
 ) -> None:
     """Serve a run folder's MLflow store in MLflow's UI; a folder that moved is re-pointed at its own artifacts. Other
     options pass through to `mlflow ui` (`--allowed-hosts` when serving beyond this machine with `--host 0.0.0.0`)."""
-    from sgtm_engine.folders import local_tracking_uri, repoint_local_store
+    from sgtm_engine.folders import local_store_file, local_tracking_uri, repoint_local_store
     from sgtm_engine.tracking import mlflow_offline_defaults
 
-    if not (folder / "mlflow.db").is_file():
-        run = next((p for p in folder.resolve().parents if (p / "mlflow.db").is_file()), None)  # a stage's folder
+    if not local_store_file(folder).is_file():
+        run = next((p for p in folder.resolve().parents if local_store_file(p).is_file()), None)  # a stage's folder
         fix = f"did you mean {run}, the run folder it is in?" if run else "name the folder a run or sweep wrote"
-        _fail(ConfigError(f"FOLDER={folder}: holds no MLflow store (mlflow.db); {fix}"))
+        _fail(ConfigError(f"FOLDER={folder}: holds no MLflow store ({local_store_file(folder).name}); {fix}"))
     moved_from = repoint_local_store(folder)
     if moved_from is not None:
         typer.echo(f"{folder} was at {moved_from}: its MLflow store now points at the artifacts here")

@@ -43,14 +43,22 @@ def write_json(path: Path, payload: Any) -> None:
 # The MLflow store a folder keeps (a run folder of `sgtm run` or `sgtm sweep --local`, the embedded service's data root)
 
 
-def local_tracking_uri(root: str | Path) -> str:
+_STORE, _ARTIFACTS = "mlflow.db", "mlartifacts"
+
+
+def local_store_file(root: str | Path) -> Path:
     """The folder's SQLite store (MLflow's file store is deprecated); its artifacts are in `local_artifact_root`."""
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return Path(root).resolve() / _STORE
+
+
+def local_tracking_uri(root: str | Path) -> str:
+    """`local_store_file(root)` as MLflow's tracking URI."""
+    return f"sqlite:///{local_store_file(root)}"
 
 
 def local_artifact_root(root: str | Path) -> Path:
     """Where the experiments of `local_tracking_uri(root)` keep their artifacts (logged models included)."""
-    return Path(root).resolve() / "mlartifacts"
+    return Path(root).resolve() / _ARTIFACTS
 
 
 def experiment_location(artifact_root: Path, experiment: str) -> str:
@@ -73,15 +81,16 @@ def repoint_local_store(root: str | Path) -> Path | None:
     `local_artifact_root(root)`, in one transaction. Returns the folder the store was at, or None when it points here
     already (or `root` holds no store).
     """
-    db = Path(root).resolve() / "mlflow.db"
+    db = local_store_file(root)
     if not db.exists():
         return None
     here = local_artifact_root(root).as_uri()
     with contextlib.closing(sqlite3.connect(db)) as con, con:
         tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        roots = {loc.rpartition("/mlartifacts/")[0] + "/mlartifacts"
+        marker = f"/{_ARTIFACTS}/"
+        roots = {f"{loc.rpartition(marker)[0]}/{_ARTIFACTS}"
                  for (loc,) in con.execute("SELECT artifact_location FROM experiments")
-                 if loc and loc.startswith("file://") and "/mlartifacts/" in loc}
+                 if loc and loc.startswith("file://") and marker in loc}
         old = sorted(roots - {here})
         for before in old:
             for table, column in (tc for tc in _LOCATION_COLUMNS if tc[0] in tables):

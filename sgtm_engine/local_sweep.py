@@ -24,7 +24,7 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.folders import local_artifact_root, local_tracking_uri, make_folder, write_json
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
-from sgtm_engine.report import SUCCEEDED, build_report
+from sgtm_engine.report import SUCCEEDED, build_report, report_files
 from sgtm_engine.sweep import Cell, SweepPlan, apply_sweep_overrides, cell_label, parse_sweep
 from sgtm_engine.yamlio import dump_yaml
 
@@ -131,7 +131,7 @@ def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str
         cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
     report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
     parent.log_metrics(report["metrics"], step=0)
-    for path in [workdir / "report.md", workdir / "report.json", *(workdir / f for f in report["figures"].values())]:
+    for path in report_files(report, workdir):
         parent.log_artifact(path)
     parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
     return report

@@ -290,6 +290,11 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
     return report
 
 
+def report_files(report: Mapping[str, Any], outdir: Path) -> list[Path]:
+    """The files `build_report` wrote into `outdir`: report.md, report.json and the figures."""
+    return [outdir / "report.md", outdir / "report.json", *(outdir / file for file in report["figures"].values())]
+
+
 def provenance(records: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
     """What produced the cells' stage results, each distinct value once: code versions, torch versions and devices
     (`AMD EPYC (AVX512)`, `NVIDIA H200 (CUDA 12.8)`); single-seed numbers differ between machines."""
