@@ -249,6 +249,8 @@ DEMO_QUICK = ("name=demo-quick", *(f"{stage}.{pair}" for stage in ("reference", 
 CORPORA_WITH_ADJACENT = ("wiki-bio", "wikipedia-ores")
 
 
+#: runs/demo for the demo, runs/demo-quick for its smoke version: a quick check never overwrites the demo's report
+SweepWorkdirOpt = Annotated[Path | None, typer.Option(help="output folder; default: runs/<sweep name>")]
 JobsOpt = Annotated[int, typer.Option(min=1, help="stages run at once (above 1: each in its own process)")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
 CacheOpt = Annotated[Path, typer.Option(help="content-addressed data cache")]
@@ -265,7 +267,7 @@ def sweep_cmd(
     print_config: Annotated[bool, typer.Option("--print-config", help="print the cells' resolved stages, run "
                                                                       "nothing")] = False,
     jobs: JobsOpt = 1,
-    workdir: Annotated[Path | None, typer.Option(help="default: runs/<sweep name>")] = None,
+    workdir: SweepWorkdirOpt = None,
     no_track: NoTrackOpt = False,
     mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
     cache_dir: CacheOpt = DEFAULT_CACHE,
@@ -292,7 +294,7 @@ def sweep_cmd(
 @app.command("demo")
 def demo_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="a 2-minute version")] = False,
-    workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+    workdir: SweepWorkdirOpt = None,
     set_: SetOpt = None, jobs: JobsOpt = 1, no_track: NoTrackOpt = False, cache_dir: CacheOpt = DEFAULT_CACHE,
 ) -> None:
     """Filter vs gradient routing vs SGTM on wiki-bilingual, 2% of the Spanish unlabelled (sweep file `demo`)."""
@@ -302,7 +304,7 @@ def demo_cmd(
 
 @app.command("attack-matrix")
 def attack_matrix_cmd(
-    workdir: Annotated[Path, typer.Option(help="output folder")] = Path("runs/attack_matrix"),
+    workdir: SweepWorkdirOpt = None,
     corpus: Annotated[str, typer.Option(help="wiki-bilingual, or wiki-bio (adds the strict filter)")] = (
         "wiki-bilingual"),
     set_: SetOpt = None, jobs: JobsOpt = 1, no_track: NoTrackOpt = False, cache_dir: CacheOpt = DEFAULT_CACHE,

@@ -79,13 +79,13 @@ def test_attack_matrix_sweep_attacks_every_row_against_its_seeds_no_filter_model
 
 @pytest.fixture
 def ran(monkeypatch):
-    """The sweeps the CLI hands to the executor (which is replaced by a recorder here)."""
+    """The (sweep, workdir) pairs the CLI hands to the executor (which is replaced by a recorder here)."""
     import sgtm_engine.local_sweep
 
     seen = []
 
     def record(sweep, workdir, **_):
-        seen.append(sweep)
+        seen.append((sweep, workdir))
         return {"n_cells": 0, "n_succeeded": 0, "n_failed": 0, "statuses": {}, "tables": [], "figures": {}}
 
     monkeypatch.setattr(sgtm_engine.local_sweep, "run_sweep", record)
@@ -100,11 +100,22 @@ def test_the_aliases_run_their_sweep_files(ran, tmp_path):
                  ["demo", "--quick"]):
         result = runner.invoke(app, [*args, "--no-track", "--workdir", str(tmp_path)])
         assert result.exit_code == 0, result.output
-    bilingual, bio, quick = ran
+    (bilingual, _), (bio, _), (quick, _) = ran
     assert "strict_filter" not in {c.variant for c in bilingual.cells} and len(bilingual.cells) == 9 * 3
     assert len(bio.cells) == 10 and {c.seed for c in bio.cells} == {1}
     assert {s["spec"]["data"]["corpus"] for c in bio.cells for s in c.stages if s["kind"] == "train"} == {"wiki-bio"}
     assert quick.name == "demo-quick" and len(quick.cells) == 4
+
+
+def test_each_alias_writes_to_its_own_sweeps_folder(ran, tmp_path, monkeypatch):
+    """The demo's smoke version does not overwrite the demo's report: each sweep has its folder, as with sgtm sweep."""
+    from sgtm_engine.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["demo"], ["demo", "--quick"], ["attack-matrix"], ["sweep", "demo", "--local"]):
+        result = CliRunner().invoke(app, [*args, "--no-track"])
+        assert result.exit_code == 0, result.output
+    assert [str(workdir) for _, workdir in ran] == ["runs/demo", "runs/demo-quick", "runs/attack-matrix", "runs/demo"]
 
 
 def test_sweep_overrides_pick_variants_in_file_order_and_set_base_fields():
