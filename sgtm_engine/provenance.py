@@ -5,8 +5,9 @@ Stdlib-only, so the torch-free worker parent stamps its MLflow runs with the sam
 
 Choices made here, in order of precedence:
 - `SGTM_CODE_VERSION` when set: images are built without `.git`, so the build passes the commit in.
-- In a git checkout: the full commit, plus `-dirty-<12 hex of sha256(git diff HEAD -- sgtm_engine)>` when the
-  engine's tracked files differ from it (results depend on the engine's code; an edited README does not change them).
+- In a git checkout: the full commit, plus `-dirty-<12 hex of a sha256>` of `git diff HEAD -- sgtm_engine` and of the
+  engine's untracked files (names and contents; git-ignored ones aside) when there are any: results depend on the
+  engine's code, and an edited README does not change them.
 - Outside git: `sgtm-<installed package version>`, else `unknown`.
 - At most 64 characters (the ledger's column); a full commit with its dirty suffix is 59.
 """
@@ -38,9 +39,12 @@ def _git_version() -> str | None:
     try:
         sha = _git("rev-parse", "HEAD").decode().strip()
         diff = _git("diff", "HEAD", "--", "sgtm_engine")
+        # a new module that is not committed yet changes results as much as an edit does (ignored files do not count)
+        new = sorted(_git("ls-files", "--others", "--exclude-standard", "-z", "--", "sgtm_engine").split(b"\0"))
+        changes = diff + b"".join(b"\0" + name + b"\0" + (_ROOT / name.decode()).read_bytes() for name in new if name)
     except (OSError, subprocess.SubprocessError):
         return None
-    return sha + (f"-dirty-{hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
+    return sha + (f"-dirty-{hashlib.sha256(changes).hexdigest()[:12]}" if changes else "")
 
 
 def _git(*args: str) -> bytes:

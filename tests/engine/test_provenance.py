@@ -119,3 +119,37 @@ def test_a_stage_records_what_it_used_and_not_what_the_process_used_before(tmp_p
         assert used["peak_rss_gb"] * 2**30 < before - 2**30
     assert "cuda_peak_allocated_gb" not in used  # a CPU stage
     assert tracker.logged["resources/peak_rss_gb"] == used["peak_rss_gb"]
+
+
+def test_uncommitted_engine_code_makes_the_version_dirty(tmp_path, monkeypatch):
+    """An edited engine file and a new, untracked one both mark the version dirty, each with its own hash; a file git
+    ignores (bytecode) and a change outside the engine (docs) do not."""
+    import subprocess
+
+    import sgtm_engine.provenance as provenance
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    (tmp_path / "sgtm_engine").mkdir()
+    (tmp_path / "sgtm_engine" / "model.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("*.pyc\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    sha = git("rev-parse", "HEAD")
+    monkeypatch.setattr(provenance, "_ROOT", tmp_path)
+    monkeypatch.delenv("SGTM_CODE_VERSION", raising=False)
+
+    (tmp_path / "sgtm_engine" / "model.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "README.md").write_text("edited\n")
+    assert code_version() == sha
+    (tmp_path / "sgtm_engine" / "corpus.py").write_text("y = 2\n")
+    untracked = code_version()
+    assert re.fullmatch(sha + r"-dirty-[0-9a-f]{12}", untracked)
+    (tmp_path / "sgtm_engine" / "corpus.py").write_text("y = 3\n")
+    assert code_version() not in (untracked, sha)  # the new file's content counts, not only its name
+    (tmp_path / "sgtm_engine" / "corpus.py").unlink()
+    (tmp_path / "sgtm_engine" / "model.py").write_text("x = 2\n")
+    assert re.fullmatch(sha + r"-dirty-[0-9a-f]{12}", code_version()) and code_version() != untracked
