@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ class Runtime:
 
     def describe(self, compiled: bool = False) -> dict[str, Any]:
         """What this run ran on, for result.json and MLflow: device (the CPU's or GPU's model), dtype, attention
-        backend, CPU vector instructions, library versions, memory allocator, threads and ranks."""
+        backend, CPU vector instructions, Python and library versions, memory allocator, threads and ranks."""
         attention = "sdpa"  # the model's only attention path (model/gpt_neo.py)
         if self.device.type == "cuda":
             enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
@@ -69,6 +70,7 @@ class Runtime:
             "compile": compiled,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
+            **library_versions(),
             "threads": torch.get_num_threads(),
             "allocator": allocator(),
             "world_size": self.world_size,
@@ -102,6 +104,22 @@ class Runtime:
         if self.precision == Precision.BF16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+#: The libraries besides torch whose versions a stage's outputs depend on: tokenizers trains the BPE vocabulary and
+#: numpy stores the tokenized corpora; transformers and safetensors load, convert and write models.
+_LIBRARIES = ("transformers", "tokenizers", "numpy", "safetensors")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The Python version and the installed version of each of `_LIBRARIES` (None where one is missing)."""
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{name: installed(name) for name in _LIBRARIES}}
 
 
 def cpu_name() -> str:

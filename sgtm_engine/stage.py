@@ -4,8 +4,8 @@ A stage runs in its own workdir and leaves there:
 - `events.jsonl`: progress events, one JSON object a line (`started`, `phase`, `progress`, `eval`, `checkpoint`,
   `finished`; a `phase` names a long step without a step count: preparing data, each evaluation view);
 - `result.json`: what it produced: metrics, summary, artifacts (model folders), checkpoint path + sha256, the
-  resolved spec, seed, code version, data manifest hash and `backends` (device, dtype, attention backend, torch and
-  CUDA versions): the reproducibility record;
+  resolved spec, seed, code version, data manifest hash and `backends` (device, dtype, attention backend, torch,
+  CUDA, Python and library versions): the reproducibility record;
 - on failure, `error.json` (type and message) for the supervisor.
 Downstream stages receive their parents' workdirs as `inputs` and read the parents' `result.json`: the model to
 start from (`artifacts.model`) and the data it was trained on (`data_spec`, re-prepared from the content cache).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -12,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
 import pytest
+import tokenizers
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from sgtm_engine.config import AblateSpec, CalibrateSpec, EvalSpec, MaskMode, TrainSpec, from_dict
@@ -212,6 +216,8 @@ def test_stage_chain_and_result_records(tmp_path, cache):
     assert backends["torch"] == torch.__version__ and backends["compile"] is False
     assert backends["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and backends["device_name"]
     assert backends["allocator"] in ("system", "jemalloc", "tcmalloc", "mimalloc")
+    assert backends["python"] == platform.python_version() and backends["numpy"] == numpy.__version__
+    assert backends["transformers"] == transformers.__version__ and backends["tokenizers"] == tokenizers.__version__
     ablated = run_stage("ablate", {"ablate": {"kind": "zero"}}, tmp_path / "ablate",
                         inputs={"model": tmp_path / "train"}, cache_dir=cache)
     ev = run_stage("evaluate", {"calibrate": {"steps": 3, "batch_size": 2}, "eval": {"max_batches": 1,
