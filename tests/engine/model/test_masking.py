@@ -13,8 +13,18 @@ import dataclasses
 import pytest
 import torch
 
-from sgtm_engine.config import MaskingSpec, MaskMode, ModelSpec, OptimizerKind, OptimSpec, Strategy
+from sgtm_engine.config import (
+    AblateSpec,
+    AblationKind,
+    MaskingSpec,
+    MaskMode,
+    ModelSpec,
+    OptimizerKind,
+    OptimSpec,
+    Strategy,
+)
 from sgtm_engine.errors import ConfigError
+from sgtm_engine.model.ablation import ablate
 from sgtm_engine.model.gpt_neo import GPTNeoLM
 from sgtm_engine.model.masking import apply_gradient_masks, region_view
 from sgtm_engine.model.optim import build_optimizer, step_optimizer
@@ -387,3 +397,21 @@ def test_a_partition_refuses_a_masking_spec_that_does_not_fit_the_model():
         GPTNeoLM(SPEC, MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=F_MLP, masked_layers=(1, 5)))
     with pytest.raises(ConfigError, match="forget_mlp_dim"):
         Partition(SPEC, MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=SPEC.mlp_dim))
+
+
+def test_no_forget_mlp_units_leaves_the_mlp_all_retain():
+    """forget_mlp_dim = 0 (docs/method.md §3): every MLP unit is retain, so under sgtm a forget step leaves the whole
+    MLP of a masked block without gradient while the forget heads learn, and a retain step trains the MLP; ablation
+    touches attention only. (forget_attn_heads = 0 instead leaves attention joint: the test above.)"""
+    torch.manual_seed(0)
+    model = GPTNeoLM(SPEC, MaskingSpec(strategy=Strategy.SGTM, forget_mlp_dim=0, forget_attn_heads=F_HEADS))
+    mlp = [n for n, _ in model.named_parameters() if ".mlp." in n]
+    forget, retain = grads(model, MaskMode.FORGET), grads(model, MaskMode.RETAIN)
+    for n in mlp:
+        assert torch.count_nonzero(forget[n]) == 0, f"{n} should be frozen on a forget step"
+        assert torch.count_nonzero(retain[n]) > 0, f"{n} should learn on a retain step"
+    assert torch.count_nonzero(_rows("q", slice(R_COL, None))(forget)) > 0  # the forget heads learn
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ablate(model, AblateSpec(kind=AblationKind.ZERO))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".attn." in n for n in changed), changed
