@@ -57,13 +57,16 @@ class Problem:
 
     `loc` is the path to the offending field (`("masking", "forget_mlp_dim")`, `("stages", 2, "kind")`); `msg` is the
     whole readable line, `"masking.forget_mlp_dim=-1: must be >= 0"`, so `str(problem)` needs nothing else; `value`
-    is the offending value (None when there is none). Callers that nest a document inside another prefix both the
-    location and the text with `nested`, so nothing ever re-parses a message to find where it points.
+    is the offending value (None when there is none); `detail` is what the line says after its location
+    (`"=-1: must be >= 0"`). Callers that nest a document inside another prefix both the location and the text with
+    `nested`, and a caller that shows the problem at another place writes its label before `detail`, so nothing
+    ever re-parses a message to find where it points.
     """
 
     loc: Loc
     msg: str
     value: Any = None
+    detail: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return self.msg
@@ -71,9 +74,9 @@ class Problem:
     @classmethod
     def at(cls, loc: Loc, what: str, value: Any = NO_VALUE) -> Problem:
         """`Problem.at(("model", "n_layer"), "must be >= 1", 0)` reads `model.n_layer=0: must be >= 1`."""
-        shown = "" if value is NO_VALUE else f"={render_value(value)}"
-        msg = f"{render_loc(loc)}{shown}: {what}" if loc else what
-        return cls(tuple(loc), msg, None if value is NO_VALUE else value)
+        detail = f"{'' if value is NO_VALUE else f'={render_value(value)}'}: {what}"
+        return cls(tuple(loc), render_loc(loc) + detail if loc else what, None if value is NO_VALUE else value,
+                   detail if loc else None)
 
     def nested(self, prefix: Loc, label: str | None = None) -> Problem:
         """The same problem seen from a document that holds this one at `prefix` (label: how to write the prefix
@@ -85,7 +88,8 @@ class Problem:
             msg = f"{label}: {self.msg}"
         else:
             msg = f"{label}{'' if isinstance(self.loc[0], int) else '.'}{self.msg}"
-        return Problem(tuple(prefix) + self.loc, msg, self.value)
+        detail = self.detail if self.loc else f": {self.msg}"
+        return Problem(tuple(prefix) + self.loc, msg, self.value, detail if label else self.detail)
 
 
 class SgtmError(Exception):

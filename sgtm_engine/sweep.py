@@ -336,9 +336,8 @@ def _blame(problem: Problem, raw: list[dict[str, Any]], names: list[str],
             if loc[0] == "grid" and problem.value is None and value is not None:
                 loc = loc[:2]  # a problem that names no value (an unknown field) is the axis's, not one value's
             label = render_loc(loc[:2] if loc[0] == "grid" else loc)  # a value's problem shows the value
-            rest_of_msg = problem.msg[len(path):] if problem.msg.startswith(path) else ""
-            if label.endswith(path) and rest_of_msg[:1] in (":", "="):  # `grid.train.steps=0: ...`, said once
-                return Problem(loc, label + rest_of_msg, value)
+            if render_loc((name, *fields)) == path and label.endswith(path) and problem.detail is not None:
+                return Problem(loc, label + problem.detail, value, problem.detail)  # `grid.train.steps=0: ...`
             return Problem(loc, f"{label}: {problem.msg}", value)
     return Problem(("base", "stages", names.index(name), *rest), f"base: {problem.msg}", problem.value)
 

@@ -18,7 +18,7 @@ from sgtm_engine.config import (
     to_dict,
     with_overrides,
 )
-from sgtm_engine.errors import ConfigError
+from sgtm_engine.errors import ConfigError, Problem
 
 
 def test_every_problem_is_reported_at_once_with_field_paths():
@@ -30,6 +30,20 @@ def test_every_problem_is_reported_at_once_with_field_paths():
                      "masking.forget_mlp_dim=-1"):
         assert fragment in text
     assert len(e.value.problems) == 5
+
+
+def test_a_problem_keeps_what_it_says_after_its_location_wherever_it_is_nested():
+    """`detail` is the message after its location, so a caller that shows a problem at another place (a sweep's grid
+    axis) writes its own label before it instead of cutting the old location out of the text."""
+    inner = Problem.at(("optim", "lr"), "must be > 0", -1.0)
+    assert (inner.msg, inner.detail) == ("optim.lr=-1.0: must be > 0", "=-1.0: must be > 0")
+    staged = inner.nested(("stages", 0, "spec"), label="train")
+    assert (staged.loc, staged.msg, staged.detail) == (("stages", 0, "spec", "optim", "lr"),
+                                                       "train.optim.lr=-1.0: must be > 0", "=-1.0: must be > 0")
+    assert staged.nested(("body",), label="").detail == staged.detail
+    bare = Problem.at((), "a sweep is a mapping").nested(("base",))
+    assert (bare.msg, bare.detail) == ("base: a sweep is a mapping", ": a sweep is a mapping")
+    assert Problem.at(("seeds",), "each seed once").detail == ": each seed once"  # no value to show
 
 
 def test_forget_sizes_are_exclusive_and_checked_against_the_model():
