@@ -116,6 +116,10 @@ class ConfigError(SgtmError, ValueError):
         return "\n".join(["invalid configuration:", *(f"  - {p}" for p in self.problems)])
 
 
+class FolderInUse(SgtmError):
+    """Another process is running in the run or stage folder asked for; it is left alone (retrying later can help)."""
+
+
 class DataError(SgtmError):
     """A data set is missing, corrupt (checksum mismatch) or cannot serve the requested split."""
 

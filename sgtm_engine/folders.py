@@ -1,5 +1,5 @@
-"""Run folders on disk: making one, writing a JSON record into it so that readers never see half of it, and the
-MLflow store a folder keeps (which moves with the folder).
+"""Run folders on disk: making one, holding it for one process at a time, writing a JSON record into it so that
+readers never see half of it, and the MLflow store a folder keeps (which moves with the folder).
 
 Stdlib only: the service's client, API and worker parent use these too.
 """
@@ -7,15 +7,17 @@ Stdlib only: the service's client, API and worker parent use these too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sgtm_engine.errors import ConfigError
+from sgtm_engine.errors import ConfigError, FolderInUse
 
 
 def make_folder(path: Path, field: str = "workdir") -> Path:
@@ -29,6 +31,29 @@ def make_folder(path: Path, field: str = "workdir") -> Path:
     except OSError as exc:
         raise ConfigError(f"{field}={str(path)!r}: cannot create the folder ({exc.strerror}); name another") from exc
     return path
+
+
+#: The file a folder's holder locks (`hold_folder`); it says who holds it.
+LOCK_FILE = ".sgtm.lock"
+
+
+@contextlib.contextmanager
+def hold_folder(folder: Path, holder: str) -> Iterator[None]:
+    """Hold `folder` for this process while the block runs. Another process that asks for it meanwhile (a second
+    `sgtm sweep` on the same folder, a duplicate job) gets `FolderInUse` naming the holder, instead of two runs writing
+    one folder. The lock is the kernel's (flock), so it ends with the process however that ends: nothing stale is
+    left to clean up."""
+    with open(folder / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FolderInUse(f"{folder} is in use by {f.read().strip() or 'another process'}; wait for it to end (or "
+                              "stop it), or use another folder") from None
+        f.truncate(0)
+        f.write(f"{holder} (pid {os.getpid()})")
+        f.flush()
+        yield
 
 
 def write_json(path: Path, payload: Any) -> None:

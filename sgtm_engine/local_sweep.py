@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.folders import local_artifact_root, local_tracking_uri, make_folder, write_json
+from sgtm_engine.folders import hold_folder, local_artifact_root, local_tracking_uri, make_folder, write_json
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report, report_files
@@ -90,51 +90,52 @@ def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str
     if jobs < 1:
         raise ConfigError(f"jobs={jobs}: stages run at once; at least 1")
     workdir = make_folder(Path(workdir))
-    (workdir / "cells").mkdir(exist_ok=True)
-    todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED]
-    echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
-         f"{workdir}")
-    experiment = sweep.experiment or sweep.name
-    # the workdir's own store keeps its artifacts beside it; another store decides for itself
-    artifact_root = local_artifact_root(workdir) if mlflow_uri == local_tracking_uri(workdir) else None
-    parent = parent_run(workdir, mlflow_uri, experiment, sweep.name, artifact_root=artifact_root,
-                        tags={**run_tags(kind="sweep", code_version=code_version()), "sgtm.sweep": sweep.name})
-    tasks: dict[str, _Task] = {}
-    cell_runs = {}
-    for cell in todo:
-        tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "",
-                **run_tags(kind="cell", seed=cell.seed)}
-        tags.update({f"sgtm.param.{k}": str(v) for k, v in cell.params.items()})
-        cell_runs[cell.cell_id] = run = open_run(mlflow_uri, experiment, cell_label(cell),
-                                                 parent_run_id=parent.run_id, tags=tags, artifact_root=artifact_root)
-        folders = stage_folders(cell, workdir)
-        for stage in cell.stages:
-            folder = folders[stage["name"]]
-            if folder.name not in tasks and not (folder / "result.json").exists():
-                tasks[folder.name] = _Task(stage["kind"], stage["spec"], folder,
-                                           {r: folders[p] for r, p in stage["inputs"].items()},
-                                           f"{stage['name']} {cell_label(cell)}", run.run_id, tags, sweep.name)
-    try:
-        errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo, events)
-    except BaseException:  # interrupted: no run stays RUNNING; a rerun continues from the finished stages
-        for run in [*cell_runs.values(), parent]:
-            run.close("KILLED")
-        raise
-    for cell in todo:
-        folders = stage_folders(cell, workdir)
-        failed = [errors[f.name] for f in folders.values() if f.name in errors]
-        status = SUCCEEDED if all((f / "result.json").exists() for f in folders.values()) else "failed"
-        write_json(workdir / "cells" / f"{cell.cell_id}.json", {
-            "cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
-            "status": status, "stages": {n: str(f.relative_to(workdir)) for n, f in folders.items()},
-            "error": failed[0] if failed else None})
-        cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
-    report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
-    parent.log_metrics(report["metrics"], step=0)
-    for path in report_files(report, workdir):
-        parent.log_artifact(path)
-    parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
-    return report
+    with hold_folder(workdir, f"sgtm sweep {sweep.name}"):  # one process per sweep folder
+        (workdir / "cells").mkdir(exist_ok=True)
+        todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED]
+        echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
+             f"{workdir}")
+        experiment = sweep.experiment or sweep.name
+        # the workdir's own store keeps its artifacts beside it; another store decides for itself
+        artifact_root = local_artifact_root(workdir) if mlflow_uri == local_tracking_uri(workdir) else None
+        parent = parent_run(workdir, mlflow_uri, experiment, sweep.name, artifact_root=artifact_root,
+                            tags={**run_tags(kind="sweep", code_version=code_version()), "sgtm.sweep": sweep.name})
+        tasks: dict[str, _Task] = {}
+        cell_runs = {}
+        for cell in todo:
+            tags = {"sgtm.cell_id": cell.cell_id, "sgtm.variant": cell.variant or "",
+                    **run_tags(kind="cell", seed=cell.seed)}
+            tags.update({f"sgtm.param.{k}": str(v) for k, v in cell.params.items()})
+            cell_runs[cell.cell_id] = run = open_run(mlflow_uri, experiment, cell_label(cell), tags=tags,
+                                                     parent_run_id=parent.run_id, artifact_root=artifact_root)
+            folders = stage_folders(cell, workdir)
+            for stage in cell.stages:
+                folder = folders[stage["name"]]
+                if folder.name not in tasks and not (folder / "result.json").exists():
+                    tasks[folder.name] = _Task(stage["kind"], stage["spec"], folder,
+                                               {r: folders[p] for r, p in stage["inputs"].items()},
+                                               f"{stage['name']} {cell_label(cell)}", run.run_id, tags, sweep.name)
+        try:
+            errors = _run_tasks(tasks, jobs, mlflow_uri, experiment, cache_dir, echo, events)
+        except BaseException:  # interrupted: no run stays RUNNING; a rerun continues from the finished stages
+            for run in [*cell_runs.values(), parent]:
+                run.close("KILLED")
+            raise
+        for cell in todo:
+            folders = stage_folders(cell, workdir)
+            failed = [errors[f.name] for f in folders.values() if f.name in errors]
+            status = SUCCEEDED if all((f / "result.json").exists() for f in folders.values()) else "failed"
+            write_json(workdir / "cells" / f"{cell.cell_id}.json", {
+                "cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
+                "status": status, "stages": {n: str(f.relative_to(workdir)) for n, f in folders.items()},
+                "error": failed[0] if failed else None})
+            cell_runs[cell.cell_id].close("FINISHED" if status == SUCCEEDED else "FAILED")
+        report = build_report([_record(workdir, c) for c in sweep.cells], workdir)
+        parent.log_metrics(report["metrics"], step=0)
+        for path in report_files(report, workdir):
+            parent.log_artifact(path)
+        parent.close("FINISHED" if report["n_succeeded"] == report["n_cells"] else "FAILED")
+        return report
 
 
 def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: str, cache_dir: Path | None,

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import StageKind, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.folders import local_artifact_root, local_tracking_uri, make_folder, repoint_local_store, write_json
+from sgtm_engine.folders import (
+    hold_folder,
+    local_artifact_root,
+    local_tracking_uri,
+    make_folder,
+    repoint_local_store,
+    write_json,
+)
 from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from sgtm_engine.provenance import code_version
 from sgtm_engine.recipe import Recipe, recipe_data
@@ -108,33 +115,34 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
     artifact_root = local_artifact_root(workdir) if track and mlflow_uri is None else None
     experiment = experiment or recipe.name
     name = run_name or f"{recipe.name} ({spec_hash(recipe_data(recipe))[:8]})"
-    parent = parent_run(workdir, uri, experiment, name, artifact_root=artifact_root,
-                        tags={**run_tags(kind="pipeline", recipe=recipe.name, code_version=code_version()),
-                              "sgtm.workdir": str(workdir.resolve())})
-    results: dict[str, Any] = {}
-    status = "FAILED"
-    try:
-        for stage in recipe.stages:
-            done = finished_result(workdir / stage.name, stage.kind, stage.spec)
-            if done is not None:  # a rerun keeps what finished: no second run of it, in MLflow or on the CPU
-                results[stage.name] = done
-                if events:
-                    events(stage.name)({"type": "kept", "kind": stage.kind.value})
-                continue
-            inputs = {role: workdir / parent_name for role, parent_name in stage.inputs.items()}
-            results[stage.name] = run_tracked_stage(stage.kind, stage.spec, workdir / stage.name, inputs, uri=uri,
-                                                    experiment=experiment, name=stage.name,
-                                                    parent_run_id=parent.run_id, cache_dir=cache_dir,
-                                                    emit=events(stage.name) if events else None,
-                                                    overwrite=overwrite, recipe=recipe.name,
-                                                    artifact_root=artifact_root)
-        parent.log_metrics(headline_metrics(results), step=0)
-        status = "FINISHED"
-    finally:
-        parent.close(status)
-    summary = {"recipe": recipe.name, "mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id, "stages": results}
-    write_json(workdir / "result.json", summary)
-    return summary
+    with hold_folder(workdir, f"sgtm run {recipe.name}"):  # one process per run folder
+        parent = parent_run(workdir, uri, experiment, name, artifact_root=artifact_root,
+                            tags={**run_tags(kind="pipeline", recipe=recipe.name, code_version=code_version()),
+                                  "sgtm.workdir": str(workdir.resolve())})
+        results: dict[str, Any] = {}
+        status = "FAILED"
+        try:
+            for stage in recipe.stages:
+                done = finished_result(workdir / stage.name, stage.kind, stage.spec)
+                if done is not None:  # a rerun keeps what finished: no second run of it, in MLflow or on the CPU
+                    results[stage.name] = done
+                    if events:
+                        events(stage.name)({"type": "kept", "kind": stage.kind.value})
+                    continue
+                inputs = {role: workdir / parent_name for role, parent_name in stage.inputs.items()}
+                results[stage.name] = run_tracked_stage(stage.kind, stage.spec, workdir / stage.name, inputs, uri=uri,
+                                                        experiment=experiment, name=stage.name,
+                                                        parent_run_id=parent.run_id, cache_dir=cache_dir,
+                                                        emit=events(stage.name) if events else None,
+                                                        overwrite=overwrite, recipe=recipe.name,
+                                                        artifact_root=artifact_root)
+            parent.log_metrics(headline_metrics(results), step=0)
+            status = "FINISHED"
+        finally:
+            parent.close(status)
+        summary = {"recipe": recipe.name, "mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id, "stages": results}
+        write_json(workdir / "result.json", summary)
+        return summary
 
 
 def register_last_model(recipe: Recipe, name: str) -> dict[str, str]:

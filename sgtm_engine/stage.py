@@ -13,6 +13,7 @@ start from (`artifacts.model`) and the data it was trained on (`data_spec`, re-p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ from sgtm_engine.config import (
     unknown_choice,
 )
 from sgtm_engine.errors import ConfigError, SgtmError
-from sgtm_engine.folders import make_folder, write_json
+from sgtm_engine.folders import LOCK_FILE, hold_folder, make_folder, write_json
 from sgtm_engine.provenance import code_version
 from sgtm_engine.runtime import ResourceMeter, Runtime, StopFlag, stage_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
@@ -105,6 +106,8 @@ def claim_workdir(workdir: Path, kind: StageKind, spec: Any, overwrite: bool = F
     unknown = theirs is None and ((workdir / RESULT).exists() or (workdir / "checkpoints").exists())
     if overwrite and (differences or unknown):
         for child in workdir.iterdir():
+            if child.name == LOCK_FILE:  # held by this process: removing it would let another one lock a new file
+                continue
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     elif differences:
         assert theirs is not None
@@ -286,49 +289,51 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
     if not isinstance(spec, spec_cls):
         spec = from_dict(spec_cls, spec)
     workdir = make_folder(Path(workdir))
-    cache = Path(cache_dir) if cache_dir else workdir.parent / ".cache"
-    tracker = tracker or NullTracker()
-    events = EventLog(workdir, emit)
-    runtime_spec = getattr(spec, "runtime", None)
-    with stage_runtime(runtime_spec if runtime_spec is not None else RuntimeSpec()) as runtime:
-        if runtime.is_main:
-            claim_workdir(workdir, kind, spec, overwrite)
-        runtime.barrier()  # other ranks read the folder only once rank 0 has claimed (or cleared) it
-        started = time.time()
-        version = code_version()  # as the stage starts, when it imports its modules (a checkout may change meanwhile)
-        events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
-        meter = ResourceMeter(runtime.device)
-        record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
-                                     stop or StopFlag())
-    # torchrun's ranks have left their process group together; rank 0 writes the stage's outputs
-    resources = meter.read()
-    record["artifacts"] = {k: _relative(v, workdir) for k, v in (record.get("artifacts") or {}).items()}
-    checkpoint = record["artifacts"].get("model")
-    backends = runtime.describe(compiled=bool(getattr(runtime_spec, "compile", False)))
-    record = {
-        "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": version, "backends": backends,
-        "resources": resources, "started_at": started, "finished_at": time.time(), **record,
-    }
-    if checkpoint and kind == StageKind.TRAIN:
-        from sgtm_engine.checkpoint import checkpoint_digest
+    with contextlib.ExitStack() as held:  # rank 0 holds the folder until its result is written
+        cache = Path(cache_dir) if cache_dir else workdir.parent / ".cache"
+        tracker = tracker or NullTracker()
+        events = EventLog(workdir, emit)
+        runtime_spec = getattr(spec, "runtime", None)
+        with stage_runtime(runtime_spec if runtime_spec is not None else RuntimeSpec()) as runtime:
+            if runtime.is_main:
+                held.enter_context(hold_folder(workdir, f"a {kind.value} stage"))
+                claim_workdir(workdir, kind, spec, overwrite)
+            runtime.barrier()  # other ranks read the folder only once rank 0 has claimed (or cleared) it
+            started = time.time()
+            version = code_version()  # as the stage starts, when it imports its modules (the checkout may change)
+            events({"type": "started", "kind": kind.value, "spec_hash": spec_hash(spec)})
+            meter = ResourceMeter(runtime.device)
+            record = STAGE_RUNNERS[kind](spec, workdir, dict(inputs or {}), runtime, cache, tracker, events,
+                                         stop or StopFlag())
+        # torchrun's ranks have left their process group together; rank 0 writes the stage's outputs
+        resources = meter.read()
+        record["artifacts"] = {k: _relative(v, workdir) for k, v in (record.get("artifacts") or {}).items()}
+        checkpoint = record["artifacts"].get("model")
+        backends = runtime.describe(compiled=bool(getattr(runtime_spec, "compile", False)))
+        record = {
+            "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": version, "backends": backends,
+            "resources": resources, "started_at": started, "finished_at": time.time(), **record,
+        }
+        if checkpoint and kind == StageKind.TRAIN:
+            from sgtm_engine.checkpoint import checkpoint_digest
 
-        record["checkpoint"] = {"path": checkpoint, "sha256": checkpoint_digest(workdir / checkpoint)}
-    if runtime.is_main:
-        write_json(workdir / RESULT, record)
-        write_json(workdir / "resolved_spec.json", {"kind": kind.value, "spec": record.get("resolved_spec"),
-                                                     "seed": record.get("seed"), "code_version": record["code_version"],
-                                                     "manifest_hash": record.get("manifest_hash")})
-        tracker.set_tags({f"sgtm.{key}": str(value) for key, value in backends.items()})
-        tracker.log_metrics({f"resources/{k}": v for k, v in resources.items() if not isinstance(v, str)}, 0)
-        tracker.flush()
-        try:
-            tracker.log_artifact(workdir / "resolved_spec.json")
-            tracker.log_artifact(workdir / RESULT)
-        except Exception as exc:  # noqa: BLE001 - an artifact store hiccup must not fail a finished stage
-            log.warning("could not log artifacts: %s", exc)
-        log_stage_model(tracker, kind, workdir, getattr(spec, "register", None))
-    events({"type": "finished", "kind": kind.value})
-    return read_result(workdir) if runtime.is_main else record
+            record["checkpoint"] = {"path": checkpoint, "sha256": checkpoint_digest(workdir / checkpoint)}
+        if runtime.is_main:
+            write_json(workdir / RESULT, record)
+            write_json(workdir / "resolved_spec.json", {
+                "kind": kind.value, "spec": record.get("resolved_spec"), "seed": record.get("seed"),
+                "code_version": record["code_version"], "manifest_hash": record.get("manifest_hash")})
+            tracker.set_tags({f"sgtm.{key}": str(value) for key, value in backends.items()})
+            tracker.log_metrics({f"resources/{k}": v for k, v in resources.items() if not isinstance(v, str)}, 0)
+            tracker.flush()
+            try:
+                tracker.log_artifact(workdir / "resolved_spec.json")
+                tracker.log_artifact(workdir / RESULT)
+            except Exception as exc:  # noqa: BLE001 - an artifact store hiccup must not fail a finished stage
+                log.warning("could not log artifacts: %s", exc)
+            log_stage_model(tracker, kind, workdir, getattr(spec, "register", None))
+        events({"type": "finished", "kind": kind.value})
+        return read_result(workdir) if runtime.is_main else record
 
 
 def log_stage_model(tracker: Tracker, kind: StageKind, workdir: Path, register: str | None) -> str | None:

@@ -4,20 +4,25 @@
   kind) is refused with the differing field named; `overwrite` starts over; the same spec resumes, bit-identically.
 - Every path a run records is relative to its own folder: a run folder moved elsewhere is still read, evaluated and
   exported, from any working directory.
+- One process at a time runs in a folder: a second `sgtm run`, sweep or stage on a folder in use is refused before
+  it touches anything, and the hold ends with its process, however that ends.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sgtm_engine.errors import ConfigError
+from sgtm_engine.errors import ConfigError, FolderInUse
 from sgtm_engine.export import export_model
+from sgtm_engine.folders import LOCK_FILE, hold_folder
 from sgtm_engine.stage import read_result, run_stage
 from tests.engine.tiny import TINY_SGTM
 
@@ -79,6 +84,61 @@ def test_overwrite_starts_over(trained, tmp_path, engine_cache):
     record = run_stage("train", {**TINY, "seed": 1}, copy, cache_dir=engine_cache, overwrite=True)
     assert record["seed"] == 1 and not (copy / "stray.txt").exists()
     assert json.loads((copy / "stage.json").read_text())["spec"]["seed"] == 1
+
+
+def test_a_folder_in_use_is_refused_and_free_again_once_its_holder_is_gone(trained, tmp_path, engine_cache):
+    """Another process runs in the folder (here: a child holding it, then killed with SIGKILL, which leaves no chance
+    to clean up): a stage, a recipe or a sweep asked to run there is refused, naming the holder, and writes nothing;
+    once the holder is gone the same call runs."""
+    from sgtm_engine.local_sweep import load_sweep, run_sweep
+    from sgtm_engine.recipe import load_recipe
+    from sgtm_engine.runner import run_recipe
+
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    def files() -> dict[str, bytes]:  # the lock file says who holds the folder
+        return {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file() and p.name != LOCK_FILE}
+
+    before = files()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from sgtm_engine.folders import hold_folder"
+         "\nwith hold_folder(Path(sys.argv[1]), 'a test'):\n print('held', flush=True); time.sleep(600)", str(copy)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for run in (lambda: run_stage("train", TINY, copy, cache_dir=engine_cache, overwrite=True),
+                    lambda: run_recipe(load_recipe("wiki-bio-sgtm"), copy),
+                    lambda: run_sweep(load_sweep("demo"), copy)):
+            with pytest.raises(FolderInUse, match=rf"{copy} is in use by a test \(pid {holder.pid}\)"):
+                run()
+        assert files() == before  # not touched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_stage("train", TINY, copy, cache_dir=engine_cache)["metrics"] == read_result(trained)["metrics"]
+
+
+def test_a_folder_is_held_while_its_stage_runs_and_overwrite_keeps_the_hold(trained, tmp_path, engine_cache,
+                                                                          monkeypatch):
+    """Two holds of one folder exclude each other even within a process; `overwrite` empties the folder around its
+    lock file, so the stage keeps the folder it holds."""
+    import sgtm_engine.stage as stage
+
+    copy = tmp_path / "train"
+    shutil.copytree(trained, copy)
+    train, seen = stage.STAGE_RUNNERS[stage.StageKind.TRAIN], []
+
+    def train_while_checking(*args, **kwargs):
+        seen.append((copy / LOCK_FILE).exists())
+        with pytest.raises(FolderInUse), hold_folder(copy, "a second process"):
+            pass
+        return train(*args, **kwargs)
+
+    monkeypatch.setitem(stage.STAGE_RUNNERS, stage.StageKind.TRAIN, train_while_checking)
+    record = run_stage("train", {**TINY, "seed": 1}, copy, cache_dir=engine_cache, overwrite=True)
+    assert seen == [True] and record["seed"] == 1
+    with hold_folder(copy, "the next process"):  # released when the stage ended
+        pass
 
 
 def test_overwrite_leaves_a_run_of_the_same_spec_to_resume(trained, tmp_path, engine_cache):
