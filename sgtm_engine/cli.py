@@ -272,8 +272,9 @@ def sweep_cmd(
     mlflow_uri: Annotated[str | None, typer.Option(help="default: a SQLite store in the workdir")] = None,
     cache_dir: CacheOpt = DEFAULT_CACHE,
 ) -> None:
-    """Run a sweep: with --local, its cells run here; without, the service runs them (--wait, --url, --token and the
-    service's other `sweep` options pass through)."""
+    """Run a sweep: with --local its cells run here, without it the service runs them.
+
+    Submitted to the service, the service's other `sweep` options (--wait, --url, --token, ...) pass through."""
     if not local and not print_config:
         if jobs != 1 or workdir or no_track or mlflow_uri:
             _fail(ConfigError("--jobs, --workdir, --no-track and --mlflow-uri apply to --local runs; the service "
@@ -394,8 +395,10 @@ def ui_cmd(
     host: Annotated[str, typer.Option(help="the network interface to serve on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="the port to serve on")] = 5000,
 ) -> None:
-    """Serve a run folder's MLflow store in MLflow's UI; a folder that moved is re-pointed at its own artifacts. Other
-    options pass through to `mlflow ui` (`--allowed-hosts` when serving beyond this machine with `--host 0.0.0.0`)."""
+    """Serve a run folder's MLflow store in MLflow's UI (a folder that moved is re-pointed at its own artifacts).
+
+    Other options pass through to `mlflow ui` (`--allowed-hosts` when serving beyond this machine with `--host
+    0.0.0.0`)."""
     from sgtm_engine.folders import local_store_file, local_tracking_uri, repoint_local_store
     from sgtm_engine.tracking import mlflow_offline_defaults
 
