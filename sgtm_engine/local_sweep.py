@@ -92,7 +92,8 @@ def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str
     workdir = make_folder(Path(workdir))
     with hold_folder(workdir, f"sgtm sweep {sweep.name}"):  # one process per sweep folder
         (workdir / "cells").mkdir(exist_ok=True)
-        todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED]
+        # a stage folder removed by hand (to run that stage again) makes its cell one to run, whatever it was
+        todo = [c for c in sweep.cells if _cell_status(workdir, c) != SUCCEEDED or not _stages_done(workdir, c)]
         echo(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} already succeeded in "
              f"{workdir}")
         experiment = sweep.experiment or sweep.name
@@ -124,7 +125,7 @@ def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str
         for cell in todo:
             folders = stage_folders(cell, workdir)
             failed = [errors[f.name] for f in folders.values() if f.name in errors]
-            status = SUCCEEDED if all((f / "result.json").exists() for f in folders.values()) else "failed"
+            status = SUCCEEDED if _stages_done(workdir, cell) else "failed"
             write_json(workdir / "cells" / f"{cell.cell_id}.json", {
                 "cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
                 "status": status, "stages": {n: str(f.relative_to(workdir)) for n, f in folders.items()},
@@ -267,6 +268,10 @@ def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | N
 def _cell_status(workdir: Path, cell: Cell) -> str:
     path = workdir / "cells" / f"{cell.cell_id}.json"
     return json.loads(path.read_text())["status"] if path.exists() else "pending"
+
+
+def _stages_done(workdir: Path, cell: Cell) -> bool:
+    return all((folder / "result.json").exists() for folder in stage_folders(cell, workdir).values())
 
 
 def _record(workdir: Path, cell: Cell) -> dict[str, Any]:

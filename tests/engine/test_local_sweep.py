@@ -5,6 +5,7 @@ results with one or two worker processes, MLflow runs nested as the service nest
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from sgtm_engine.errors import ConfigError
 from sgtm_engine.local_sweep import load_sweep, run_sweep, stage_folders
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import report_markdown
-from sgtm_engine.sweep import apply_sweep_overrides, parse_sweep
+from sgtm_engine.sweep import apply_sweep_overrides, cell_label, parse_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,7 +204,7 @@ def test_mlflow_runs_nest_cells_under_the_sweep_and_stages_under_cells(first_run
 
 
 @pytest.mark.slow
-def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_matrix, engine_cache):
+def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones_and_removed_stages(first_run, tiny_matrix, engine_cache):
     from mlflow.tracking import MlflowClient
 
     from sgtm_engine.folders import local_tracking_uri
@@ -231,6 +232,13 @@ def test_a_rerun_skips_succeeded_cells_and_reruns_failed_ones(first_run, tiny_ma
     again = run_sweep(tiny_matrix, workdir, cache_dir=engine_cache, echo=lines.append)
     assert "3 already succeeded" in lines[0] and len(lines) == 1  # nothing ran
     assert again["tables"] == report["tables"]  # seeded: the rerun attack gives the same numbers
+    # a stage folder removed by hand runs again, though its cell had succeeded: the report never misses its result
+    shutil.rmtree(attack)
+    lines.clear()
+    again = run_sweep(tiny_matrix, workdir, cache_dir=engine_cache, echo=lines.append)
+    assert "2 already succeeded" in lines[0] and [line.split(":")[0] for line in lines[1:]] == [
+        f"attack {cell_label(sgtm)}"]
+    assert again["tables"] == report["tables"]
 
 
 @pytest.mark.slow
