@@ -7,7 +7,6 @@ scheduled, resumed and tracked are user documentation: docs/sweeps.md, "Running 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
@@ -15,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,42 +144,78 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                ) -> dict[str, str]:
     """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {folder name: error} of the
     failed ones (a task whose input failed fails without running). Worker processes send their stages' events
-    back through a queue, so `events` gets them whatever `jobs` is."""
-    context = multiprocessing.get_context("spawn")
-    inbox = _inbox(context) if jobs > 1 and events else None  # given to the workers as they start (not picklable)
-    pool = _worker_pool(context, jobs, inbox) if jobs > 1 else None
+    back through a queue, so `events` gets them whatever `jobs` is.
+
+    A worker process that dies (the kernel's out-of-memory killer, a crash in native code) breaks the pool, and the
+    stages running beside it end with it: the pool starts again and those stages run again, one at a time, so a
+    stage that kills its worker again, alone, fails alone and the others go on."""
+    workers = _Workers(jobs, events) if jobs > 1 else None
     pending, done, errors = list(tasks.values()), set(), {}
     running: dict[Future, tuple[_Task, float]] = {}
-    with pool or contextlib.nullcontext():
+    suspects: set[str] = set()  # running when a worker died: each runs alone until it has ended once
+    died: list[_Task] = []  # the stages of a broken pool, back so far
+    try:
         while pending or running:
-            for task in list(pending):
+            capacity = 0 if died else (1 if suspects else jobs)  # a broken pool takes nothing until it restarts
+            for task in sorted(pending, key=lambda t: t.folder.name not in suspects):
                 after = [p.name for p in task.inputs.values()]
                 blocked = [k for k in after if k in errors]
                 if blocked:
                     errors[task.folder.name] = f"input {blocked[0]} failed"
                     pending.remove(task)
-                elif all(k in done or k not in tasks for k in after) and len(running) < jobs:
+                elif all(k in done or k not in tasks for k in after) and len(running) < capacity:
                     started = time.perf_counter()
-                    emit = events(task.name) if events and pool is None else None
+                    emit = events(task.name) if events and workers is None else None
+                    pool = workers.pool if workers else None
                     running[_submit(pool, task, uri, experiment, cache_dir, emit)] = (task, started)
                     pending.remove(task)
-            finished, _ = wait(running, timeout=0.2 if inbox else None, return_when=FIRST_COMPLETED)
-            _deliver(inbox, events)
+            finished, _ = wait(running, timeout=0.2 if workers and workers.inbox else None,
+                               return_when=FIRST_COMPLETED)
+            if workers:
+                workers.deliver()
             for future in finished:
                 task, started = running.pop(future)
-                if future.exception() is None:
+                exc = future.exception()
+                if isinstance(exc, BrokenProcessPool):
+                    died.append(task)
+                    continue
+                suspects.discard(task.folder.name)
+                if exc is None:
                     done.add(task.folder.name)
                     if events is None:  # else its bar said so
                         echo(f"{task.name}: done in {time.perf_counter() - started:.1f} s")
                 else:
-                    exc = future.exception()
-                    errors[task.folder.name] = "".join(traceback.format_exception(exc))  # kept in the cell's file
-                    if events is None:
-                        echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
-                    else:  # its bar stops and says so
-                        events(task.name)({"type": "failed", "error": f"{type(exc).__name__}: {exc}"})
-    _deliver(inbox, events)  # the workers have exited: what they sent last is all in the queue now
+                    _failed(task, exc, errors, echo, events)
+            if died and not running:  # every stage of the broken pool is back: start it again
+                for task in died:
+                    if task.folder.name in suspects:  # it died again, running alone: it is what kills its worker
+                        suspects.discard(task.folder.name)
+                        _failed(task, WorkerDied("its worker process died while running it, twice (killed by a "
+                                                 "signal: the kernel's out-of-memory killer, or a crash in native "
+                                                 "code)"), errors, echo, events)
+                    else:
+                        suspects.add(task.folder.name)
+                        pending.insert(0, task)
+                died = []
+                assert workers is not None  # only a worker pool breaks
+                workers.restart()
+    finally:
+        if workers:
+            workers.close()  # the workers have exited: what they sent last is all in the queue now
     return errors
+
+
+class WorkerDied(Exception):
+    """A stage's worker process ended without returning: killed by a signal, or crashed."""
+
+
+def _failed(task: _Task, exc: BaseException, errors: dict[str, str], echo: Callable[[str], None],
+            events: Callable[[str], Emit] | None) -> None:
+    errors[task.folder.name] = "".join(traceback.format_exception(exc))  # kept in the cell's file
+    if events is None:
+        echo(f"{task.name}: FAILED ({type(exc).__name__}: {exc})")
+    else:  # its bar stops and says so
+        events(task.name)({"type": "failed", "error": f"{type(exc).__name__}: {exc}"})
 
 
 def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
@@ -192,6 +228,29 @@ def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
     except Exception as exc:  # noqa: BLE001 - a failed stage fails its cells, not the sweep
         future.set_exception(exc)
     return future
+
+
+class _Workers:
+    """The pool of `jobs` spawned worker processes and the inbox their stages' events come back through; both are
+    made anew when a worker dies (a worker killed while writing to the inbox could leave its lock held)."""
+
+    def __init__(self, jobs: int, events: Callable[[str], Emit] | None):
+        self.context = multiprocessing.get_context("spawn")
+        self.jobs, self.events = jobs, events
+        self.inbox = _inbox(self.context) if events else None  # given to the workers as they start (not picklable)
+        self.pool = _worker_pool(self.context, jobs, self.inbox)
+
+    def deliver(self) -> None:
+        _deliver(self.inbox, self.events)
+
+    def restart(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.inbox = _inbox(self.context) if self.events else None
+        self.pool = _worker_pool(self.context, self.jobs, self.inbox)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.deliver()
 
 
 #: In a worker process: where its stages' events go (the parent's inbox), or None.

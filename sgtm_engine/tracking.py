@@ -182,10 +182,13 @@ class MlflowTracker:
         self._queue.join()
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the run (when this tracker owns it) and, first, the runs nested under it that are still RUNNING, as
+        KILLED: their process was killed (the out-of-memory killer took a worker) and could not end them itself."""
         if self._closed:
             return
         if self.owns_run:
             self._send_buffer()
+            self._send(self._end_running_children)
             self._send(self.client.set_terminated, self.run_id, status=status)
         self.flush()
         self._queue.put(None)
@@ -194,6 +197,12 @@ class MlflowTracker:
         if self.failed_calls:
             log.error("MLflow run %s: %d tracking call(s) failed after retries; the stage's own records "
                       "(result.json, events.jsonl) are complete", self.run_id, self.failed_calls)
+
+    def _end_running_children(self) -> None:
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        for run in self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}' and "
+                                                         "attributes.status = 'RUNNING'"):
+            self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def _send_buffer(self) -> None:
         self._last_send = time.monotonic()

@@ -5,7 +5,12 @@ results with one or two worker processes, MLflow runs nested as the service nest
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -250,6 +255,61 @@ def test_two_worker_processes_give_the_same_results_as_one(first_run, tiny_matri
     assert parallel["tables"] == report["tables"]
     # each stage's events come back from its worker process, whole: one bar per stage, as with one job
     assert len(seen) == 6 and all(types[0] == "started" and types[-1] == "finished" for types in seen.values())
+
+
+def _kill_its_worker(folder: Path, times: int) -> threading.Thread:
+    """A watcher that SIGKILLs the worker process running the stage of `folder` (the process its lock file names,
+    before the stage has written its result), `times` times, as the kernel's out-of-memory killer would."""
+    from sgtm_engine.folders import LOCK_FILE
+
+    def watch() -> None:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(killed) < times and time.monotonic() < deadline:
+            named = re.search(r"pid (\d+)", (folder / LOCK_FILE).read_text()) if (folder / LOCK_FILE).exists() else None
+            holder = int(named.group(1)) if named else None
+            if holder and holder not in killed and not (folder / "result.json").exists():
+                os.kill(holder, signal.SIGKILL)
+                killed.add(holder)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_worker_that_dies_fails_only_its_own_stage(first_run, tiny_matrix, tmp_path, engine_cache, kills):
+    """A worker killed mid-stage (SIGKILL: no chance to clean up) takes its pool and any stage beside it down; they
+    run again, one at a time, so killed once the sweep ends as if nothing had happened, and killed again while it
+    runs alone only that stage fails (and the cell that needs it)."""
+    _, report, _ = first_run
+    sgtm = next(c for c in tiny_matrix.cells if c.variant == "sgtm_zero")
+    from mlflow.tracking import MlflowClient
+
+    from sgtm_engine.folders import local_tracking_uri
+
+    watcher = _kill_its_worker(stage_folders(sgtm, tmp_path)["train"], kills)
+    lines: list[str] = []
+    uri = local_tracking_uri(tmp_path)
+    result = run_sweep(tiny_matrix, tmp_path, jobs=2, mlflow_uri=uri, cache_dir=engine_cache, echo=lines.append)
+    watcher.join(timeout=1)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("attack-matrix").experiment_id])
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    # the killed workers could not end their stage runs: the cell run ended them, none is left RUNNING
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert len(killed) >= kills and all(r.data.tags.get("sgtm.stage") for r in killed)
+    if kills == 1:
+        assert result["n_succeeded"] == 3 and result["tables"] == report["tables"], lines
+    else:
+        assert result["statuses"] == {"succeeded": 2, "failed": 1}, lines
+        error = json.loads((tmp_path / "cells" / f"{sgtm.cell_id}.json").read_text())["error"]
+        assert "WorkerDied: its worker process died while running it, twice" in error
+        assert [line for line in lines if "FAILED" in line] == [
+            f"train {cell_label(sgtm)}: FAILED (WorkerDied: its worker process died while running it, twice (killed "
+            "by a signal: the kernel's out-of-memory killer, or a crash in native code))"]
 
 
 def test_the_report_pairs_each_final_metric_with_its_unablated_value():
