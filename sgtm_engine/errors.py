@@ -82,14 +82,12 @@ class Problem:
         """The same problem seen from a document that holds this one at `prefix` (label: how to write the prefix
         in the message; default its dotted path)."""
         label = render_loc(prefix) if label is None else label
-        if not label:
-            msg = self.msg
-        elif not self.loc:
-            msg = f"{label}: {self.msg}"
-        else:
+        msg, detail = self.msg, self.detail
+        if label and not self.loc:
+            msg, detail = f"{label}: {self.msg}", f": {self.msg}"
+        elif label:
             msg = f"{label}{'' if isinstance(self.loc[0], int) else '.'}{self.msg}"
-        detail = self.detail if self.loc else f": {self.msg}"
-        return Problem(tuple(prefix) + self.loc, msg, self.value, detail if label else self.detail)
+        return Problem(tuple(prefix) + self.loc, msg, self.value, detail)
 
 
 class SgtmError(Exception):

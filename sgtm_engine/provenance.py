@@ -1,4 +1,5 @@
-"""Which code produced a run: one `code_version` string, recorded alike in `result.json`, the ledger and MLflow.
+"""Which code produced a run: one `code_version` string, recorded alike in `result.json`, the ledger and MLflow, and
+the versions of the libraries beside it (`library_versions`).
 
 Stdlib-only, so the torch-free worker parent stamps its MLflow runs with the same function the engine child uses for
 `result.json` (two formats for one run would make the two records disagree).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -52,7 +54,22 @@ def _git(*args: str) -> bytes:
 
 
 def _package_version() -> str:
+    installed = installed_version("sgtm")
+    return f"sgtm-{installed}" if installed else "unknown"
+
+
+#: The libraries besides torch whose versions a stage's outputs depend on: tokenizers trains the BPE vocabulary and
+#: numpy stores the tokenized corpora; transformers and safetensors load, convert and write models.
+_LIBRARIES = ("transformers", "tokenizers", "numpy", "safetensors")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The Python version and the installed version of each of `_LIBRARIES` (None where one is missing)."""
+    return {"python": platform.python_version(), **{name: installed_version(name) for name in _LIBRARIES}}
+
+
+def installed_version(distribution: str) -> str | None:
     try:
-        return f"sgtm-{version('sgtm')}"
+        return version(distribution)
     except PackageNotFoundError:
-        return "unknown"
+        return None

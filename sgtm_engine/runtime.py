@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sgtm_engine.config import Device, Precision, RuntimeSpec
+from sgtm_engine.provenance import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +104,6 @@ class Runtime:
         if self.precision == Precision.BF16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-#: The libraries besides torch whose versions a stage's outputs depend on: tokenizers trains the BPE vocabulary and
-#: numpy stores the tokenized corpora; transformers and safetensors load, convert and write models.
-_LIBRARIES = ("transformers", "tokenizers", "numpy", "safetensors")
-
-
-def library_versions() -> dict[str, str | None]:
-    """The Python version and the installed version of each of `_LIBRARIES` (None where one is missing)."""
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), **{name: installed(name) for name in _LIBRARIES}}
 
 
 def cpu_name() -> str:
