@@ -1,5 +1,6 @@
 """Run folders on disk: making one, holding it for one process at a time, writing a JSON record into it so that
-readers never see half of it, and the MLflow store a folder keeps (which moves with the folder).
+readers never see half of it, a stage's event log (written by the stage, followed by whoever runs it), and the MLflow
+store a folder keeps (which moves with the folder).
 
 Stdlib only: the service's client, API and worker parent use these too.
 """
@@ -9,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sgtm_engine.errors import ConfigError, FolderInUse
+
+log = logging.getLogger(__name__)
 
 
 def make_folder(path: Path, field: str = "workdir") -> Path:
@@ -62,6 +67,64 @@ def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=True))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A stage's events (`stage.py` lists them): one JSON object a line in `<stage folder>/events.jsonl`
+
+EVENTS = "events.jsonl"
+
+
+class EventLog:
+    """Appends a stage's events to its `events.jsonl`, each line written whole and the file closed after it, so a
+    process following the file (`EventTail`) has every event the stage sent once the stage returns; and forwards
+    them to `forward`."""
+
+    def __init__(self, folder: Path, forward: Callable[[dict[str, Any]], None] | None = None):
+        self.path = folder / EVENTS
+        self.forward = forward
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        event = {"t": time.time(), **event}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+        if self.forward:
+            self.forward(event)
+
+
+class EventTail:
+    """Follows an `events.jsonl` from where it ends when this is made (the events of earlier attempts are old). A
+    line may be half-written when read: an unterminated end is kept for the next read. Lines that are not JSON
+    objects are skipped (and counted), never fatal."""
+
+    def __init__(self, path: Path, *, from_end: bool = True):
+        self.path = path
+        self.offset = path.stat().st_size if from_end and path.exists() else 0
+        self._partial = b""
+        self.skipped = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()  # b"" when the chunk ended with a newline
+        events = []
+        for line in filter(bytes.strip, lines):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                events.append(event)
+            else:
+                self.skipped += 1
+                log.warning("skipping a malformed line in %s", self.path)
+        return events
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.folders import hold_folder, local_artifact_root, local_tracking_uri, make_folder, write_json
+from sgtm_engine.folders import (
+    EVENTS,
+    EventTail,
+    hold_folder,
+    local_artifact_root,
+    local_tracking_uri,
+    make_folder,
+    write_json,
+)
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report, report_files
@@ -143,15 +151,15 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                echo: Callable[[str], None], events: Callable[[str], Emit] | None
                ) -> dict[str, str]:
     """Run the tasks, each once its inputs are done, at most `jobs` at a time; returns {folder name: error} of the
-    failed ones (a task whose input failed fails without running). Worker processes send their stages' events
-    back through a queue, so `events` gets them whatever `jobs` is.
+    failed ones (a task whose input failed fails without running). `events` gets a worker process's stage events
+    from the stage's `events.jsonl`, as the service's supervisor does.
 
     A worker process that dies (the kernel's out-of-memory killer, a crash in native code) breaks the pool, and the
     stages running beside it end with it: the pool starts again and those stages run again, one at a time, so a
     stage that kills its worker again, alone, fails alone and the others go on."""
-    workers = _Workers(jobs, events) if jobs > 1 else None
+    pool = _worker_pool(jobs) if jobs > 1 else None
     pending, done, errors = list(tasks.values()), set(), {}
-    running: dict[Future, tuple[_Task, float]] = {}
+    running: dict[Future, tuple[_Task, float, EventTail | None]] = {}
     suspects: set[str] = set()  # running when a worker died: each runs alone until it has ended once
     died: list[_Task] = []  # the stages of a broken pool, back so far
     try:
@@ -164,17 +172,16 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                     errors[task.folder.name] = f"input {blocked[0]} failed"
                     pending.remove(task)
                 elif all(k in done or k not in tasks for k in after) and len(running) < capacity:
-                    started = time.perf_counter()
-                    emit = events(task.name) if events and workers is None else None
-                    pool = workers.pool if workers else None
-                    running[_submit(pool, task, uri, experiment, cache_dir, emit)] = (task, started)
+                    tail = EventTail(task.folder / EVENTS) if pool and events else None
+                    emit = events(task.name) if events and pool is None else None
+                    running[_submit(pool, task, uri, experiment, cache_dir, emit)] = (task, time.perf_counter(), tail)
                     pending.remove(task)
-            finished, _ = wait(running, timeout=0.2 if workers and workers.inbox else None,
-                               return_when=FIRST_COMPLETED)
-            if workers:
-                workers.deliver()
+            finished, _ = wait(running, timeout=0.2 if pool and events else None, return_when=FIRST_COMPLETED)
+            for task, _, tail in running.values():  # a finished stage's last events, before its end is told
+                for event in tail.read() if tail and events else ():
+                    events(task.name)(event)
             for future in finished:
-                task, started = running.pop(future)
+                task, started, _ = running.pop(future)
                 exc = future.exception()
                 if isinstance(exc, BrokenProcessPool):
                     died.append(task)
@@ -197,11 +204,12 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                         suspects.add(task.folder.name)
                         pending.insert(0, task)
                 died = []
-                assert workers is not None  # only a worker pool breaks
-                workers.restart()
+                assert pool is not None  # only a worker pool breaks
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = _worker_pool(jobs)
     finally:
-        if workers:
-            workers.close()  # the workers have exited: what they sent last is all in the queue now
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     return errors
 
 
@@ -230,69 +238,27 @@ def _submit(pool: ProcessPoolExecutor | None, *args: Any) -> Future:
     return future
 
 
-class _Workers:
-    """The pool of `jobs` spawned worker processes and the inbox their stages' events come back through; both are
-    made anew when a worker dies (a worker killed while writing to the inbox could leave its lock held)."""
-
-    def __init__(self, jobs: int, events: Callable[[str], Emit] | None):
-        self.context = multiprocessing.get_context("spawn")
-        self.jobs, self.events = jobs, events
-        self.inbox = _inbox(self.context) if events else None  # given to the workers as they start (not picklable)
-        self.pool = _worker_pool(self.context, jobs, self.inbox)
-
-    def deliver(self) -> None:
-        _deliver(self.inbox, self.events)
-
-    def restart(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.inbox = _inbox(self.context) if self.events else None
-        self.pool = _worker_pool(self.context, self.jobs, self.inbox)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.deliver()
-
-
-#: In a worker process: where its stages' events go (the parent's inbox), or None.
-_OUTBOX: Any = None
-
-
 def gpu_slots(jobs: int, gpus: list[str]) -> list[str]:
     """The GPU each of `jobs` workers gets: one each while they last, then round again (workers then share)."""
     return [gpus[i % len(gpus)] for i in range(jobs)] if gpus else []
 
 
-def _worker_pool(context: Any, jobs: int, inbox: Any, gpus: list[str] | None = None) -> ProcessPoolExecutor:
+def _worker_pool(jobs: int, gpus: list[str] | None = None) -> ProcessPoolExecutor:
     """`jobs` spawned workers; each takes its GPU of `gpus` (default: `gpu_slots` of the visible GPUs) as it
     starts, so parallel stages do not all land on the first GPU (a stage's device `auto` is the worker's GPU)."""
     from sgtm_engine.runtime import visible_gpus
 
+    context = multiprocessing.get_context("spawn")
     gpus = gpu_slots(jobs, visible_gpus()) if gpus is None else gpus
     slots = None
     if gpus:
         slots = context.SimpleQueue()
         for gpu in gpus:
             slots.put(gpu)
-    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(inbox, jobs, slots))
+    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(jobs, slots))
 
 
-def _inbox(context: Any) -> Any:
-    """Where the workers send their stages' events. A SimpleQueue's `put` has written to the pipe when it returns,
-    so all of a stage's events are readable once its future is done and the parent's `failed` is drawn after them;
-    a Queue's feeder thread could still hold the last ones. (A worker blocks on a full pipe until the parent's next
-    `_deliver`, at most `wait`'s 0.2 s.)"""
-    return context.SimpleQueue()
-
-
-def _worker_emit(label: str) -> Emit | None:
-    """In a worker process: the event callback of stage `label`, or None when nobody listens."""
-    outbox = _OUTBOX
-    return None if outbox is None else lambda event: outbox.put((label, event))
-
-
-def _start_worker(outbox: Any, jobs: int, slots: Any = None) -> None:
-    global _OUTBOX
-    _OUTBOX = outbox
+def _start_worker(jobs: int, slots: Any = None) -> None:
     if slots is not None:  # before anything here touches CUDA, which reads it once
         os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
     import torch
@@ -302,18 +268,10 @@ def _start_worker(outbox: Any, jobs: int, slots: Any = None) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
-def _deliver(inbox: Any, events: Callable[[str], Emit] | None) -> None:
-    """Hand the events the workers have sent so far to their stages' callbacks."""
-    while inbox is not None and events is not None and not inbox.empty():
-        label, event = inbox.get()
-        events(label)(event)
-
-
 def _run_task(task: _Task, uri: str | None, experiment: str, cache_dir: Path | None,
               emit: Emit | None = None) -> None:
     from sgtm_engine.runner import run_tracked_stage
 
-    emit = emit or _worker_emit(task.name)
     kind = StageKind(task.kind)
     run_tracked_stage(kind, from_dict(STAGE_SPECS[kind], task.spec), task.folder, task.inputs, uri=uri,
                       experiment=experiment, name=task.name, parent_run_id=task.cell_run_id, tags=task.tags,

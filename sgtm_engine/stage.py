@@ -42,7 +42,7 @@ from sgtm_engine.config import (
     unknown_choice,
 )
 from sgtm_engine.errors import ConfigError, SgtmError
-from sgtm_engine.folders import LOCK_FILE, hold_folder, make_folder, write_json
+from sgtm_engine.folders import LOCK_FILE, EventLog, hold_folder, make_folder, write_json
 from sgtm_engine.provenance import code_version
 from sgtm_engine.runtime import ResourceMeter, Runtime, StopFlag, stage_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
@@ -53,22 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULT = "result.json"
-EVENTS = "events.jsonl"
-
-
-class EventLog:
-    """Appends events to `events.jsonl` (flushed per line, so a supervisor can tail it) and forwards them."""
-
-    def __init__(self, workdir: Path, forward: Emit | None = None):
-        self.path = workdir / EVENTS
-        self.forward = forward
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        event = {"t": time.time(), **event}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event, default=str) + "\n")
-        if self.forward:
-            self.forward(event)
 
 
 def read_result(workdir: Path) -> dict[str, Any]:

@@ -1,59 +1,14 @@
-"""Reading the child's `events.jsonl` incrementally, and throttling what reaches the ledger.
-
-The child appends one JSON object per line. A line may be half-written when we read, so an unterminated tail is
-kept for the next read. Lines that are not JSON objects are skipped (and counted), never fatal.
-"""
+"""Throttling the child's events (read from its `events.jsonl` by `sgtm_engine.folders.EventTail`) on their way
+to the ledger."""
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 #: Events that always reach the ledger at once (a few per stage); `progress` is throttled to one write per interval.
 URGENT_TYPES = frozenset({"started", "phase", "eval", "checkpoint", "finished"})
-
-
-class EventTail:
-    """Follows a JSON-lines file from a given offset (the file's size at spawn: earlier attempts' events are old)."""
-
-    def __init__(self, path: Path, *, from_end: bool = True):
-        self.path = path
-        self.offset = path.stat().st_size if from_end and path.exists() else 0
-        self._partial = b""
-        self.skipped = 0
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        if not chunk:
-            return []
-        self.offset += len(chunk)
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()  # b"" when the chunk ended with a newline
-        events = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict):
-                events.append(event)
-            else:
-                self.skipped += 1
-                log.warning("skipping a malformed line in %s", self.path)
-        return events
 
 
 class ProgressBuffer:

@@ -35,10 +35,10 @@ from api.db.jobs import Lease
 from api.db.session import session_scope
 from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
-from sgtm_engine.folders import write_json
+from sgtm_engine.folders import EVENTS, EventTail, write_json
 from sgtm_engine.provenance import code_version
 from workers.child import Child, build_argv, describe_exit, engine_env
-from workers.events import EventTail, ProgressBuffer
+from workers.events import ProgressBuffer
 from workers.results import read_json_object
 from workers.run_store import RunStore
 from workers.runs import LeaseLost, close_finished_pipelines, close_finished_sweeps, close_job_run, open_job_run
@@ -132,7 +132,7 @@ class Supervisor:
             argv = build_argv(self.settings, kind=job.kind, spec_path=spec_path, workdir=workdir,
                               inputs={n: self.settings.workdir(p) for n, p in inputs.items()},
                               mlflow_uri=self.run_store.uri if run_id else None, mlflow_run_id=run_id, gpus=job.gpus)
-            tail = EventTail(workdir / "events.jsonl", from_end=True)
+            tail = EventTail(workdir / EVENTS, from_end=True)
             for stale in ("result.json", "error.json"):  # a result (or error) must come from this attempt
                 (workdir / stale).unlink(missing_ok=True)
             child = Child(argv, cwd=workdir, log_path=workdir / "logs" / f"attempt-{attempt}.log",

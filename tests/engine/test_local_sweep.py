@@ -353,33 +353,21 @@ def test_a_failed_stage_fails_the_stages_after_it_and_nothing_else(monkeypatch, 
     assert not any("FAILED" in line for line in lines)
 
 
-def _events_then_failure(n: int) -> None:
-    """A stage in a worker process that sends `n` progress events and then raises."""
+def test_worker_stages_events_reach_their_bars_from_their_event_logs_before_their_failure(tmp_path):
+    """With `--jobs` above 1 the parent follows each stage's events.jsonl (the stage runs in a worker process); a stage
+    that fails there has every event it wrote drawn before its `failed`, which only the parent can send."""
     import sgtm_engine.local_sweep as local
 
-    emit = local._worker_emit("chatty")
-    for step in range(n):
-        emit({"type": "progress", "step": step})
-    raise RuntimeError("out of memory")
-
-
-def test_a_worker_stage_s_events_are_all_delivered_once_its_future_is_done():
-    """The parent draws a failed stage's `failed` after the future completes; every event the stage sent before it
-    raised must be readable by then, or a late progress event would be drawn after `failed`."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import sgtm_engine.local_sweep as local
-
-    context = multiprocessing.get_context("spawn")
-    for _ in range(3):
-        inbox = local._inbox(context)
-        with ProcessPoolExecutor(1, mp_context=context, initializer=local._start_worker, initargs=(inbox, 1)) as pool:
-            future = pool.submit(_events_then_failure, 400)
-            assert isinstance(future.exception(timeout=120), RuntimeError)
-            got: list[dict] = []
-            local._deliver(inbox, lambda label, got=got: got.append)
-            assert [e["step"] for e in got] == list(range(400))
+    missing = tmp_path / "no-such-stage"  # an input folder without a result: the stage fails once it has started
+    tasks = {name: local._Task("evaluate", {}, tmp_path / name, {"model": missing}, name, None, {}, "sweep")
+             for name in ("evaluate-a", "evaluate-b")}
+    seen: dict[str, list[dict]] = {}
+    errors = local._run_tasks(tasks, 2, None, "x", tmp_path / "cache", print,
+                              lambda label: seen.setdefault(label, []).append)
+    assert set(errors) == set(tasks) and all("no result.json" in error for error in errors.values())
+    assert {name: [e["type"] for e in got] for name, got in seen.items()} == {
+        name: ["started", "failed"] for name in tasks}
+    assert seen["evaluate-a"][0]["kind"] == "evaluate"  # the event as the stage wrote it
 
 
 def _visible_devices(barrier) -> str:
@@ -398,10 +386,9 @@ def test_parallel_workers_take_a_gpu_each_then_share_them():
     import sgtm_engine.local_sweep as local
 
     assert local.gpu_slots(3, ["0", "1"]) == ["0", "1", "0"] and local.gpu_slots(2, []) == []
-    context = multiprocessing.get_context("spawn")
     with multiprocessing.Manager() as manager:
         barrier = manager.Barrier(3)
-        with local._worker_pool(context, 3, None, local.gpu_slots(3, ["GPU-a", "GPU-b"])) as pool:
+        with local._worker_pool(3, local.gpu_slots(3, ["GPU-a", "GPU-b"])) as pool:
             seen = sorted(pool.map(_visible_devices, [barrier] * 3))
     assert seen == ["GPU-a", "GPU-a", "GPU-b"]
 

@@ -1,11 +1,12 @@
-"""events.jsonl tailing and progress throttling."""
+"""events.jsonl tailing (the engine's reader, which the supervisor follows its child with) and progress throttling."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from workers.events import EventTail, ProgressBuffer
+from sgtm_engine.folders import EventTail
+from workers.events import ProgressBuffer
 
 
 def test_tail_reads_only_new_complete_lines(tmp_path: Path) -> None:
