@@ -154,13 +154,9 @@ def group_label(variant: str, params: Mapping[str, Any]) -> str:
     return f"{variant} ({', '.join(_param_terms(params))})" if params else variant
 
 
-def _param_terms(params: Mapping[str, Any]) -> list[str]:
+def _param_terms(params: Mapping[str, Any], sep: str = "=") -> list[str]:
     """`recall=0.99` per grid path: its last component and the value."""
-    return [f"{_leaf(k)}={v}" for k, v in params.items()]
-
-
-def _leaf(dotted: str) -> str:
-    return dotted.rsplit(".", 1)[-1]
+    return [f"{k.rsplit('.', 1)[-1]}{sep}{v}" for k, v in params.items()]
 
 
 def group_cells(records: Sequence[Mapping[str, Any]]) -> list[Group]:
@@ -195,19 +191,15 @@ def tables(groups: Sequence[Group]) -> list[dict[str, Any]]:
     final_rows = [_row(g, _stats(g.ok, final_metrics)) for g in groups]
     attack_rows = [_row(g, _stats(g.ok, attack_metrics)) for g in groups]
     attack_rows = [r for r in attack_rows if r["stats"]]
-    out = [{"name": "final", "title": "Final model, mean ± sample std over seeds",
-            "columns": sorted({k for r in final_rows for k in r["stats"]}), "rows": final_rows}]
-    if attack_rows:
-        out.append({"name": "attack", "title": "Fine-tuning attack, mean ± sample std over seeds "
-                                               "(steps and tokens: over the seeds that recovered)",
-                    "columns": sorted({k for r in attack_rows for k in r["stats"]}), "rows": attack_rows})
     worst_rows = worst_case_rows(attack_rows, attack_axes([c for g in groups for c in g.cells]))
-    if worst_rows:
-        out.append({"name": "attack_worst", "title": "Fine-tuning attack, the worst case over attack configurations "
-                                                     "(most seeds recovered, then fewest steps to recovery, then "
-                                                     "least forget loss above the reference)",
-                    "columns": sorted({k for r in worst_rows for k in r["stats"]}), "rows": worst_rows})
-    return out
+    contents = [("final", "Final model, mean ± sample std over seeds", final_rows),
+              ("attack", "Fine-tuning attack, mean ± sample std over seeds (steps and tokens: over the seeds that "
+                         "recovered)", attack_rows),
+              ("attack_worst", "Fine-tuning attack, the worst case over attack configurations (most seeds "
+                               "recovered, then fewest steps to recovery, then least forget loss above the "
+                               "reference)", worst_rows)]
+    return [{"name": name, "title": title, "columns": sorted({k for r in rows for k in r["stats"]}), "rows": rows}
+            for name, title, rows in contents if rows or name == "final"]
 
 
 def attack_axes(records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -323,8 +315,7 @@ def sweep_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     seen: set[tuple[str, str]] = set()
     for table in report["tables"]:
         for row in table["rows"]:
-            params = "/".join(f"{_leaf(k)}_{v}" for k, v in row["params"].items())
-            prefix = "/".join(p for p in (row["variant"], params) if p)
+            prefix = "/".join([row["variant"], *_param_terms(row["params"], "_")])
             out[metric_key(f"{prefix}/n_succeeded")] = float(row["n_succeeded"])
             for metric, stat in row["stats"].items():
                 if (prefix, metric) in seen:

@@ -93,11 +93,7 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
                 y = [s.mean for s in forget]
                 ax.plot(x, y, marker="o", ms=3, lw=1.2, color=colors[g.variant], label=g.variant)
                 ax.plot(x[-1:], y[-1:], marker="*", ms=12, color=colors[g.variant], linestyle="none")
-            ax.set_title(f"{VIEW_TITLES[view]} {params}".strip())
-            ax.set_xlabel("retain loss (nats/token)")
-            ax.set_ylabel("forget loss (nats/token)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _label(ax, "retain loss (nats/token)", "forget loss (nats/token)", f"{VIEW_TITLES[view]} {params}".strip())
     fig.suptitle("Retain vs forget loss across checkpoints (mean over seeds; ★ = final)")
     return fig
 
@@ -134,11 +130,8 @@ def undiscovered_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
             ax.set_xscale("symlog", linthresh=1.0)
             ax.set_xticks(rates)
             ax.set_xticklabels([f"{r:g}%" for r in rates])
-            ax.set_xlabel("undiscovered forget data (1 − recall, %)")
-            ax.set_ylabel(f"{split} loss (nats/token)")
-            ax.set_title(f"final {split} loss, {VIEW_TITLES[view]}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _label(ax, "undiscovered forget data (1 − recall, %)", f"{split} loss (nats/token)",
+                   f"final {split} loss, {VIEW_TITLES[view]}")
     fig.suptitle("Final losses against the undiscovered-forget rate (mean ± sample std over seeds)")
     return fig
 
@@ -172,14 +165,8 @@ def attack_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
             length = max(float(s.get("steps") or 0) for s in summaries)
             bars.append((label, mean_std(steps), sum(x is not None for x in steps), len(steps), length))
     ax_c.axhline(0.0, color="black", ls="--", lw=1, label="reference (the baseline, same seed)")
-    ax_c.set_ylabel("forget loss − reference (nats/token, held-out, uncalibrated)")
-    ax_c.set_title("recovery curves")
-    ax_r.set_ylabel("retain loss (nats/token)")
-    ax_r.set_title("retain loss during the attack")
-    for ax in (ax_c, ax_r):
-        ax.set_xlabel("attack step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _label(ax_c, "attack step", "forget loss − reference (nats/token, held-out, uncalibrated)", "recovery curves")
+    _label(ax_r, "attack step", "retain loss (nats/token)", "retain loss during the attack")
     xs = np.arange(len(bars))
     heights = [b[1].mean if b[1].mean is not None else b[4] for b in bars]
     errs = [b[1].std or 0.0 for b in bars]
@@ -198,6 +185,13 @@ def attack_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     ax_b.grid(alpha=0.3, axis="y")
     fig.suptitle("Fine-tuning attack (mean ± sample std over seeds)")
     return fig
+
+
+def _label(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, a light grid and a small legend: every line panel of the report looks alike."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _colors(groups: Sequence[Group]) -> dict[str, Any]:
