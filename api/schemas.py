@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 from api.db.status import JobStatus
 from sgtm_engine.config import (
+    EXPERIMENT_NAME_PATTERN,
+    EXPERIMENT_NAME_RULE,
     INPUT_NAME_PATTERN,
+    MAX_DESCRIPTION,
     MAX_STAGES,
     STAGE_NAME_PATTERN,
     STAGE_NAME_RULE,
@@ -29,7 +32,8 @@ the engine's rule (`sgtm_engine.config.stage_list`), so `sgtm run` and the API a
 InputName = Annotated[str, StringConstraints(pattern=INPUT_NAME_PATTERN)]
 PIPELINE_INPUT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,35}$"
 """A pipeline stage's input: an earlier stage's name or an existing job id."""
-RegistryName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+ExperimentName = Annotated[str, StringConstraints(pattern=EXPERIMENT_NAME_PATTERN)]
+"""The engine's rule for a recipe's or a sweep's `experiment`, so `sgtm run` and the API accept the same names."""
 IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 Queue = Literal["gpu", "cpu"]
 
@@ -44,6 +48,7 @@ PATTERN_RULES = {
     STAGE_NAME_PATTERN: STAGE_NAME_RULE,
     INPUT_NAME_PATTERN: "an input name: 1-32 lowercase letters, digits or '_', starting with a letter",
     PIPELINE_INPUT_PATTERN: "an earlier stage's name or an existing job id",
+    EXPERIMENT_NAME_PATTERN: EXPERIMENT_NAME_RULE,
 }
 
 _SPEC_DOC = ("The stage spec as JSON: the fields of the engine's spec class for this kind (train → TrainSpec, "
@@ -100,7 +105,7 @@ class JobCreate(_Body):
                                                   "else the service's default queue.")
     gpus: int = Field(1, ge=1, le=8, description="GPUs on one machine; above 1 (train and attack only) the stage runs "
                                                   "under torchrun, each rank taking its share of every batch.")
-    experiment: RegistryName | None = Field(None, description="MLflow experiment; default: the service's.")
+    experiment: ExperimentName | None = Field(None, description="MLflow experiment; default: the service's.")
 
 
 class StageCreate(_Body):
@@ -125,8 +130,9 @@ class PipelineCreate(_Body):
     noun: ClassVar[str] = "a recipe"
 
     name: StageName = "pipeline"
-    description: str | None = Field(None, max_length=4000, description="Free text; not stored with the jobs.")
-    experiment: RegistryName | None = None
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION,
+                                    description="Free text; not stored with the jobs.")
+    experiment: ExperimentName | None = None
     stages: list[StageCreate] = Field(min_length=1, max_length=MAX_STAGES)
 
 
@@ -139,8 +145,8 @@ class SweepCreate(_Body):
 
     kind: Literal["sweep"] = "sweep"
     name: StageName = "sweep"
-    description: str | None = Field(None, max_length=4000)
-    experiment: RegistryName | None = None
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION)
+    experiment: ExperimentName | None = None
     base: dict[str, Any] = Field(description="A pipeline recipe: {'stages': [{name, kind, spec, inputs}, ...]}.")
     variants: dict[str, Any] | None = Field(None, description="{variant: {'<stage>.<field path>': value}}; "
                                                               "'<stage>': null drops a stage.")

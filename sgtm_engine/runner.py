@@ -113,7 +113,7 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
     workdir = make_folder(Path(workdir))
     uri = (mlflow_uri or local_tracking_uri(workdir)) if track else None
     artifact_root = local_artifact_root(workdir) if track and mlflow_uri is None else None
-    experiment = experiment or recipe.name
+    experiment = experiment or recipe.experiment or recipe.name
     name = run_name or f"{recipe.name} ({spec_hash(recipe_data(recipe))[:8]})"
     with hold_folder(workdir, f"sgtm run {recipe.name}"):  # one process per run folder
         parent = parent_run(workdir, uri, experiment, name, artifact_root=artifact_root,

@@ -20,12 +20,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from sgtm_engine.config import (
-    STAGE_NAME_PATTERN,
-    STAGE_NAME_RULE,
     STAGE_SPECS,
     StageKind,
     apply_stage_overrides,
     did_you_mean,
+    header_problems,
     parse_stages,
     spec_hash,
     to_dict,
@@ -35,7 +34,6 @@ from sgtm_engine.errors import ConfigError, Loc, Problem, render_loc
 
 TOP_KEYS = ("kind", "name", "description", "experiment", "base", "variants", "grid", "seeds", "seed_paths")
 BASE_KEYS = ("stages", "name", "description")
-NAME = re.compile(STAGE_NAME_PATTERN)
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 MAX_CELLS = 2000
 
@@ -117,12 +115,7 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> SweepPlan:
     problems = [unknown_key((), str(key), TOP_KEYS, "a sweep") for key in data if key not in TOP_KEYS]
     if data.get("kind", "sweep") != "sweep":
         problems.append(Problem.at(("kind",), "a sweep document has kind 'sweep'", data["kind"]))
-    name, experiment = data.get("name", "sweep"), data.get("experiment")
-    if not isinstance(name, str) or not NAME.match(name):
-        problems.append(Problem.at(("name",), STAGE_NAME_RULE, name))
-    if experiment is not None and (not isinstance(experiment, str) or not VARIANT_NAME.match(experiment)):
-        problems.append(Problem.at(("experiment",), "a registry-style name (letters, digits, '_', '-', '.', '+')",
-                                   experiment))
+    problems += header_problems(data)  # name, description and experiment: a recipe's rules
     stages = _parse_base(data.get("base"), problems)
     variants = _parse_variants(data.get("variants"), problems)
     grid = _parse_grid(data.get("grid"), problems)
@@ -140,8 +133,8 @@ def parse_sweep(data: Any, *, max_cells: int = MAX_CELLS) -> SweepPlan:
     if problems:
         unique: dict[str, Problem] = {}  # a bad path fails every cell alike: report it once
         raise SweepError([unique.setdefault(p.msg, p) for p in problems if p.msg not in unique])
-    return SweepPlan(name=name, experiment=experiment, variants=variants, grid=grid, seeds=seeds,
-                     seed_paths=seed_paths, cells=cells)
+    return SweepPlan(name=data.get("name", "sweep"), experiment=data.get("experiment"), variants=variants,
+                     grid=grid, seeds=seeds, seed_paths=seed_paths, cells=cells)
 
 
 def _parse_base(base: Any, problems: list[Problem]) -> list[dict[str, Any]] | None:

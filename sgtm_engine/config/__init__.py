@@ -32,7 +32,10 @@ from sgtm_engine.config.model import MODEL_PRESETS, MaskingSpec, ModelSpec
 from sgtm_engine.config.overrides import apply_overrides, merge, set_path, with_overrides
 from sgtm_engine.config.specs import AblateSpec, CalibrateSpec, EvalSpec, OptimSpec, RuntimeSpec
 from sgtm_engine.config.stage_list import (
+    EXPERIMENT_NAME_PATTERN,
+    EXPERIMENT_NAME_RULE,
     INPUT_NAME_PATTERN,
+    MAX_DESCRIPTION,
     MAX_STAGES,
     MODEL_PRODUCERS,
     STAGE_INPUTS,
@@ -42,6 +45,7 @@ from sgtm_engine.config.stage_list import (
     Stage,
     apply_stage_overrides,
     gpus_problems,
+    header_problems,
     input_role_problems,
     parse_recipe,
     parse_stages,
@@ -74,13 +78,15 @@ from sgtm_engine.config.vocabulary import (
 from sgtm_engine.errors import ConfigError, Problem
 
 __all__ = [
-    "BUILTIN_CORPORA", "FORBID_EXTRA", "INPUT_NAME_PATTERN", "MAX_STAGES", "MODEL_PRESETS", "MODEL_PRODUCERS",
+    "BUILTIN_CORPORA", "EXPERIMENT_NAME_PATTERN", "EXPERIMENT_NAME_RULE", "FORBID_EXTRA", "INPUT_NAME_PATTERN",
+    "MAX_DESCRIPTION", "MAX_STAGES", "MODEL_PRESETS", "MODEL_PRODUCERS",
     "STAGE_INPUTS", "STAGE_NAME_PATTERN", "STAGE_NAME_RULE", "STAGE_SPECS", "TOKENIZERS", "AblateSpec",
     "AblateStageSpec", "AblationKind", "AttackData", "AttackSpec", "CalibrateSpec", "Checks", "ConfigError",
     "DataSpec", "Device", "EvalSpec", "EvaluateSpec", "FalsePositiveSource", "FilterKind", "FilterMatching",
     "FilterSpec", "MaskMode", "MaskingSpec", "ModelSpec", "NoiseGranularity", "NoiseModel", "NoiseSpec",
     "OptimSpec", "OptimizerKind", "Precision", "Problem", "Recipe", "RmuSpec", "RuntimeSpec", "Split", "Stage",
     "StageKind", "Strategy", "TrainSpec", "apply_overrides", "apply_stage_overrides", "did_you_mean", "flat_params",
-    "from_dict", "gpus_problems", "input_role_problems", "merge", "method_name", "parse_recipe", "parse_stages",
-    "set_path", "spec_hash", "to_dict", "unknown_choice", "unknown_corpora", "unknown_key", "with_overrides",
+    "from_dict", "gpus_problems", "header_problems", "input_role_problems", "merge", "method_name", "parse_recipe",
+    "parse_stages", "set_path", "spec_hash", "to_dict", "unknown_choice", "unknown_corpora", "unknown_key",
+    "with_overrides",
 ]

@@ -32,6 +32,10 @@ from sgtm_engine.errors import ConfigError, Loc, Problem
 STAGE_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 INPUT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 STAGE_NAME_RULE = "use 1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter"
+EXPERIMENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+EXPERIMENT_NAME_RULE = ("an MLflow experiment name: 1-128 letters, digits, '_', '-' or '.', starting with a letter or "
+                        "digit")
+MAX_DESCRIPTION = 4000
 STAGE_KEYS = ("name", "kind", "spec", "inputs", "queue", "gpus")
 RECIPE_KEYS = ("name", "description", "experiment", "stages")
 MAX_STAGES = 64
@@ -81,10 +85,7 @@ def parse_recipe(data: Any, overrides: Mapping[str, Any] | None = None, *,
         raise ConfigError(Problem.at((), "a recipe is a mapping with a 'stages' list: {name, stages: [{name, kind, "
                                          "spec, inputs}]}"))
     unknown = [str(k) for k in data if k not in RECIPE_KEYS]
-    problems = [unknown_key((), k, RECIPE_KEYS, "a recipe") for k in unknown]
-    name = data.get("name", "recipe")
-    if not isinstance(name, str) or not _NAME.match(name):
-        problems.append(Problem.at(("name",), STAGE_NAME_RULE, name))
+    problems = [unknown_key((), k, RECIPE_KEYS, "a recipe") for k in unknown] + header_problems(data)
     stages: list[Stage] = []
     if "stages" in data or "stages" not in {did_you_mean(k, RECIPE_KEYS) for k in unknown}:  # no follow-on error
         try:
@@ -93,7 +94,24 @@ def parse_recipe(data: Any, overrides: Mapping[str, Any] | None = None, *,
             problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return Recipe(name, tuple(stages), str(data.get("description") or ""), data.get("experiment"))
+    return Recipe(data.get("name", "recipe"), tuple(stages), data.get("description") or "", data.get("experiment"))
+
+
+def header_problems(data: Mapping[str, Any]) -> list[Problem]:
+    """The fields a recipe and a sweep document share, by one rule for `sgtm run`, `sgtm sweep` and the API's
+    bodies: `name` (like a stage's), `description` (free text) and `experiment` (where MLflow files the runs)."""
+    problems = []
+    if "name" in data and (not isinstance(data["name"], str) or not _NAME.match(data["name"])):
+        problems.append(Problem.at(("name",), STAGE_NAME_RULE, data["name"]))
+    description = data.get("description")
+    if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION):
+        problems.append(Problem.at(("description",), f"free text of at most {MAX_DESCRIPTION} characters, or null",
+                                   description))
+    experiment = data.get("experiment")
+    if experiment is not None and (not isinstance(experiment, str) or not re.match(EXPERIMENT_NAME_PATTERN,
+                                                                                   experiment)):
+        problems.append(Problem.at(("experiment",), f"{EXPERIMENT_NAME_RULE}; or null for the default", experiment))
+    return problems
 
 
 def _set_option(path: str) -> tuple[Loc, str]:

@@ -1,5 +1,6 @@
-"""The API's spec layer agrees with the engine: method labels, every shipped recipe is a valid pipeline, and a
-recipe `sgtm run` accepts is one `POST /api/v1/pipelines` accepts, and the other way round."""
+"""The API's spec layer agrees with the engine: method labels, every shipped recipe is a valid pipeline, a recipe
+`sgtm run` accepts is one `POST /api/v1/pipelines` accepts, and a sweep `sgtm sweep --local` accepts is one
+`POST /api/v1/sweeps` accepts, and the other way round."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from api.specs import _method
 from sgtm_engine.config import StageKind, TrainSpec, from_dict, method_name
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.recipe import RECIPE_DIR, load_recipe
+from sgtm_engine.sweep import parse_sweep
 from sgtm_engine.yamlio import load_file
 from tests.ledger_fixtures import TOKEN, RecordingEnqueuer
 
@@ -70,6 +72,15 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
     "recipe-name-with-space": {"name": "my recipe", "stages": [_stage("train")]},
     "description-and-experiment": {"name": "r", "description": "free text", "experiment": "exp",
                                    "stages": [_stage("train")]},
+    "experiment-of-128": {"experiment": "e" * 128, "stages": [_stage("train")]},
+    "experiment-of-129": {"experiment": "e" * 129, "stages": [_stage("train")]},
+    "experiment-with-space": {"experiment": "my runs", "stages": [_stage("train")]},
+    "experiment-with-plus": {"experiment": "sgtm+rmu", "stages": [_stage("train")]},
+    "experiment-not-text": {"experiment": 5, "stages": [_stage("train")]},
+    "null-description-and-experiment": {"description": None, "experiment": None, "stages": [_stage("train")]},
+    "description-of-4000": {"description": "d" * 4000, "stages": [_stage("train")]},
+    "description-of-4001": {"description": "d" * 4001, "stages": [_stage("train")]},
+    "description-not-text": {"description": ["a", "list"], "stages": [_stage("train")]},
     "unknown-top-level-key": {"stages": [_stage("train")], "stagez": []},
     "queue-and-gpus": {"stages": [_stage("train", queue="gpu", gpus=2)]},
     "too-many-gpus": {"stages": [_stage("train", gpus=9)]},
@@ -108,6 +119,39 @@ def test_sgtm_run_and_the_api_accept_the_same_recipes(sqlite_client: TestClient,
     except ConfigError:
         runs = False
     r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code in (202, 422), r.text
+    assert runs == (r.status_code == 202), r.text
+
+
+def _sweep(**fields: Any) -> dict[str, Any]:
+    return {"base": {"stages": [_stage("train")]}, "seeds": [0, 1], **fields}
+
+
+SWEEP_EDGE_CASES: dict[str, dict[str, Any]] = {
+    "plain": _sweep(),
+    "name-and-description": _sweep(name="my-sweep", description="free text"),
+    "name-with-space": _sweep(name="my sweep"),
+    "experiment-of-128": _sweep(experiment="e" * 128),
+    "experiment-of-129": _sweep(experiment="e" * 129),
+    "experiment-with-plus": _sweep(experiment="sgtm+rmu"),
+    "experiment-with-space": _sweep(experiment="my runs"),
+    "description-of-4001": _sweep(description="d" * 4001),
+    "description-not-text": _sweep(description=7),
+    "variants-and-grid": _sweep(variants={"short": {"train.steps": 2}, "sgtm+long": {"train.steps": 4}},
+                                grid={"train.optim.lr": [1e-3, 3e-3]}),
+    "unknown-key": _sweep(seedz=[1]),
+    "no-base": {"seeds": [0]},
+}
+
+
+@pytest.mark.parametrize("body", SWEEP_EDGE_CASES.values(), ids=SWEEP_EDGE_CASES)
+def test_sgtm_sweep_and_the_api_accept_the_same_sweeps(sqlite_client: TestClient, body: dict[str, Any]) -> None:
+    try:
+        parse_sweep(copy.deepcopy(body))
+        runs = True
+    except ConfigError:
+        runs = False
+    r = sqlite_client.post("/api/v1/sweeps", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code in (202, 422), r.text
     assert runs == (r.status_code == 202), r.text
 

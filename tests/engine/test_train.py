@@ -237,7 +237,7 @@ def test_stage_chain_and_result_records(tmp_path, cache):
 
 @pytest.mark.slow
 def test_recipe_runs_with_nested_mlflow_runs(tmp_path, cache):
-    recipe = load_recipe({"name": "t", "stages": [
+    recipe = load_recipe({"name": "t", "experiment": "tiny-runs", "stages": [
         {"name": "train", "kind": "train", "spec": {**TINY, "steps": 4}},
         {"name": "eval", "kind": "evaluate", "inputs": {"model": "train"},
          "spec": {"calibrate": {"steps": 2, "batch_size": 2}, "eval": {"max_batches": 1, "capability": False}}}]},
@@ -247,7 +247,8 @@ def test_recipe_runs_with_nested_mlflow_runs(tmp_path, cache):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(out["mlflow_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert client.get_experiment_by_name("t") is None  # the recipe names its experiment, as it does for the API
+    runs = client.search_runs([client.get_experiment_by_name("tiny-runs").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
