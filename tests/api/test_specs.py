@@ -113,12 +113,17 @@ SHIPPED = {p.stem: load_file(p) for p in sorted(RECIPE_DIR.glob("*.yaml"))}
 
 @pytest.mark.parametrize("body", [*SHIPPED.values(), *EDGE_CASES.values()], ids=[*SHIPPED, *EDGE_CASES])
 def test_sgtm_run_and_the_api_accept_the_same_recipes(sqlite_client: TestClient, body: dict[str, Any]) -> None:
+    _both_accept_or_refuse(load_recipe, sqlite_client, "/api/v1/pipelines", body)
+
+
+def _both_accept_or_refuse(parse: Any, client: TestClient, route: str, body: dict[str, Any]) -> None:
+    """The engine's parser takes `body` exactly when the API's route does (202, else a 422)."""
     try:
-        load_recipe(copy.deepcopy(body))
+        parse(copy.deepcopy(body))
         runs = True
     except ConfigError:
         runs = False
-    r = sqlite_client.post("/api/v1/pipelines", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    r = client.post(route, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code in (202, 422), r.text
     assert runs == (r.status_code == 202), r.text
 
@@ -146,14 +151,7 @@ SWEEP_EDGE_CASES: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("body", SWEEP_EDGE_CASES.values(), ids=SWEEP_EDGE_CASES)
 def test_sgtm_sweep_and_the_api_accept_the_same_sweeps(sqlite_client: TestClient, body: dict[str, Any]) -> None:
-    try:
-        parse_sweep(copy.deepcopy(body))
-        runs = True
-    except ConfigError:
-        runs = False
-    r = sqlite_client.post("/api/v1/sweeps", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
-    assert r.status_code in (202, 422), r.text
-    assert runs == (r.status_code == 202), r.text
+    _both_accept_or_refuse(parse_sweep, sqlite_client, "/api/v1/sweeps", body)
 
 
 def test_a_bad_registered_model_name_is_a_422_naming_the_field(sqlite_client: TestClient) -> None:
