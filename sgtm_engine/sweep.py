@@ -180,11 +180,10 @@ def _parse_grid(raw: Any, problems: list[Problem]) -> dict[str, list[Any]]:
     for path, values in raw.items():
         loc: Loc = ("grid", str(path))
         keys = [json.dumps(v, sort_keys=True, default=str) for v in values] if isinstance(values, list) else []
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
         if not isinstance(path, str) or not keys:
             problems.append(Problem.at(loc, "expected '<stage>.<field>': a non-empty list of values, e.g. [1.0, 0.9]",
                                        values))
-        elif dupes:
+        elif dupes := list({k: v for k, v in zip(keys, values, strict=True) if keys.count(k) > 1}.values()):
             problems.append(Problem.at(loc, f"values {dupes} repeat; list each value once"))
         else:
             out[path] = list(values)

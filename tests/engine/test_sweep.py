@@ -154,10 +154,11 @@ def test_structural_problems() -> None:
         {"name": "train", "kind": "bake"}, {"name": "e", "kind": "evaluate", "inputs": {"model": "later"}}]}}))
     assert "one of" in found[("base", "stages", 0, "kind")]
     assert "must name an earlier stage" in found[("base", "stages", 1, "inputs", "model")]
-    found = dict(problems_of(doc(grid={"train.steps": []})))
-    assert "non-empty list" in found[("grid", "train.steps")]
-    found = dict(problems_of(doc(grid={"train.steps": [1, 1]})))
-    assert "repeat" in found[("grid", "train.steps")]
+    found = dict(problems_of(doc(grid={"train.steps": [], "train.optim.lr": 3e-3})))
+    assert "non-empty list" in found[("grid", "train.steps")] and "non-empty list" in found[("grid", "train.optim.lr")]
+    found = dict(problems_of(doc(grid={"train.optim.lr": [1e-3, 3e-3, 1e-3, 0.001, 3e-3]})))
+    assert found[("grid", "train.optim.lr")] == ("grid.train.optim.lr: values [0.001, 0.003] repeat; list each value "
+                                                 "once")  # each once, as written
     with pytest.raises(SweepError, match="at most 10 per sweep"):
         parse_sweep(doc(grid={"train.steps": list(range(1, 12))}), max_cells=10)
 
