@@ -128,6 +128,17 @@ def _both_accept_or_refuse(parse: Any, client: TestClient, route: str, body: dic
     assert runs == (r.status_code == 202), r.text
 
 
+def test_the_api_bodies_have_the_fields_of_the_engine_s_documents() -> None:
+    """A field added to a recipe, a stage or a sweep in one place and not the other would be refused by one door."""
+    from api.schemas import PipelineCreate, StageCreate, SweepCreate
+    from sgtm_engine.config.stage_list import RECIPE_KEYS, STAGE_KEYS
+    from sgtm_engine.sweep import TOP_KEYS
+
+    assert set(PipelineCreate.model_fields) == set(RECIPE_KEYS)
+    assert set(StageCreate.model_fields) == set(STAGE_KEYS)
+    assert set(SweepCreate.model_fields) == set(TOP_KEYS)
+
+
 def _sweep(**fields: Any) -> dict[str, Any]:
     return {"base": {"stages": [_stage("train")]}, "seeds": [0, 1], **fields}
 
