@@ -178,8 +178,9 @@ def _run_tasks(tasks: dict[str, _Task], jobs: int, uri: str | None, experiment: 
                     pending.remove(task)
             finished, _ = wait(running, timeout=0.2 if pool and events else None, return_when=FIRST_COMPLETED)
             for task, _, tail in running.values():  # a finished stage's last events, before its end is told
-                for event in tail.read() if tail and events else ():
-                    events(task.name)(event)
+                if tail is not None and events is not None:
+                    for event in tail.read():
+                        events(task.name)(event)
             for future in finished:
                 task, started, _ = running.pop(future)
                 exc = future.exception()
