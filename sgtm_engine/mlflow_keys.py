@@ -1,6 +1,7 @@
 """MLflow keys from our names: one `metric_key` for metric and param keys, used by the tracker and by sweep reports;
-and the one tag and param scheme of a stage's run (`run_tags`, `spec_params`), used by `sgtm run`, local sweeps and
-the service's supervisor alike, so a run reads the same whoever started it.
+the one tag and param scheme of a stage's run (`run_tags`, `spec_params`), used by `sgtm run`, local sweeps and
+the service's supervisor alike, so a run reads the same whoever started it; and the evaluation's metric names as
+tables show them (`VIEWS`, `headline_columns`: the end of `sgtm run`, `sgtm show` and sweep reports alike).
 
 Stdlib-only, because `report.py` (imported by the API) and the worker parent must stay torch-free, and a sweep's
 aggregates must be logged under the same keys as the runs it aggregates.
@@ -21,11 +22,24 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from typing import Any
 
 from sgtm_engine.config import Split, flat_params
 
+#: The evaluation views, as the prefixes of their metric keys (`eval_ablated/forget/loss`), in the order a model goes
+#: through them, and what a person calls each.
+VIEWS = {"eval": "unablated", "eval_ablated": "ablated", "eval_calibrated": "calibrated"}
 MAX_KEY_LENGTH = 250
+
+
+def headline_columns(names: Iterable[str]) -> dict[str, str]:
+    """Of one view's metric names (`forget/loss`, `capability/forget_cloze_acc`, ...), the headline ones in the order
+    a table shows them, each with its column header: the split losses (`forget loss`), then the capability measures
+    by name."""
+    present = set(names)
+    ordered = [f"{split}/loss" for split in Split] + sorted(n for n in present if n.startswith("capability/"))
+    return {n: n.replace("/loss", " loss").removeprefix("capability/") for n in ordered if n in present}
 _REFUSED = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 

@@ -28,11 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from sgtm_engine.mlflow_keys import VIEWS, headline_columns
+
 #: Where a stage sends its events (stage.py documents them); the engine's modules import it for annotations only.
 Emit = Callable[[dict[str, Any]], None]
 
-#: The evaluation views, in the order a model goes through them, and how a person calls them.
-VIEWS = {"eval": "unablated", "eval_ablated": "ablated", "eval_calibrated": "calibrated"}
 
 
 class StageBars:
@@ -197,12 +197,10 @@ def headline(metrics: Mapping[str, Any], title: str = "") -> Table | None:
     rows = {view: values for view, values in rows.items() if values}
     if not rows:
         return None
-    names = [f"{split}/loss" for split in ("retain", "forget", "adjacent")]
-    names += sorted({n for values in rows.values() for n in values if n.startswith("capability/")})
-    names = [n for n in names if any(n in values for values in rows.values())]
-    table = Table("view", *(n.replace("/loss", " loss").removeprefix("capability/") for n in names), title=title)
+    columns = headline_columns(n for values in rows.values() for n in values)
+    table = Table("view", *columns.values(), title=title)
     for view, values in rows.items():
-        table.add_row(VIEWS[view], *(_number(values.get(n)) for n in names))
+        table.add_row(VIEWS[view], *(_number(values.get(n)) for n in columns))
     return table
 
 

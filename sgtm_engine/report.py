@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sgtm_engine.mlflow_keys import metric_key
+from sgtm_engine.config import Split
+from sgtm_engine.mlflow_keys import VIEWS, headline_columns, metric_key
 
 SUCCEEDED = "succeeded"
-_FINAL_KEY = re.compile(r"^(eval|eval_ablated|eval_calibrated)/((retain|forget|adjacent)/(loss|acc)|capability/[^/]+)$")
+_FINAL_KEY = re.compile(rf"^({'|'.join(VIEWS)})/(({'|'.join(Split)})/(loss|acc)|capability/[^/]+)$")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Aggregation
@@ -341,17 +342,11 @@ _MD_ATTACK = (("start_forget_loss", "forget loss at step 0"), ("start_retain_los
 def _final_columns(columns: Sequence[str]) -> list[tuple[str, str | None, str]]:
     """(main key, bracketed unablated key or None, header): losses per split, then capability metrics. The main
     number is of the most processed view (calibrated, else ablated) and the header says which."""
-    names = [f"{split}/loss" for split in ("retain", "forget", "adjacent")]
-    names += sorted({k.split("/", 1)[1] for k in columns if "/capability/" in k})
     out = []
-    for name in names:
-        main = next((f"{v}/{name}" for v in ("eval_calibrated", "eval_ablated", "eval") if f"{v}/{name}" in columns),
-                    None)
-        if main is None:
-            continue
+    for name, header in headline_columns(k.split("/", 1)[1] for k in columns).items():
+        main = next(f"{v}/{name}" for v in reversed(VIEWS) if f"{v}/{name}" in columns)
         bracket = f"eval/{name}" if f"eval/{name}" in columns and not main.startswith("eval/") else None
-        header = name.replace("/loss", " loss").replace("capability/", "")
-        view = main.split("/", 1)[0].removeprefix("eval").lstrip("_")  # which model the main number is of
+        view = VIEWS[main.split("/", 1)[0]]  # which model the main number is of
         out.append((main, bracket, f"{header}, {view} (unablated)" if bracket else header))
     return out
 

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from sgtm_engine.mlflow_keys import VIEWS  # noqa: E402
 from sgtm_engine.report import (  # noqa: E402
     Group,
     Stat,
@@ -32,8 +33,8 @@ from sgtm_engine.report import (  # noqa: E402
 )
 
 RECALL = "train.noise.recall"
-VIEWS = ("eval", "eval_ablated", "eval_calibrated")
-VIEW_TITLES = {"eval": "unablated", "eval_ablated": "ablated, uncalibrated", "eval_calibrated": "calibrated"}
+#: A panel's view, said in full: a figure shows ablated and calibrated panels side by side.
+VIEW_TITLES = {**VIEWS, "eval_ablated": "ablated, uncalibrated"}
 
 
 def align_curves(curves: Sequence[Sequence[tuple[float, float]]]) -> tuple[list[float], list[Stat]]:
