@@ -59,7 +59,7 @@ def run_stage_cmd(
              "at most this many seconds later")] = None,
 ) -> None:
     """Run one stage; exit code per sgtm_engine.errors. Used by the service's supervisor."""
-    from sgtm_engine.folders import make_folder, write_json
+    from sgtm_engine.folders import ERROR, make_folder, write_json
     from sgtm_engine.runtime import StopFlag, setup_logging
     from sgtm_engine.stage import error_record, run_stage
     from sgtm_engine.tracking import MlflowTracker, NullTracker
@@ -88,7 +88,7 @@ def run_stage_cmd(
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded for the supervisor, then re-mapped
         if isinstance(exc, typer.Exit):
             raise
-        write_json(workdir / "error.json", error_record(exc))
+        write_json(workdir / ERROR, error_record(exc))
         if not isinstance(exc, SgtmError):
             log.exception("stage failed")
         _fail(exc)

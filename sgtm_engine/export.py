@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 from sgtm_engine.config import AblateSpec, AblationKind
 from sgtm_engine.data.conditional import find_control_tokens, generation_config
 from sgtm_engine.errors import ConfigError
-from sgtm_engine.folders import make_folder
+from sgtm_engine.folders import RESULT, make_folder
 from sgtm_engine.model.ablation import ablate as ablate_model
 from sgtm_engine.model.hf import OUTPUT_BIAS_NAME, WEIGHTS_NAME, load_hf, save_hf
 from sgtm_engine.model_card import model_card
-from sgtm_engine.stage import RESULT, read_result
+from sgtm_engine.stage import read_result
 
 POSITIONS_PER_CONTEXT = 4
 """Default position table of an export, in contexts."""

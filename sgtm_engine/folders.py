@@ -70,9 +70,11 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A stage's events (`stage.py` lists them): one JSON object a line in `<stage folder>/events.jsonl`
+# What a stage leaves in its folder for whoever runs it (`sgtm run`, a local sweep, the service's supervisor):
+# `result.json` when it finished, `error.json` when `run-stage` failed, and its events (`stage.py` lists them), one
+# JSON object a line in `events.jsonl`
 
-EVENTS = "events.jsonl"
+RESULT, ERROR, EVENTS = "result.json", "error.json", "events.jsonl"
 
 
 class EventLog:

@@ -23,6 +23,7 @@ from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.folders import (
     EVENTS,
+    RESULT,
     EventTail,
     hold_folder,
     local_artifact_root,
@@ -120,7 +121,7 @@ def run_sweep(sweep: SweepPlan, workdir: Path, *, jobs: int = 1, mlflow_uri: str
             folders = stage_folders(cell, workdir)
             for stage in cell.stages:
                 folder = folders[stage["name"]]
-                if folder.name not in tasks and not (folder / "result.json").exists():
+                if folder.name not in tasks and not (folder / RESULT).exists():
                     tasks[folder.name] = _Task(stage["kind"], stage["spec"], folder,
                                                {r: folders[p] for r, p in stage["inputs"].items()},
                                                f"{stage['name']} {cell_label(cell)}", run.run_id, tags, sweep.name)
@@ -289,15 +290,15 @@ def _cell_status(workdir: Path, cell: Cell) -> str:
 
 
 def _stages_done(workdir: Path, cell: Cell) -> bool:
-    return all((folder / "result.json").exists() for folder in stage_folders(cell, workdir).values())
+    return all((folder / RESULT).exists() for folder in stage_folders(cell, workdir).values())
 
 
 def _record(workdir: Path, cell: Cell) -> dict[str, Any]:
     """The report's record of a cell: its stages' results from their folders."""
     stages = {}
     for name, folder in stage_folders(cell, workdir).items():
-        if (folder / "result.json").exists():
-            stages[name] = json.loads((folder / "result.json").read_text())
+        if (folder / RESULT).exists():
+            stages[name] = json.loads((folder / RESULT).read_text())
     return {"cell_id": cell.cell_id, "variant": cell.variant, "params": cell.params, "seed": cell.seed,
             "status": _cell_status(workdir, cell), "stages": stages}
 

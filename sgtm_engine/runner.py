@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sgtm_engine.config import StageKind, spec_hash, to_dict
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.folders import (
+    RESULT,
     hold_folder,
     local_artifact_root,
     local_tracking_uri,
@@ -141,7 +142,7 @@ def run_recipe(recipe: Recipe, workdir: Path, *, mlflow_uri: str | None = None, 
         finally:
             parent.close(status)
         summary = {"recipe": recipe.name, "mlflow_uri": uri, "mlflow_parent_run_id": parent.run_id, "stages": results}
-        write_json(workdir / "result.json", summary)
+        write_json(workdir / RESULT, summary)
         return summary
 
 

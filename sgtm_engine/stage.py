@@ -42,7 +42,7 @@ from sgtm_engine.config import (
     unknown_choice,
 )
 from sgtm_engine.errors import ConfigError, SgtmError
-from sgtm_engine.folders import LOCK_FILE, EventLog, hold_folder, make_folder, write_json
+from sgtm_engine.folders import LOCK_FILE, RESULT, EventLog, hold_folder, make_folder, write_json
 from sgtm_engine.provenance import code_version
 from sgtm_engine.runtime import ResourceMeter, Runtime, StopFlag, stage_runtime
 from sgtm_engine.tracking import NullTracker, Tracker
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESULT = "result.json"
 
 
 def read_result(workdir: Path) -> dict[str, Any]:

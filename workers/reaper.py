@@ -22,6 +22,7 @@ from api.db import jobs as repo
 from api.db.base import utcnow
 from api.db.session import session_scope
 from api.queue import Enqueuer
+from sgtm_engine.folders import RESULT
 from workers.results import read_json_object
 from workers.run_store import RunStore
 from workers.runs import close_finished_pipelines, close_finished_sweeps, close_job_run
@@ -50,7 +51,7 @@ def reap(*, settings: Settings, factory: sessionmaker[Session], enqueuer: Enqueu
     with session_scope(factory) as session:
         candidates = repo.find_stale(session, older_than=stale)
     for job_id, attempt in candidates:
-        result = read_json_object(settings.workdir(job_id) / "result.json")
+        result = read_json_object(settings.workdir(job_id) / RESULT)
         with session_scope(factory) as session:
             if result is not None:  # the stage finished; only its final state was lost: record it, never re-run
                 status = "succeeded" if repo.mark_succeeded(session, job_id=job_id, attempt=attempt,

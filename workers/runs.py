@@ -21,6 +21,7 @@ from api.db import jobs as repo
 from api.db import sweeps as sweep_repo
 from api.db.models import Job, SweepCell
 from api.db.session import session_scope
+from sgtm_engine.folders import RESULT
 from sgtm_engine.mlflow_keys import headline_metrics, run_tags, spec_params
 from workers.run_store import RUN_STATUS, RunStore
 
@@ -116,7 +117,7 @@ def close_job_run(*, run_store: RunStore, factory: sessionmaker[Session], job_id
             if result.get("manifest_hash"):
                 tags["data_manifest_hash"] = str(result["manifest_hash"])
             run_store.set_tags(run_id, tags)
-            run_store.log_dict(run_id, result, "result.json")
+            run_store.log_dict(run_id, result, RESULT)
         run_store.close(run_id, RUN_STATUS[status])
     except Exception as e:  # noqa: BLE001 - the reaper retries
         log.warning("could not close MLflow run %s of job %s (%s); the reaper will retry", run_id, job_id, e)

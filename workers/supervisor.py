@@ -35,7 +35,7 @@ from api.db.jobs import Lease
 from api.db.session import session_scope
 from api.queue import Enqueuer
 from sgtm_engine.errors import EXIT_CANCELLED, EXIT_CODE_NAMES, FINAL_FAILURE_CODES
-from sgtm_engine.folders import EVENTS, EventTail, write_json
+from sgtm_engine.folders import ERROR, EVENTS, RESULT, EventTail, write_json
 from sgtm_engine.provenance import code_version
 from workers.child import Child, build_argv, describe_exit, engine_env
 from workers.events import ProgressBuffer
@@ -115,7 +115,7 @@ class Supervisor:
         lock_fd = _lock_workdir(workdir, self.settings, job_id, attempt, self.factory)
         child: Child | None = None
         try:
-            finished = read_json_object(workdir / "result.json")
+            finished = read_json_object(workdir / RESULT)
             if finished is not None:
                 # An earlier attempt finished but its final state never reached the ledger (an outage, a crash
                 # after the child exited): record that result instead of training again.
@@ -133,7 +133,7 @@ class Supervisor:
                               inputs={n: self.settings.workdir(p) for n, p in inputs.items()},
                               mlflow_uri=self.run_store.uri if run_id else None, mlflow_run_id=run_id, gpus=job.gpus)
             tail = EventTail(workdir / EVENTS, from_end=True)
-            for stale in ("result.json", "error.json"):  # a result (or error) must come from this attempt
+            for stale in (RESULT, ERROR):  # a result (or error) must come from this attempt
                 (workdir / stale).unlink(missing_ok=True)
             child = Child(argv, cwd=workdir, log_path=workdir / "logs" / f"attempt-{attempt}.log",
                           env=engine_env(self.settings), pass_fds=[lock_fd])
@@ -208,7 +208,7 @@ class Supervisor:
                 run_id: str | None, pipeline_id: str | None) -> Outcome:
         code = watch.exit_code
         assert code is not None
-        result = read_json_object(workdir / "result.json") if code == 0 else None
+        result = read_json_object(workdir / RESULT) if code == 0 else None
         if code == 0 and result is not None:
             outcome = self._finalize(job_id, attempt, Outcome.SUCCEEDED,
                                      lambda s: repo.mark_succeeded(s, job_id=job_id, attempt=attempt, result=result))
@@ -320,7 +320,7 @@ def _write_progress(session: Session, job_id: str, attempt: int, buffer: Progres
 
 def _explain(workdir: Path, child: Child) -> str:
     """The engine's own account (`error.json`: type, message, every config problem), else its log's tail."""
-    record = read_json_object(workdir / "error.json")
+    record = read_json_object(workdir / ERROR)
     if record and record.get("message"):
         lines = [f"{record.get('type', 'Error')}: {record['message']}"]
         lines += [f"  - {p}" for p in record.get("problems") or [] if p not in record["message"]]
