@@ -1,6 +1,7 @@
 """Run folders on disk: making one, holding it for one process at a time, writing a JSON record into it so that
-readers never see half of it, a stage's event log (written by the stage, followed by whoever runs it), and the MLflow
-store a folder keeps (which moves with the folder).
+readers never see half of it, the files a stage leaves for whoever runs it (its result, its error and its event log,
+which a process running the stage elsewhere follows), and the MLflow store a folder keeps (which moves with the
+folder).
 
 Stdlib only: the service's client, API and worker parent use these too.
 """
