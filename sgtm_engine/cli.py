@@ -154,7 +154,6 @@ def run_cmd(
     if print_config:
         typer.echo(dump_yaml(recipe_data(parsed)), nl=False)
         return
-    from sgtm_engine.folders import make_folder
     from sgtm_engine.progress import StageBars
     from sgtm_engine.runner import run_recipe
     from sgtm_engine.runtime import setup_logging
@@ -163,10 +162,6 @@ def run_cmd(
     if workdir is None:
         workdir = fresh_run_folder(parsed)
         resume += f" with --workdir {workdir}"
-    try:  # before the header names it
-        make_folder(workdir)
-    except SgtmError as exc:
-        _fail(exc)
     run_name = " ".join([parsed.name, *(set_ or []), f"({spec_hash(recipe_data(parsed))[:8]})"])
     with StageBars() as bars:
         setup_logging(level=logging.WARNING, handler=bars.log_handler())  # the bars say what INFO lines would
