@@ -194,11 +194,11 @@ def tables(groups: Sequence[Group]) -> list[dict[str, Any]]:
     attack_rows = [r for r in attack_rows if r["stats"]]
     worst_rows = worst_case_rows(attack_rows, attack_axes([c for g in groups for c in g.cells]))
     contents = [("final", "Final model, mean ± sample std over seeds", final_rows),
-              ("attack", "Fine-tuning attack, mean ± sample std over seeds (steps and tokens: over the seeds that "
-                         "recovered)", attack_rows),
-              ("attack_worst", "Fine-tuning attack, the worst case over attack configurations (most seeds "
-                               "recovered, then fewest steps to recovery, then least forget loss above the "
-                               "reference)", worst_rows)]
+                ("attack", "Fine-tuning attack, mean ± sample std over seeds (steps and tokens: over the seeds that "
+                           "recovered)", attack_rows),
+                ("attack_worst", "Fine-tuning attack, the worst case over attack configurations (most seeds "
+                                 "recovered, then fewest steps to recovery, then least forget loss above the "
+                                 "reference)", worst_rows)]
     return [{"name": name, "title": title, "columns": sorted({k for r in rows for k in r["stats"]}), "rows": rows}
             for name, title, rows in contents if rows or name == "final"]
 
