@@ -161,7 +161,7 @@ def _parse_variants(raw: Any, problems: list[Problem]) -> dict[str, dict[str, An
     out: dict[str, dict[str, Any]] = {}
     for name, overrides in raw.items():
         loc: Loc = ("variants", str(name))
-        if not isinstance(name, str) or not VARIANT_NAME.match(name):
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
             problems.append(Problem.at(loc, "a variant name uses letters, digits, '_', '-', '.', '+' (at most 64)"))
         elif not isinstance(overrides or {}, dict) or not all(isinstance(p, str) for p in overrides or {}):
             problems.append(Problem.at(loc, "expected a mapping {'<stage>.<field>': value}", overrides))

@@ -55,7 +55,8 @@ MODEL_PRODUCERS = frozenset({StageKind.TRAIN, StageKind.ABLATE, StageKind.ATTACK
 #: Kinds that split their batches over torchrun's ranks (`gpus` > 1); the others run as one process.
 DATA_PARALLEL = frozenset({StageKind.TRAIN, StageKind.ATTACK})
 
-_NAME = re.compile(STAGE_NAME_PATTERN)
+# fullmatch, not match: `$` also matches before a final newline, which the API's patterns refuse
+_NAME, _EXPERIMENT = re.compile(STAGE_NAME_PATTERN), re.compile(EXPERIMENT_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,14 @@ def header_problems(data: Mapping[str, Any]) -> list[Problem]:
     """The fields a recipe and a sweep document share, by one rule for `sgtm run`, `sgtm sweep` and the API's
     bodies: `name` (like a stage's), `description` (free text) and `experiment` (where MLflow files the runs)."""
     problems = []
-    if "name" in data and (not isinstance(data["name"], str) or not _NAME.match(data["name"])):
+    if "name" in data and (not isinstance(data["name"], str) or not _NAME.fullmatch(data["name"])):
         problems.append(Problem.at(("name",), STAGE_NAME_RULE, data["name"]))
     description = data.get("description")
     if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION):
         problems.append(Problem.at(("description",), f"free text of at most {MAX_DESCRIPTION} characters, or null",
                                    description))
     experiment = data.get("experiment")
-    if experiment is not None and (not isinstance(experiment, str) or not re.match(EXPERIMENT_NAME_PATTERN,
-                                                                                   experiment)):
+    if experiment is not None and (not isinstance(experiment, str) or not _EXPERIMENT.fullmatch(experiment)):
         problems.append(Problem.at(("experiment",), f"{EXPERIMENT_NAME_RULE}; or null for the default", experiment))
     return problems
 
@@ -200,7 +200,7 @@ def _parse_stage(raw: Any, loc: Loc, kinds: dict[str, StageKind | None], later: 
     problems += [unknown_key(loc, k, STAGE_KEYS, "a stage") for k in unknown]
     meant = {did_you_mean(k, STAGE_KEYS) for k in unknown}  # a typo'd key is not also a missing one
     name, kind = raw.get("name"), raw.get("kind")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         if "name" not in meant:
             problems.append(Problem.at(loc + ("name",), f"every stage needs a name; {STAGE_NAME_RULE}", name))
         return None

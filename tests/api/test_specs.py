@@ -77,6 +77,8 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
     "experiment-with-space": {"experiment": "my runs", "stages": [_stage("train")]},
     "experiment-with-plus": {"experiment": "sgtm+rmu", "stages": [_stage("train")]},
     "experiment-not-text": {"experiment": 5, "stages": [_stage("train")]},
+    "experiment-ending-in-a-newline": {"experiment": "exp\n", "stages": [_stage("train")]},
+    "name-ending-in-a-newline": {"name": "r\n", "stages": [_stage("train\n")]},
     "null-description-and-experiment": {"description": None, "experiment": None, "stages": [_stage("train")]},
     "description-of-4000": {"description": "d" * 4000, "stages": [_stage("train")]},
     "description-of-4001": {"description": "d" * 4001, "stages": [_stage("train")]},
@@ -155,6 +157,8 @@ SWEEP_EDGE_CASES: dict[str, dict[str, Any]] = {
     "description-not-text": _sweep(description=7),
     "variants-and-grid": _sweep(variants={"short": {"train.steps": 2}, "sgtm+long": {"train.steps": 4}},
                                 grid={"train.optim.lr": [1e-3, 3e-3]}),
+    "experiment-ending-in-a-newline": _sweep(experiment="exp\n"),
+    "variant-name-ending-in-a-newline": _sweep(variants={"short\n": {"train.steps": 2}}),
     "unknown-key": _sweep(seedz=[1]),
     "no-base": {"seeds": [0]},
 }
