@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from api.db.models import Job, Pipeline, Sweep
 from api.errors import InvalidRequest, NotFound, Problem
-from api.schemas import UUID_PATTERN
+from api.schemas import is_uuid
 
 PREFIX_PATTERN = re.compile(r"^[0-9a-f]{8}[0-9a-f-]{0,28}$")
 Row = TypeVar("Row", Job, Pipeline, Sweep)
@@ -29,9 +29,9 @@ def find_by_id(session: Session, table: type[Row], raw: str, *, what: str) -> Ro
     """The row of `table` whose id is `raw` or starts with it (see the module doc); `what` names the thing and its
     path parameter in errors ('job' -> `job_id`)."""
     given = raw.lower()
-    if re.match(UUID_PATTERN, given):
+    if is_uuid(given):
         row = session.get(table, given)
-    elif PREFIX_PATTERN.match(given):
+    elif PREFIX_PATTERN.fullmatch(given):
         ids = list(session.scalars(select(table.id).where(table.id.startswith(given, autoescape=True))
                                    .order_by(table.id).limit(_SHOWN + 1)))
         if len(ids) > 1:

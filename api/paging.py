@@ -9,13 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import re
 from typing import Annotated, Protocol
 
 from fastapi import Query
 
 from api.errors import InvalidRequest, Problem
-from api.schemas import CURSOR_PATTERN, CURSOR_RULE, UUID_PATTERN
+from api.schemas import CURSOR_PATTERN, CURSOR_RULE, is_uuid
 
 CursorQuery = Annotated[str | None, Query(max_length=200, pattern=CURSOR_PATTERN,
                                           description="`next_cursor` of the previous page")]
@@ -35,7 +34,7 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         created, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
         when = dt.datetime.fromisoformat(created)
-        if when.tzinfo is None or not re.match(UUID_PATTERN, row_id):
+        if when.tzinfo is None or not is_uuid(row_id):
             raise ValueError("not a cursor")
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidRequest([Problem.at(("cursor",), CURSOR_RULE, cursor).nested(("query",), label="")]) from None

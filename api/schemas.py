@@ -7,6 +7,7 @@ checked field by field in `api.specs` — no field anywhere takes a path, a URL 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
@@ -26,6 +27,7 @@ from sgtm_engine.config import (
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 JobId = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
+_UUID = re.compile(UUID_PATTERN)
 StageName = Annotated[str, StringConstraints(pattern=STAGE_NAME_PATTERN)]
 """A stage's name inside a pipeline (at most 32 characters, so it can never be mistaken for a 36-character job id);
 the engine's rule (`sgtm_engine.config.stage_list`), so `sgtm run` and the API accept the same recipes."""
@@ -50,6 +52,14 @@ PATTERN_RULES = {
     PIPELINE_INPUT_PATTERN: "an earlier stage's name or an existing job id",
     EXPERIMENT_NAME_PATTERN: EXPERIMENT_NAME_RULE,
 }
+
+
+
+def is_uuid(text: str) -> bool:
+    """Whether `text` is a whole id as the API issues them (`fullmatch`: `$` alone also matches before a final
+    newline)."""
+    return _UUID.fullmatch(text) is not None
+
 
 _SPEC_DOC = ("The stage spec as JSON: the fields of the engine's spec class for this kind (train → TrainSpec, "
              "ablate → AblateStageSpec, evaluate → EvaluateSpec, …). Omitted fields take their defaults; unknown "

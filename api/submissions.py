@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -27,7 +26,7 @@ from api.db.status import JobStatus
 from api.errors import Conflict, InvalidRequest, Problem
 from api.limits import limit_problems
 from api.queue import Enqueuer
-from api.schemas import UUID_PATTERN, JobCreate, PipelineCreate
+from api.schemas import JobCreate, PipelineCreate, is_uuid
 from api.specs import ValidSpec, validate
 from sgtm_engine.config import MODEL_PRODUCERS, StageKind, gpus_problems, input_role_problems, parse_stages
 from sgtm_engine.errors import ConfigError
@@ -76,7 +75,7 @@ def _pipeline_plans(session: Session, settings: Settings, body: PipelineCreate
     `sgtm run` applies to a recipe), each spec within the limits, each input an earlier stage or an existing job.
     Raises InvalidRequest with every problem."""
     try:
-        parse_stages(body.model_dump(mode="json")["stages"], external=lambda ref: bool(re.match(UUID_PATTERN, ref)))
+        parse_stages(body.model_dump(mode="json")["stages"], external=is_uuid)
     except ConfigError as e:
         raise InvalidRequest([p.nested(("body",), label="") for p in e.problems]) from None
     problems: list[Problem] = []
@@ -163,7 +162,7 @@ def _check_parents(session: Session, *, inputs: dict[str, str], loc: tuple[str |
     problems: list[Problem] = []
     found: dict[str, Job] = {}
     for name, job_id in inputs.items():
-        job = repo.get(session, job_id=job_id) if re.match(UUID_PATTERN, job_id) else None
+        job = repo.get(session, job_id=job_id) if is_uuid(job_id) else None
         if job is None:
             problems.append(Problem(loc + (name,), f"inputs.{name}={job_id!r}: no such job (nor an earlier stage "
                                                    "of this pipeline)", job_id))

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.config import Settings
 from api.db import jobs as repo
 from api.db.models import Job
+from api.schemas import is_uuid
 from tests.api.test_routes import AUTH, TINY
 
 
@@ -30,6 +31,13 @@ def test_a_unique_prefix_of_eight_or_more_hex_characters_names_a_job(client: Tes
     for unknown in (job["id"][:7], "ffffffff" if not job["id"].startswith("ffffffff") else "00000000",
                     "not-an-id", "../../etc"):
         assert client.get(f"/api/v1/jobs/{unknown}", headers=AUTH).status_code == 404, unknown
+
+
+def test_a_whole_id_is_a_uuid_with_nothing_after_it() -> None:
+    job_id = "abcdef01-0000-4000-8000-000000000001"
+    assert is_uuid(job_id)
+    for other in (job_id + "\n", job_id.upper(), job_id[:-1], " " + job_id):  # `$` alone lets a final newline pass
+        assert not is_uuid(other), other
 
 
 def test_an_ambiguous_prefix_is_422_naming_the_matching_ids(client: TestClient,
