@@ -99,7 +99,7 @@ def check_masked_step(strategy: Strategy, mode: MaskMode, compiled: bool, runtim
     model = GPTNeoLM(spec, masking).to(runtime.device)
     optimizer = build_optimizer(model, model.partition, OptimSpec(lr=1e-2, weight_decay=0.1),
                                 OptimizerKind.MASK_AWARE)
-    net = torch.compile(model) if compiled else model
+    net = dataclasses.replace(runtime, compile=compiled).training_net(model)  # the stages' own path
     ids = torch.randint(0, spec.vocab_size, (4, spec.context), device=runtime.device)
     params = dict(model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
@@ -170,7 +170,7 @@ def ours_arm(spec: ModelSpec, compiled: bool, batch: torch.Tensor, runtime: Runt
     torch.manual_seed(0)
     model = GPTNeoLM(spec, MaskingSpec(strategy=Strategy.SGTM)).to(runtime.device)
     optimizer = build_optimizer(model, model.partition, OptimSpec(lr=3e-4), OptimizerKind.MASK_AWARE)
-    net = torch.compile(model) if compiled else model
+    net = dataclasses.replace(runtime, compile=compiled).training_net(model)  # the stages' own path
     labels = labels_for(batch)
     return model, lambda i: optimizer_step(net, model, optimizer, batch, labels, MODES[i % len(MODES)], runtime)
 

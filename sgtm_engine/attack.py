@@ -168,7 +168,7 @@ def attack(model: GPTNeoLM, data: PreparedData, spec: AttackSpec, runtime: Runti
     pools = data.active_pools()
     plan = data.plan(spec.steps, spec.seed)
     sampler = PoolSampler({n: data.pools[n].examples for n in pools}, seed=spec.seed)
-    net = runtime.data_parallel(model)
+    net = runtime.training_net(model)
     seen_rows: dict[str, set[int]] = {n: set() for n in pools}
     history: list[dict[str, Any]] = []
     tokens = forget_tokens = forget_steps = 0

@@ -37,6 +37,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    compile: bool = False  # torch.compile the training step (`training_net`)
 
     @property
     def is_main(self) -> bool:
@@ -50,7 +51,7 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def describe(self, compiled: bool = False) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """What this run ran on, for result.json and MLflow: device (the CPU's or GPU's model), dtype, attention
         backend, CPU vector instructions, Python and library versions, memory allocator, threads and ranks."""
         attention = "sdpa"  # the model's only attention path (model/gpt_neo.py)
@@ -67,7 +68,7 @@ class Runtime:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "dtype": "bfloat16-autocast" if self.precision == Precision.BF16 else "float32",
             "attention": attention,
-            "compile": compiled,
+            "compile": self.compile,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             **library_versions(),
@@ -76,12 +77,15 @@ class Runtime:
             "world_size": self.world_size,
         }
 
-    def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What a training loop calls forward and backward on: under torchrun, the model wrapped in DDP (gradients
-        all-reduced, so every rank masks and steps identically); else the model itself."""
-        if not self.distributed:
-            return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    def training_net(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a training loop calls forward and backward on: the model; under torchrun wrapped in DDP (gradients
+        all-reduced, so every rank masks and steps identically); with `compile`, that compiled (DDP first, as torch
+        recommends, so its compiler splits the graph at DDP's gradient buckets). Masking, clipping and the optimizer
+        act on the model's own parameters, which every wrapper shares."""
+        net = model
+        if self.distributed:
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.compile else net
 
     def union(self, items: set[str]) -> set[str]:
         """The union over ranks of each rank's set (under torchrun every rank sees only its share of a batch)."""
@@ -165,7 +169,7 @@ def stage_runtime(spec: RuntimeSpec) -> Iterator[Runtime]:
     if joins:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        yield Runtime(device, precision, rank, world, local)
+        yield Runtime(device, precision, rank, world, local, compile=spec.compile)
         if joins:
             dist.barrier()
     finally:

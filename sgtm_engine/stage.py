@@ -292,7 +292,7 @@ def run_stage(kind: StageKind | str, spec: Any, workdir: str | Path, inputs: dic
         resources = meter.read()
         record["artifacts"] = {k: _relative(v, workdir) for k, v in (record.get("artifacts") or {}).items()}
         checkpoint = record["artifacts"].get("model")
-        backends = runtime.describe(compiled=bool(getattr(runtime_spec, "compile", False)))
+        backends = runtime.describe()
         record = {
             "kind": kind.value, "spec_hash": spec_hash(spec), "code_version": version, "backends": backends,
             "resources": resources, "started_at": started, "finished_at": time.time(), **record,

@@ -39,7 +39,7 @@ def optimizer_step(net: torch.nn.Module, model: GPTNeoLM, optimizer: torch.optim
     """Forward/backward over micro-batches, mask once, clip, step.
 
     Args:
-        net: what runs the forward (the model, or its DDP wrapper).
+        net: what runs the forward (`Runtime.training_net`: the model, or it in DDP and/or compiled).
         model: the unwrapped model (its partition and mode).
         optimizer: mask-aware or plain AdamW.
         inputs, labels: this rank's batch [b, T] (labels -100 where ignored).
@@ -58,11 +58,12 @@ def optimizer_step(net: torch.nn.Module, model: GPTNeoLM, optimizer: torch.optim
     model.set_mode(mode)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=runtime.device)
+    ddp = getattr(net, "_orig_mod", net)  # a compiled DDP wraps it
     for k in range(n_micro):
         sl = slice(k * micro, (k + 1) * micro)
         sync = contextlib.nullcontext()
-        if isinstance(net, DistributedDataParallel) and k < n_micro - 1:
-            sync = net.no_sync()
+        if isinstance(ddp, DistributedDataParallel) and k < n_micro - 1:
+            sync = ddp.no_sync()
         with sync, runtime.autocast():
             _, loss = net(inputs[sl], labels[sl])
         count = (labels[sl] != IGNORE_INDEX).sum()

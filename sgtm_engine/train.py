@@ -122,7 +122,7 @@ def train(spec: TrainSpec, workdir: Path, data: PreparedData, runtime: Runtime, 
         state = _restore(resumed.state, resumed.path, model, optimizer, sampler, data, spec)
         log.info("resuming from %s (step %d of %d)", resumed.path, state.step, spec.steps)
         emit({"type": "resumed", "step": state.step, "total": spec.steps, "path": str(resumed.path)})
-    net = runtime.data_parallel(model)
+    net = runtime.training_net(model)
     if runtime.is_main and resumed is None:
         tracker.log_params({"spec": to_dict(spec), "data": {k: v for k, v in data.summary().items()
                                                              if not isinstance(v, dict)}})

@@ -116,6 +116,8 @@ class RuntimeSpec:
     device: Device = Device.AUTO
     precision: Precision = Precision.AUTO
     compile: bool = False
+    """`torch.compile` the training step's forward and backward (train and attack stages; a graph per masking mode,
+    compiled at its first step). On a CPU torch's compiler needs a C++ compiler on PATH."""
     threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
 

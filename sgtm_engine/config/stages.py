@@ -14,6 +14,8 @@ from sgtm_engine.config.model import MaskingSpec, ModelSpec
 from sgtm_engine.config.specs import AblateSpec, CalibrateSpec, EvalSpec, OptimSpec, RuntimeSpec
 from sgtm_engine.config.vocabulary import AttackData, FilterKind, NoiseGranularity, StageKind, Strategy
 
+NOT_COMPILED = "compiles the training step of train and attack stages; {kind} stage has none: set false"
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -109,6 +111,8 @@ class EvaluateSpec:
                                             and self.calibrate.steps > 0), "register",
                   "only a calibrating evaluation writes a model; set ablate and calibrate.steps > 0, or null",
                   reads=("ablate", "calibrate"))
+        c.require(not self.runtime.compile, ("runtime", "compile"), NOT_COMPILED.format(kind="an evaluate"),
+                  reads=("runtime",), value=True)
         c.done()
 
 
@@ -235,6 +239,8 @@ class RmuSpec:
         c.bound("steps", "batch_size", "log_every", ge=1)
         c.bound("betas", ge=0, lt=1)
         c.require(len(self.betas) == 2, "betas", "need two values (beta1, beta2)")
+        c.require(not self.runtime.compile, ("runtime", "compile"), NOT_COMPILED.format(kind="an rmu"),
+                  reads=("runtime",), value=True)
         c.done()
 
 

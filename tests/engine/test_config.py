@@ -9,8 +9,11 @@ import pytest
 
 from sgtm_engine.config import (
     MODEL_PRESETS,
+    AttackSpec,
+    EvaluateSpec,
     MaskingSpec,
     ModelSpec,
+    RmuSpec,
     Strategy,
     TrainSpec,
     from_dict,
@@ -74,6 +77,18 @@ def test_filters_are_for_clean_models_only():
     with pytest.raises(ConfigError, match="filter.kind=weak"):
         from_dict(TrainSpec, {"filter": {"kind": "weak"}})
     from_dict(TrainSpec, {"filter": {"kind": "weak"}, "masking": {"strategy": "none"}})
+
+
+def test_compile_is_for_the_stages_that_take_a_training_step():
+    """`runtime.compile` compiles the training step; an evaluate or RMU stage asking for it would be told it ran
+    compiled when nothing was, so it is refused, naming the field."""
+    for spec_cls in (TrainSpec, AttackSpec):
+        assert from_dict(spec_cls, {"runtime": {"compile": True}}).runtime.compile
+    for spec_cls, kind in ((EvaluateSpec, "an evaluate"), (RmuSpec, "an rmu")):
+        with pytest.raises(ConfigError) as e:
+            from_dict(spec_cls, {"runtime": {"compile": True}})
+        (problem,) = e.value.problems
+        assert problem.loc == ("runtime", "compile") and f"{kind} stage has none: set false" in problem.msg
 
 
 def test_presets_cover_the_papers_eight_shapes():
