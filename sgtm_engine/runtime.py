@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sgtm_engine.config import Device, Precision, RuntimeSpec
+from sgtm_engine.errors import ConfigError, Problem
 from sgtm_engine.provenance import library_versions
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,8 @@ def stage_runtime(spec: RuntimeSpec) -> Iterator[Runtime]:
         torch.backends.cudnn.allow_tf32 = True
     if spec.threads is not None and device.type == "cpu":
         torch.set_num_threads(spec.threads)
+    if spec.compile:
+        _check_host_compiler(device)
     precision = spec.precision
     if precision == Precision.AUTO:
         precision = Precision.BF16 if device.type == "cuda" else Precision.FP32
@@ -180,6 +184,24 @@ def stage_runtime(spec: RuntimeSpec) -> Iterator[Runtime]:
             # an active exception"; pytorch/pytorch#179291). DDP keeps the group alive past its destruction, so its
             # threads cannot be joined here: hand them the GIL for a moment instead.
             time.sleep(0.05)
+
+
+#: What torch.compile builds kernels with, by device type: the environment variable that names it, else the
+#: compilers looked for on PATH (inductor's CPU code is C++; on a GPU, Triton builds each kernel's launcher in C).
+_HOST_COMPILERS = {"cpu": ("CXX", ("g++", "clang++")), "cuda": ("CC", ("gcc", "clang", "cc"))}
+
+
+def _check_host_compiler(device: torch.device) -> None:
+    """Refuse `runtime.compile` at once where torch's compiler could not build a kernel, instead of at the first
+    step with a long traceback from inside torch."""
+    variable, names = _HOST_COMPILERS.get(device.type, (None, ()))
+    named = os.environ.get(variable or "")
+    if variable is None or shutil.which(named or "") or (not named and any(map(shutil.which, names))):
+        return
+    looked = f"{variable}={named!r} is not on PATH" if named else f"{variable} unset, no {' or '.join(names)}"
+    raise ConfigError([Problem.at(("runtime", "compile"), f"torch.compile builds {device.type} kernels with a "
+                                  f"compiler, and there is none ({looked}): install one (Debian: apt-get install "
+                                  "g++), or set false", True)])
 
 
 class ResourceMeter:

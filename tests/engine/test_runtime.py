@@ -1,6 +1,7 @@
 """Where a stage runs: the torchrun process group a stage joins is left when the stage ends, with or without an
 error, and a group the caller set up stays the caller's (two real gloo ranks, as torchrun starts them: RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); the memory allocator a run records is the one it ran on."""
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); the memory allocator a run records is the one it ran on;
+`runtime.compile` reaches the training step and the record, and is refused where torch could not compile."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sgtm_engine.config import Device, RuntimeSpec
+from sgtm_engine.errors import ConfigError
 from sgtm_engine.runtime import allocator, stage_runtime
 from tests.integration.compose import free_port
 
@@ -74,3 +76,32 @@ def test_the_allocator_recorded_is_the_one_loaded():
     if jemalloc is None:
         pytest.skip("no jemalloc on this machine to preload")
     assert _allocator_under(jemalloc) == "jemalloc"
+
+
+def test_compile_wraps_the_training_net_and_is_recorded():
+    model = torch.nn.Linear(2, 2)
+    with stage_runtime(RuntimeSpec(device=Device.CPU, compile=True)) as runtime:
+        net = runtime.training_net(model)  # compiled lazily, at its first call
+        assert net is not model and net._orig_mod is model and runtime.describe()["compile"] is True
+    with stage_runtime(CPU_SPEC) as runtime:
+        assert runtime.training_net(model) is model and runtime.describe()["compile"] is False
+
+
+def test_compile_without_a_host_compiler_is_refused_before_the_stage_runs(monkeypatch, tmp_path):
+    """torch.compile builds CPU kernels with a C++ compiler; with none, the stage stops at once naming the field,
+    not at its first step with a traceback from inside torch."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no compiler
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError) as e, stage_runtime(RuntimeSpec(device=Device.CPU, compile=True)):
+        pass
+    (problem,) = e.value.problems
+    assert problem.loc == ("runtime", "compile") and "CXX unset, no g++ or clang++" in problem.msg
+    monkeypatch.setenv("CXX", "my-g++")
+    with pytest.raises(ConfigError, match="CXX='my-g\\+\\+' is not on PATH"), \
+            stage_runtime(RuntimeSpec(device=Device.CPU, compile=True)):
+        pass
+    (tmp_path / "g++").write_text("#!/bin/sh\n")
+    (tmp_path / "g++").chmod(0o755)
+    monkeypatch.delenv("CXX")
+    with stage_runtime(RuntimeSpec(device=Device.CPU, compile=True)) as runtime:  # one on PATH: it goes ahead
+        assert runtime.compile
