@@ -211,23 +211,6 @@ def test_run_stage_stops_with_a_checkpoint_when_its_stdin_lifeline_closes(tmp_pa
 
 
 @pytest.mark.slow
-def test_runtime_compile_trains_through_torch_compile_and_says_so(tmp_path, cache):
-    """`runtime.compile: true` compiles the training step (it once did nothing but be recorded): the stage's losses
-    match the eager stage's to float rounding, and its record says it was compiled."""
-    from torch._dynamo.utils import counters
-
-    spec = {**TINY, "steps": 4}
-    eager = run_stage("train", spec, tmp_path / "eager", cache_dir=cache)
-    counters.clear()
-    compiled = run_stage("train", {**spec, "runtime": {"compile": True}}, tmp_path / "compiled", cache_dir=cache)
-    assert counters["stats"]["unique_graphs"] >= 1
-    assert compiled["backends"]["compile"] is True and eager["backends"]["compile"] is False
-    losses = [{k: v for k, v in r["metrics"].items() if k.endswith("/loss")} for r in (eager, compiled)]
-    assert "eval/forget/loss" in losses[0] and losses[0].keys() == losses[1].keys()
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0.0)
-
-
-@pytest.mark.slow
 def test_stage_chain_and_result_records(tmp_path, cache):
     train_res = run_stage("train", {**TINY, "steps": 4}, tmp_path / "train", cache_dir=cache)
     for key in ("resolved_spec", "seed", "code_version", "manifest_hash", "spec_hash", "checkpoint"):
