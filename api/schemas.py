@@ -54,7 +54,6 @@ PATTERN_RULES = {
 }
 
 
-
 def is_uuid(text: str) -> bool:
     """Whether `text` is a whole id as the API issues them (`fullmatch`: `$` alone also matches before a final
     newline)."""

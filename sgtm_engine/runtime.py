@@ -194,9 +194,11 @@ _HOST_COMPILERS = {"cpu": ("CXX", ("g++", "clang++")), "cuda": ("CC", ("gcc", "c
 def _check_host_compiler(device: torch.device) -> None:
     """Refuse `runtime.compile` at once where torch's compiler could not build a kernel, instead of at the first
     step with a long traceback from inside torch."""
-    variable, names = _HOST_COMPILERS.get(device.type, (None, ()))
-    named = os.environ.get(variable or "")
-    if variable is None or shutil.which(named or "") or (not named and any(map(shutil.which, names))):
+    if device.type not in _HOST_COMPILERS:
+        return
+    variable, names = _HOST_COMPILERS[device.type]
+    named = os.environ.get(variable)  # when set, torch uses it and nothing else
+    if shutil.which(named) if named else any(map(shutil.which, names)):
         return
     looked = f"{variable}={named!r} is not on PATH" if named else f"{variable} unset, no {' or '.join(names)}"
     raise ConfigError([Problem.at(("runtime", "compile"), f"torch.compile builds {device.type} kernels with a "

@@ -117,7 +117,8 @@ class RuntimeSpec:
     precision: Precision = Precision.AUTO
     compile: bool = False
     """`torch.compile` the training step's forward and backward (train and attack stages; a graph per masking mode,
-    compiled at its first step). On a CPU torch's compiler needs a C++ compiler on PATH."""
+    compiled at its first step). torch's compiler builds kernels with a host compiler (C++ on a CPU, C for Triton on
+    a GPU); a stage asking to compile where there is none is refused before it runs."""
     threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
 
