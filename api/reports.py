@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ class Rendered:
 
     def body(self) -> dict[str, Any]:
         base = f"/api/v1/sweeps/{self.sweep_id}/report"
-        return {"sweep_id": self.sweep_id, "report": jsonable(self.report), "markdown": self.markdown,
+        return {"sweep_id": self.sweep_id, "report": self.report, "markdown": self.markdown,
                 "figures": {name: f"{base}/{name}.png" for name in self.figures()}}
 
 
@@ -54,8 +53,7 @@ def render(settings: Settings, sweep_id: str, records: list[dict[str, Any]]) -> 
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         try:
-            report = build_report(records, tmp)  # its figures are file names in tmp: never a server path
-            (tmp / "report.json").write_text(json.dumps(jsonable(report), indent=1, sort_keys=True))
+            build_report(records, tmp)  # its figures are file names in tmp: never a server path
             try:
                 os.replace(tmp, outdir)
             except OSError:
@@ -83,16 +81,3 @@ def _engine() -> Any:
         raise Unavailable(f"sweep reports need sgtm_engine.report and matplotlib, which this installation lacks "
                           f"({e}); install the 'engine' extra") from None
     return build_report
-
-
-def jsonable(value: Any) -> Any:
-    """JSON has no NaN or Infinity: they become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return value.name
-    return value

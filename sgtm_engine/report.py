@@ -279,7 +279,8 @@ def build_report(records: Sequence[Mapping[str, Any]], outdir: Path | None = Non
 
         report["figures"] = write_figures(records, outdir)
         (outdir / "report.md").write_text(report_markdown(report))
-        (outdir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        # strict JSON: every statistic is finite (`mean_std` leaves NaN out) and params are validated spec values
+        (outdir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
     return report
 
 

@@ -319,6 +319,20 @@ def test_build_report_writes_figures_markdown_and_json(tmp_path):
     assert report["n_cells"] == len(records) + 1
 
 
+def test_report_json_is_strict_json_when_a_cell_diverged(tmp_path):
+    """A diverged seed's NaN or infinite loss is left out of the statistics; report.json stays readable by strict
+    JSON readers (JavaScript's JSON.parse, the API's clients), which know no NaN or Infinity."""
+    records = [_cell("sgtm", 0, {"eval/forget/loss": 7.0}), _cell("sgtm", 1, {"eval/forget/loss": float("nan")}),
+               _cell("sgtm", 2, {"eval/forget/loss": float("inf")})]
+    build_report(records, tmp_path)
+
+    def refuse(constant):
+        raise AssertionError(f"report.json holds {constant}")
+
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert report["tables"][0]["rows"][0]["stats"]["eval/forget/loss"] == {"mean": 7.0, "std": None, "n": 1}
+
+
 def test_the_report_says_what_produced_its_cells():
     cpu = {"device": "cpu", "device_name": "AMD EPYC", "cpu_capability": "AVX512", "torch": "2.13.0+cpu"}
     gpu = {"device": "cuda:0", "device_name": "NVIDIA H200", "cuda": "12.8", "torch": "2.11.0"}
