@@ -358,7 +358,8 @@ def _print_sweep(data: dict[str, Any]) -> None:
     for c in data["cells"]:
         params = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in c["params"].items())
         error = (c.get("error") or {}).get("type", "") if c["status"] != "succeeded" else ""
-        table.add_row(str(c["position"]), c.get("variant") or "", params, str(c.get("seed")), c["status"],
+        seed = "" if c.get("seed") is None else str(c["seed"])  # a sweep without seeds keeps the base's
+        table.add_row(str(c["position"]), c.get("variant") or "", params, seed, c["status"],
                       "yes" if c["reused"] else "", c["pipeline_id"][:8], error)
     console.print(table)
     console.print(f"sweep {data['id']} ({data['name']}): {data['status']}; {_counts(data['counts'])}")

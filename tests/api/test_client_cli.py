@@ -227,3 +227,20 @@ def test_a_folder_option_naming_a_file_is_refused_before_anything_starts(tmp_pat
     assert result.exit_code == 2 and f"{flag}=" in result.output, result.output
     assert "a file, not a folder" in result.output and "cannot reach" not in result.output
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_the_sweep_table_leaves_the_seed_blank_for_a_sweep_without_seeds(client: TestClient, screen: Console,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import api.client_cli as cli
+    from tests.api.test_sweeps import sweep_body
+
+    monkeypatch.setattr(cli, "console", screen)
+
+    seeded = client.post("/api/v1/sweeps", json=sweep_body(seeds=[3], grid=None)).json()
+    unseeded = client.post("/api/v1/sweeps", json=sweep_body(seeds=None, grid=None, name="unseeded")).json()
+    cli._print_sweep(seeded)
+    rows = [line for line in screen.export_text().splitlines() if "sgtm" in line and "queued" in line]
+    assert rows and all(" 3 " in row for row in rows)
+    cli._print_sweep(unseeded)
+    text = screen.export_text()
+    assert "None" not in text and "unseeded" in text
