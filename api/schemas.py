@@ -148,7 +148,8 @@ class PipelineCreate(_Body):
 class SweepCreate(_Body):
     """A sweep (`sgtm_engine.sweep`): a base pipeline, named variants, a grid of dotted-path overrides and seeds.
     Cells = variants × grid × seeds; a cell that already succeeded (same cell id, any earlier sweep) is reused, one
-    still running is attached, one that failed or was cancelled runs again."""
+    still running is attached, one that failed or was cancelled runs again. A stage that several cells share (same
+    name, kind, resolved spec and inputs) runs once, and a cell run again keeps its stages that succeeded."""
 
     noun: ClassVar[str] = "a sweep"
 
@@ -250,7 +251,8 @@ class SweepCellRead(BaseModel):
     status: JobStatus
     pipeline_id: str
     reused: bool = Field(description="The pipeline comes from an earlier submission (succeeded or still running).")
-    jobs: dict[str, str] = Field(description="Stage name → job id.")
+    jobs: dict[str, str] = Field(description="Stage name → job id, shared stages included: a stage that several "
+                                             "cells share runs once, in the first such cell's pipeline.")
     error: JobError | None = None
 
 

@@ -9,6 +9,12 @@ looked up:
 Submissions are serialized (a PostgreSQL advisory lock; SQLite serializes writers), so two submissions sharing a cell
 never both start it. A resubmitted sweep is a new sweep row (its own record and MLflow parent run) over the same
 pipelines; `resume` applies the same rule in place to an existing sweep.
+
+Inside the fresh pipelines, a stage runs once per sweep, as `sgtm sweep --local` runs it: a stage with the same name
+and stage key (`sgtm_engine.sweep.stage_keys`: kind, resolved spec, inputs' keys) as a job that succeeded or is still
+active, in the pipelines the sweep's cells point at or created by the same submission, is not created again; its
+dependents read that job's output (every method's attack against one no-filter `reference` per seed; a failed cell's
+stages that succeeded). Such a job stays in the pipeline that ran it; `Lineage.stages` shows it in every cell.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ from api.schemas import JobError, MlflowRef, StageCreate, SweepCellRead, SweepCr
 from api.specs import ValidSpec, check_strings, validate
 from api.submissions import create_pipeline_rows, submit_once, validate_within_limits
 from sgtm_engine.config import StageKind
-from sgtm_engine.sweep import Cell, SweepError, SweepPlan, parse_sweep
+from sgtm_engine.sweep import Cell, SweepError, SweepPlan, parse_sweep, stage_keys
 
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
 RERUN = (FAILED, CANCELLED)
 Plan = tuple[StageCreate, ValidSpec, dict[str, Any]]
+StageKey = tuple[str, str]
+"""(stage name, `stage_keys` key): what a stage computes, under the name its cells give it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,17 +66,23 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
                                         spec=definition.to_dict() | {"base": data["base"]},
                                         idempotency_key=idempotency_key, request_hash=request_hash)
         latest = sweep_repo.latest_pipelines(session, cell_ids=plans)
-        status = sweep_repo.statuses(sweep_repo.jobs_of(session, pipeline_ids=[p.id for p in latest.values()]))
+        found = sweep_repo.lineage(session, pipeline_ids=[p.id for p in latest.values()])
+        status = sweep_repo.statuses(found.own)
+        pool = _reusable(found)
         for cell in definition.cells:
             previous = latest.get(cell.cell_id)
             if previous is not None and status[previous.id] not in RERUN:
                 pipeline_id = previous.id
             else:
+                keys = stage_keys(cell.stages)
                 pipeline, jobs = create_pipeline_rows(
                     session, settings, name=_pipeline_name(body.name, cell.position), experiment=experiment,
-                    plans=plans[cell.cell_id], sweep_id=sweep.id, cell_id=cell.cell_id)
+                    plans=_share(plans[cell.cell_id], [(s["name"], keys[s["name"]]) for s in cell.stages], pool),
+                    sweep_id=sweep.id, cell_id=cell.cell_id)
                 pipeline_id = pipeline.id
                 created.extend(jobs)
+                for job in jobs:
+                    pool.setdefault((job.stage_name or job.kind, keys[job.stage_name or job.kind]), job)
             sweep_repo.add_cell(session, sweep_id=sweep.id, cell_id=cell.cell_id, position=cell.position,
                                 variant=cell.variant, params=cell.params, seed=cell.seed, pipeline_id=pipeline_id)
         return sweep
@@ -97,13 +111,16 @@ def _parse(settings: Settings, data: dict[str, Any]) -> SweepPlan:
 
 def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[Job]:
     """Give every failed or cancelled cell a fresh pipeline (or the newer pipeline another sweep started for the same
-    cell). Succeeded and active cells are left alone. Commits; returns the jobs created."""
+    cell), for the stages that did not succeed. Succeeded and active cells are left alone. Commits; returns the jobs
+    created."""
     sweep_repo.lock_submissions(session)
     sweep_repo.set_cancelled(session, sweep=sweep, cancelled=False)  # live again: shared pipelines count it
     cells = sweep_repo.cells(session, sweep_id=sweep.id)
     latest = sweep_repo.latest_pipelines(session, cell_ids=[c.cell_id for c in cells])
-    jobs = sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells] + [p.id for p in latest.values()])
-    status = sweep_repo.statuses(jobs)
+    found = sweep_repo.lineage(session, pipeline_ids=[c.pipeline_id for c in cells] + [p.id for p in latest.values()])
+    status = sweep_repo.statuses(found.own)
+    pool = _reusable(found)
+    keys = _job_keys(found)
     created: list[Job] = []
     changed = False
     for cell in cells:
@@ -112,12 +129,16 @@ def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[
             sweep_repo.set_cell_pipeline(session, sweep_id=sweep.id, cell_id=cell.cell_id, pipeline_id=newest.id)
             changed = True
         elif status[cell.pipeline_id] in RERUN:
+            plans, plan_keys = _plans_from_jobs(found, cell.pipeline_id, keys)
             pipeline, new_jobs = create_pipeline_rows(
                 session, settings, name=_pipeline_name(sweep.name, cell.position), experiment=sweep.experiment,
-                plans=_plans_from_jobs(session, jobs[cell.pipeline_id]), sweep_id=sweep.id, cell_id=cell.cell_id)
+                plans=_share(plans, plan_keys, pool), sweep_id=sweep.id, cell_id=cell.cell_id)
             sweep_repo.set_cell_pipeline(session, sweep_id=sweep.id, cell_id=cell.cell_id, pipeline_id=pipeline.id)
             created += new_jobs
             changed = True
+            key_of = dict(plan_keys)
+            for job in new_jobs:
+                pool.setdefault((job.stage_name or job.kind, key_of[job.stage_name or job.kind]), job)
     if changed:
         sweep_repo.reopen_sweep(session, sweep_id=sweep.id)  # the report is rendered again when the cells finish
     session.commit()
@@ -125,21 +146,22 @@ def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[
 
 
 def cancel_sweep(session: Session, *, sweep: Sweep) -> int:
-    """Cancel every queued or running job of this sweep's cells, except in pipelines that another sweep, not itself
-    cancelled, also points at (running cells attached by a later submission, say): those keep running for it, and
-    stop when the last sweep using them is cancelled. Commits; returns how many jobs were asked to stop."""
+    """Cancel every queued or running job of this sweep's cells, shared stages included, except those that another
+    sweep, not itself cancelled, still needs: the jobs of the pipelines it also points at (running cells attached by
+    a later submission, say) and the shared stages they read. Those keep running for it, and stop when the last
+    sweep using them is cancelled. Commits; returns how many jobs were asked to stop."""
     sweep_repo.lock_submissions(session)  # a concurrent submission cannot attach to a pipeline being cancelled
     sweep_repo.set_cancelled(session, sweep=sweep, cancelled=True)
-    cells = sweep_repo.cells(session, sweep_id=sweep.id)
-    mine = [c.pipeline_id for c in cells]
-    kept = sweep_repo.pipelines_kept_by_others(session, sweep_id=sweep.id, pipeline_ids=mine)
-    jobs = sweep_repo.jobs_of(session, pipeline_ids=[p for p in mine if p not in kept])
+    mine = sweep_repo.lineage(session, pipeline_ids=[c.pipeline_id for c in sweep_repo.cells(session,
+                                                                                           sweep_id=sweep.id)])
+    touched = {job.pipeline_id for job in mine.jobs.values() if job.pipeline_id is not None}
+    kept = sweep_repo.pipelines_kept_by_others(session, sweep_id=sweep.id, pipeline_ids=touched)
+    needed = sweep_repo.lineage(session, pipeline_ids=kept).jobs
     n = 0
-    for pipeline_jobs in jobs.values():
-        for job in pipeline_jobs:
-            if job.status in ACTIVE:
-                repo.request_cancel(session, job_id=job.id)
-                n += 1
+    for job in mine.jobs.values():
+        if job.status in ACTIVE and job.id not in needed:
+            repo.request_cancel(session, job_id=job.id)
+            n += 1
     session.commit()
     return n
 
@@ -150,19 +172,19 @@ def cancel_sweep(session: Session, *, sweep: Sweep) -> int:
 
 def sweep_read(session: Session, settings: Settings, sweep: Sweep) -> SweepRead:
     cells = sweep_repo.cells(session, sweep_id=sweep.id)
-    jobs = sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells])
-    status = sweep_repo.statuses(jobs)
+    found = sweep_repo.lineage(session, pipeline_ids=[c.pipeline_id for c in cells])
+    status = sweep_repo.statuses(found.own)
     reads = []
     pipelines_created_here = _created_by(session, sweep.id, [c.pipeline_id for c in cells])
     for c in cells:
-        failed = next((j for j in jobs[c.pipeline_id] if j.status in RERUN and j.error_type), None)
+        failed = next((j for j in found.own[c.pipeline_id] if j.status in RERUN and j.error_type), None)
         error = (JobError(type=failed.error_type or "", message=(failed.error_message or "")[-2000:],
                           exit_code=failed.exit_code) if failed else None)
         reads.append(SweepCellRead(
             cell_id=c.cell_id, position=c.position, variant=c.variant, params=c.params, seed=c.seed,
             status=status[c.pipeline_id], pipeline_id=c.pipeline_id,  # type: ignore[arg-type]
             reused=c.pipeline_id not in pipelines_created_here,
-            jobs={j.stage_name or j.kind: j.id for j in jobs[c.pipeline_id]}, error=error))
+            jobs={name: job.id for name, job in found.stages(c.pipeline_id).items()}, error=error))
     counts = _counts(r.status for r in reads)
     mlflow = None
     if sweep.mlflow_run_id:
@@ -213,20 +235,60 @@ def _cell_plans(settings: Settings, cell: Cell) -> list[Plan]:
     return plans
 
 
-def _plans_from_jobs(session: Session, jobs: list[Job]) -> list[Plan]:
-    """A failed cell's pipeline again, from its jobs' stored (canonical) specs and edges."""
+def _plans_from_jobs(found: sweep_repo.Lineage, pipeline_id: str, keys: dict[str, str]
+                     ) -> tuple[list[Plan], list[StageKey]]:
+    """A failed cell's stages again, shared ones included, from their jobs' stored (canonical) specs and edges; with
+    each stage's (name, key)."""
+    stages = found.stages(pipeline_id)
+    jobs = [found.jobs[i] for i in found.upstream(job.id for job in stages.values())]
+    jobs = [job for job in jobs if stages.get(job.stage_name or job.kind) is job]
     index = {job.id: i for i, job in enumerate(jobs)}
-    edges = repo.inputs_of(session, job_ids=index)
     plans: list[Plan] = []
     for job in jobs:
         kind = StageKind(job.kind)
         valid = validate(kind, job.spec, ("spec",))
-        inputs = edges.get(job.id, {})
+        inputs = found.inputs.get(job.id, {})
         create = StageCreate(name=job.stage_name or job.kind, kind=kind, spec={},
-                             inputs={role: jobs[index[p]].stage_name or "" for role, p in inputs.items()},
+                             inputs={role: found.jobs[p].stage_name or "" for role, p in inputs.items()},
                              queue=job.queue, gpus=job.gpus)  # type: ignore[arg-type]
-        plans.append((create, valid, {role: index[p] for role, p in inputs.items()}))
-    return plans
+        plans.append((create, valid, {role: index.get(p, found.jobs[p]) for role, p in inputs.items()}))
+    return plans, [(job.stage_name or job.kind, keys[job.id]) for job in jobs]
+
+
+def _job_keys(found: sweep_repo.Lineage) -> dict[str, str]:
+    """{job id: its stage key}, computed from the stored specs and edges exactly as from a sweep's cells."""
+    order = found.upstream(found.jobs)
+    return stage_keys({"name": i, "kind": found.jobs[i].kind, "spec": found.jobs[i].spec,
+                       "inputs": found.inputs.get(i, {})} for i in order)
+
+
+def _reusable(found: sweep_repo.Lineage) -> dict[StageKey, Job]:
+    """(stage name, stage key) -> a job of these pipelines (or upstream of them) that succeeded or is still active
+    and not being cancelled."""
+    keys = _job_keys(found)
+    pool: dict[StageKey, Job] = {}
+    for pipeline_id in found.own:
+        for name, job in found.stages(pipeline_id).items():
+            if job.status not in RERUN and job.cancel_requested_at is None:
+                pool.setdefault((name, keys[job.id]), job)
+    return pool
+
+
+def _share(plans: list[Plan], keys: list[StageKey], pool: dict[StageKey, Job]) -> list[Plan]:
+    """The plans less the stages that `pool` has a job for: their dependents read that job's output instead. A cell
+    whose every stage the pool has keeps its own (a pipeline has at least one job; cells that differ only in their
+    seed label, with no seed paths, are deliberate repeats)."""
+    if all(key in pool for key in keys):
+        return plans
+    out: list[Plan] = []
+    where: dict[int, int | Job] = {}
+    for i, ((stage, valid, resolved), key) in enumerate(zip(plans, keys, strict=True)):
+        if key in pool:
+            where[i] = pool[key]
+        else:
+            out.append((stage, valid, {role: where[p] if isinstance(p, int) else p for role, p in resolved.items()}))
+            where[i] = len(out) - 1
+    return out
 
 
 def _created_by(session: Session, sweep_id: str, pipeline_ids: list[str]) -> set[str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict, spec_hash
+from sgtm_engine.config import STAGE_SPECS, StageKind, from_dict
 from sgtm_engine.errors import ConfigError
 from sgtm_engine.folders import (
     EVENTS,
@@ -34,7 +34,7 @@ from sgtm_engine.folders import (
 from sgtm_engine.mlflow_keys import run_tags
 from sgtm_engine.recipe import read_sweep
 from sgtm_engine.report import SUCCEEDED, build_report, report_files
-from sgtm_engine.sweep import Cell, SweepPlan, apply_sweep_overrides, cell_label, parse_sweep
+from sgtm_engine.sweep import Cell, SweepPlan, apply_sweep_overrides, cell_label, parse_sweep, stage_keys
 from sgtm_engine.yamlio import dump_yaml
 
 if TYPE_CHECKING:
@@ -79,11 +79,9 @@ class _Task:
 
 
 def stage_folders(cell: Cell, workdir: Path) -> dict[str, Path]:
-    """Stage name -> its folder `stages/<kind>-<key>`; equal stages of different cells get the same folder."""
-    keys: dict[str, str] = {}
-    for stage in cell.stages:
-        inputs = {role: keys[parent] for role, parent in sorted(stage["inputs"].items())}
-        keys[stage["name"]] = spec_hash({"kind": stage["kind"], "spec": stage["spec"], "inputs": inputs})[:16]
+    """Stage name -> its folder `stages/<kind>-<key>` (`stage_keys`); equal stages of different cells get the same
+    folder."""
+    keys = stage_keys(cell.stages)
     return {s["name"]: workdir / "stages" / f"{s['kind']}-{keys[s['name']]}" for s in cell.stages}
 
 

@@ -334,6 +334,17 @@ def _blame(problem: Problem, raw: list[dict[str, Any]], names: list[str],
     return Problem(("base", "stages", names.index(name), *rest), f"base: {problem.msg}", problem.value)
 
 
+def stage_keys(stages: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Stage name -> what the stage computes, as 16 hex digits: the hash of its kind, resolved spec and its inputs'
+    keys (not its name, nor where it runs). Stages of different cells with one key compute the same output, which
+    `sgtm sweep --local` and the service both compute once per sweep."""
+    keys: dict[str, str] = {}
+    for stage in stages:
+        inputs = {role: keys[parent] for role, parent in sorted(stage["inputs"].items())}
+        keys[stage["name"]] = spec_hash({"kind": stage["kind"], "spec": stage["spec"], "inputs": inputs})[:16]
+    return keys
+
+
 def _identity(stage: dict[str, Any]) -> dict[str, Any]:
     """What a cell's pipeline is, for its hash: where it runs (queue, gpus) is not part of it."""
     return {"name": stage["name"], "kind": stage["kind"], "inputs": dict(sorted(stage["inputs"].items())),

@@ -7,6 +7,7 @@ whichever sweep created it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from api.db.base import new_id, utcnow
+from api.db.inputs import inputs_of
 from api.db.models import Job, Pipeline, Sweep, SweepCell
 from api.db.pipelines import pipeline_status
 from api.db.status import QUEUED, RUNNING
@@ -93,6 +95,64 @@ def jobs_of(session: Session, *, pipeline_ids: Iterable[str]) -> dict[str, list[
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """Pipelines' own jobs and every job upstream of them: a stage that a sweep's cells share runs once, in one
+    cell's pipeline, and the other cells' jobs read its output (api.sweeps)."""
+
+    own: dict[str, list[Job]]
+    """{pipeline id: its jobs in creation order}."""
+    jobs: dict[str, Job]
+    """Every job, own or upstream, by id."""
+    inputs: dict[str, dict[str, str]]
+    """{job id: {input name: parent job id}}."""
+
+    def stages(self, pipeline_id: str) -> dict[str, Job]:
+        """The pipeline's stages by name: its own jobs, then the jobs of other pipelines that they read from, and
+        theirs, each under its stage name (an own job's name comes first)."""
+        named = {job.stage_name or job.kind: job for job in self.own[pipeline_id]}
+        stack = [job.id for job in self.own[pipeline_id]]
+        while stack:
+            for parent_id in self.inputs.get(stack.pop(), {}).values():
+                parent = self.jobs[parent_id]
+                if parent.pipeline_id != pipeline_id and (parent.stage_name or parent.kind) not in named:
+                    named[parent.stage_name or parent.kind] = parent
+                    stack.append(parent_id)
+        return named
+
+    def upstream(self, job_ids: Iterable[str]) -> list[str]:
+        """These jobs and every job they read from, each once, parents before children."""
+        order: dict[str, None] = {}
+
+        def visit(job_id: str) -> None:
+            if job_id not in order:
+                for parent_id in self.inputs.get(job_id, {}).values():
+                    visit(parent_id)
+                order[job_id] = None
+
+        for job_id in job_ids:
+            visit(job_id)
+        return list(order)
+
+
+def lineage(session: Session, *, pipeline_ids: Iterable[str]) -> Lineage:
+    """The pipelines' jobs and every job upstream of them, with the edges between them (one query per level)."""
+    own = jobs_of(session, pipeline_ids=pipeline_ids)
+    jobs = {job.id: job for pipeline_jobs in own.values() for job in pipeline_jobs}
+    inputs: dict[str, dict[str, str]] = {}
+    frontier = list(jobs)
+    while frontier:
+        edges = {}
+        for i in range(0, len(frontier), 500):
+            edges.update(inputs_of(session, job_ids=frontier[i:i + 500]))
+        inputs.update(edges)
+        missing = list({p for named in edges.values() for p in named.values()} - jobs.keys())
+        for i in range(0, len(missing), 500):
+            jobs.update({job.id: job for job in session.scalars(select(Job).where(Job.id.in_(missing[i:i + 500])))})
+        frontier = missing
+    return Lineage(own, jobs, inputs)
+
+
 def statuses(jobs_by_pipeline: dict[str, list[Job]]) -> dict[str, str]:
     """{pipeline id: its status} (`jobs.pipeline_status`)."""
     return {p: pipeline_status(j.status for j in jobs) for p, jobs in jobs_by_pipeline.items()}
@@ -122,13 +182,13 @@ def is_finished(session: Session, *, sweep_id: str) -> bool:
 def report_records(session: Session, *, sweep_id: str) -> list[dict[str, Any]]:
     """What `sgtm_engine.report.build_report` reads: one record per cell, in cell order:
     {cell_id, variant, params, seed, status, pipeline_id, stages: {stage name: the job's result (None unless it
-    succeeded)}}."""
+    succeeded)}}, shared stages included (`Lineage.stages`)."""
     rows = cells(session, sweep_id=sweep_id)
-    jobs = jobs_of(session, pipeline_ids=[c.pipeline_id for c in rows])
-    status = statuses(jobs)
+    found = lineage(session, pipeline_ids=[c.pipeline_id for c in rows])
+    status = statuses(found.own)
     return [{"cell_id": c.cell_id, "variant": c.variant, "params": dict(c.params), "seed": c.seed,
              "status": status[c.pipeline_id], "pipeline_id": c.pipeline_id,
-             "stages": {j.stage_name or j.kind: j.result for j in jobs[c.pipeline_id]}} for c in rows]
+             "stages": {name: job.result for name, job in found.stages(c.pipeline_id).items()}} for c in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -129,15 +129,19 @@ def test_cancel_cancels_the_whole_sweep(stack: Stack) -> None:
 
 
 def test_sweep_cli_wait_and_report_in_embedded_mode(embedded: Embedded, tmp_path: Path) -> None:
+    """Two seeds x two evaluation sizes: the cells of a seed share its train stage, which runs once, in the first
+    cell's pipeline; the other cell's evaluate reads it from there."""
     recipe = tmp_path / "sweep.yaml"
-    recipe.write_text(yaml.safe_dump(sweep_body("cli", steps=6, lrs=[3.0e-3], seeds=[0, 1])))
+    body = sweep_body("cli", steps=6, lrs=[3.0e-3], seeds=[0, 1])
+    body["grid"] = {"evaluate.eval.max_batches": [1, 2]}
+    recipe.write_text(yaml.safe_dump(body))
     cli = [sys.executable, "-m", "api.client_cli"]
     common = ["--url", embedded.api_url, "--data-root", str(embedded.data_root)]
     done = subprocess.run([*cli, "sweep", str(recipe), "--set", "train.steps=7", "--wait", *common],
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     printed = " ".join(done.stdout.split())  # rich wraps lines at the terminal width
-    assert "2 cells" in printed and "2 succeeded" in printed
+    assert "4 cells" in printed and "4 succeeded" in printed
     sweep_id = printed.split("submitted sweep ", 1)[1].split(":", 1)[0]
     listed = subprocess.run([*cli, "sweeps", *common], capture_output=True, text=True, timeout=60,
                             env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
@@ -147,14 +151,19 @@ def test_sweep_cli_wait_and_report_in_embedded_mode(embedded: Embedded, tmp_path
                               text=True, timeout=120)
     assert reported.returncode == 0, reported.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["n_cells"] == 2 and report["n_succeeded"] == 2
+    assert report["n_cells"] == 4 and report["n_succeeded"] == 4
     row = report["tables"][0]["rows"][0]
     assert row["stats"]["eval/retain/loss"]["n"] == 2 and row["stats"]["eval/retain/loss"]["std"] is not None
     assert "mean ± sample std" in (out / "report.md").read_text()
     assert list(out.glob("*.png"))
     with embedded.client() as client:
-        train = client.get(f"/api/v1/sweeps/{sweep_id}").json()["cells"][0]["jobs"]["train"]
-        assert client.get(f"/api/v1/jobs/{train}").json()["progress"]["total"] == 7  # --set reached the base
+        cells = client.get(f"/api/v1/sweeps/{sweep_id}").json()["cells"]
+        trains = {c["seed"]: c["jobs"]["train"] for c in cells}
+        assert all(c["jobs"]["train"] == trains[c["seed"]] for c in cells) and len(set(trains.values())) == 2
+        assert client.get(f"/api/v1/jobs/{trains[0]}").json()["progress"]["total"] == 7  # --set reached the base
+        for cell in cells:  # each cell's evaluate ran on its seed's model
+            evaluate = client.get(f"/api/v1/jobs/{cell['jobs']['evaluate']}").json()
+            assert evaluate["status"] == "succeeded" and evaluate["inputs"] == {"model": trains[cell["seed"]]}
     again = subprocess.run([*cli, "sweep", str(recipe), "--set", "train.steps=7", *common], capture_output=True,
                            text=True, timeout=60)
-    assert again.returncode == 0 and "2 reused" in " ".join(again.stdout.split()), again.stdout
+    assert again.returncode == 0 and "4 reused" in " ".join(again.stdout.split()), again.stdout
