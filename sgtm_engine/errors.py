@@ -39,16 +39,27 @@ def is_huge_int(value: Any) -> bool:
 
 
 def render_value(value: Any) -> str:
-    """How a message shows a value: enums by their value, tuples as lists, integers of over 16 digits in scientific
+    """How a message shows a value, as the YAML or JSON that carried it spells it: `null`, `true`, `false` (not
+    Python's None, True, False), enums by their value, tuples as lists, integers of over 16 digits in scientific
     notation (`steps: 1e308` arrives as a 309-digit integer), anything long cut to 80 characters."""
     if isinstance(value, enum.Enum):
         return str(value.value)
     if is_huge_int(value):
         return format(decimal.Decimal(value), ".3e")
-    if isinstance(value, tuple):
-        value = [v.value if isinstance(v, enum.Enum) else v for v in value]
-    text = repr(value)
+    text = _literal(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _literal(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, enum.Enum):
+        return repr(value.value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 @dataclasses.dataclass(frozen=True)

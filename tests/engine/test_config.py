@@ -16,12 +16,15 @@ from sgtm_engine.config import (
     RmuSpec,
     Strategy,
     TrainSpec,
+    apply_stage_overrides,
     from_dict,
+    parse_stages,
     spec_hash,
     to_dict,
     with_overrides,
 )
-from sgtm_engine.errors import ConfigError, Problem
+from sgtm_engine.errors import ConfigError, Problem, render_value
+from sgtm_engine.yamlio import parse_sets
 
 
 def test_every_problem_is_reported_at_once_with_field_paths():
@@ -47,6 +50,21 @@ def test_a_problem_keeps_what_it_says_after_its_location_wherever_it_is_nested()
     bare = Problem.at((), "a sweep is a mapping").nested(("base",))
     assert (bare.msg, bare.detail) == ("base: a sweep is a mapping", ": a sweep is a mapping")
     assert Problem.at(("seeds",), "each seed once").detail == ": each seed once"  # no value to show
+
+
+@pytest.mark.parametrize(("override", "shown"), [
+    ("train.data.corpus=null", "train.data.corpus=null: expected a string"),
+    ("train.optim.lr=true", "train.optim.lr=true: expected a number"),
+    ("train.optim.betas=[0.9, null]", "train.optim.betas[1]=null: expected a number"),
+    ("train.steps=abc", "train.steps='abc': expected an integer"),
+])
+def test_a_value_is_shown_as_the_yaml_or_json_that_carried_it(override: str, shown: str) -> None:
+    """YAML and JSON say null, true and false; a message that said None or True would name a value nobody wrote."""
+    stages = [{"name": "train", "kind": "train", "spec": {}}]
+    with pytest.raises(ConfigError) as e:
+        parse_stages(apply_stage_overrides(stages, parse_sets([override])))
+    assert [str(p) for p in e.value.problems] == [shown]
+    assert render_value({"a": [None, True, 1.5, "x"]}) == "{'a': [null, true, 1.5, 'x']}"
 
 
 def test_forget_sizes_are_exclusive_and_checked_against_the_model():
