@@ -276,8 +276,9 @@ def _reusable(found: sweep_repo.Lineage) -> dict[StageKey, Job]:
 
 def _share(plans: list[Plan], keys: list[StageKey], pool: dict[StageKey, Job]) -> list[Plan]:
     """The plans less the stages that `pool` has a job for: their dependents read that job's output instead. A cell
-    whose every stage the pool has keeps its own (a pipeline has at least one job; cells that differ only in their
-    seed label, with no seed paths, are deliberate repeats)."""
+    whose every stage the pool has keeps them all: its pipeline needs a job of its own to have a status (only cells
+    that differ in nothing but their seed label, a sweep whose seeds set no path, are such cells; they run as
+    repeats)."""
     if all(key in pool for key in keys):
         return plans
     out: list[Plan] = []
