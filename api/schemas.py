@@ -149,7 +149,7 @@ class SweepCreate(_Body):
     """A sweep (`sgtm_engine.sweep`): a base pipeline, named variants, a grid of dotted-path overrides and seeds.
     Cells = variants × grid × seeds; a cell that already succeeded (same cell id, any earlier sweep) is reused, one
     still running is attached, one that failed or was cancelled runs again. A stage that several cells share (same
-    name, kind, resolved spec and inputs) runs once, and a cell run again keeps its stages that succeeded."""
+    kind, resolved spec and inputs) runs once, and a cell run again keeps its stages that succeeded."""
 
     noun: ClassVar[str] = "a sweep"
 

@@ -107,10 +107,11 @@ def _pipeline_plans(session: Session, settings: Settings, body: PipelineCreate
 
 def create_pipeline_rows(session: Session, settings: Settings, *, name: str, experiment: str,
                          plans: list[tuple[Any, ValidSpec, dict[str, Any]]], idempotency_key: str | None = None,
-                         request_hash: str | None = None, sweep_id: str | None = None,
-                         cell_id: str | None = None) -> tuple[Pipeline, list[Job]]:
+                         request_hash: str | None = None, sweep_id: str | None = None, cell_id: str | None = None,
+                         shared: dict[str, Job | int] | None = None) -> tuple[Pipeline, list[Job]]:
     """Insert a pipeline and its stage jobs (no commit). `plans`: (stage with name/kind/queue/gpus, its valid spec,
-    {input name: index of an earlier plan | an existing Job})."""
+    {input name: index of an earlier plan | an existing Job}); `shared`: a sweep cell's stages that another job
+    computes, {stage name: an existing Job | the index of a plan}."""
     pipeline = repo.create_pipeline(session, name=name, experiment=experiment, idempotency_key=idempotency_key,
                                     request_hash=request_hash, sweep_id=sweep_id, cell_id=cell_id)
     created: list[Job] = []
@@ -122,6 +123,8 @@ def create_pipeline_rows(session: Session, settings: Settings, *, name: str, exp
         created.append(repo.create(session, inputs={n: p.id for n, p in zip(resolved, parents, strict=True)},
                                    experiment=experiment, pipeline_id=pipeline.id, stage_name=stage.name,
                                    will_send=ready, **fields))
+    if shared:
+        pipeline.shared_stages = {n: (created[j] if isinstance(j, int) else j).id for n, j in shared.items()}
     return pipeline, created
 
 

@@ -10,11 +10,12 @@ Submissions are serialized (a PostgreSQL advisory lock; SQLite serializes writer
 never both start it. A resubmitted sweep is a new sweep row (its own record and MLflow parent run) over the same
 pipelines; `resume` applies the same rule in place to an existing sweep.
 
-Inside the fresh pipelines, a stage runs once per sweep, as `sgtm sweep --local` runs it: a stage with the same name
-and stage key (`sgtm_engine.sweep.stage_keys`: kind, resolved spec, inputs' keys) as a job that succeeded or is still
-active, in the pipelines the sweep's cells point at or created by the same submission, is not created again; its
-dependents read that job's output (every method's attack against one no-filter `reference` per seed; a failed cell's
-stages that succeeded). Such a job stays in the pipeline that ran it; `Lineage.stages` shows it in every cell.
+Inside the fresh pipelines, a stage runs once per sweep, as `sgtm sweep --local` runs it: a stage with the same stage
+key (`sgtm_engine.sweep.stage_keys`: kind, resolved spec, inputs' keys) as a job that succeeded or is still active
+(not being cancelled), in the pipelines the sweep's cells point at, created by the same submission or by an earlier
+stage of the same cell, is not created again; its dependents read that job's output (every method's attack against
+one no-filter model per seed; a failed cell's stages that succeeded). Such a job stays in the pipeline that ran it;
+each other cell's pipeline records it under that cell's name for it (`pipelines.shared_stages`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 RERUN = (FAILED, CANCELLED)
 Plan = tuple[StageCreate, ValidSpec, dict[str, Any]]
-StageKey = tuple[str, str]
-"""(stage name, `stage_keys` key): what a stage computes, under the name its cells give it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,14 +74,14 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
                 pipeline_id = previous.id
             else:
                 keys = stage_keys(cell.stages)
+                own, shared = _share(plans[cell.cell_id], [keys[s["name"]] for s in cell.stages], pool)
                 pipeline, jobs = create_pipeline_rows(
                     session, settings, name=_pipeline_name(body.name, cell.position), experiment=experiment,
-                    plans=_share(plans[cell.cell_id], [(s["name"], keys[s["name"]]) for s in cell.stages], pool),
-                    sweep_id=sweep.id, cell_id=cell.cell_id)
+                    plans=own, sweep_id=sweep.id, cell_id=cell.cell_id, shared=shared)
                 pipeline_id = pipeline.id
                 created.extend(jobs)
                 for job in jobs:
-                    pool.setdefault((job.stage_name or job.kind, keys[job.stage_name or job.kind]), job)
+                    pool.setdefault(keys[job.stage_name or job.kind], job)
             sweep_repo.add_cell(session, sweep_id=sweep.id, cell_id=cell.cell_id, position=cell.position,
                                 variant=cell.variant, params=cell.params, seed=cell.seed, pipeline_id=pipeline_id)
         return sweep
@@ -130,15 +129,16 @@ def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[
             changed = True
         elif status[cell.pipeline_id] in RERUN:
             plans, plan_keys = _plans_from_jobs(found, cell.pipeline_id, keys)
+            own, shared = _share(plans, plan_keys, pool)
             pipeline, new_jobs = create_pipeline_rows(
                 session, settings, name=_pipeline_name(sweep.name, cell.position), experiment=sweep.experiment,
-                plans=_share(plans, plan_keys, pool), sweep_id=sweep.id, cell_id=cell.cell_id)
+                plans=own, sweep_id=sweep.id, cell_id=cell.cell_id, shared=shared)
             sweep_repo.set_cell_pipeline(session, sweep_id=sweep.id, cell_id=cell.cell_id, pipeline_id=pipeline.id)
             created += new_jobs
             changed = True
-            key_of = dict(plan_keys)
+            key_of = {plan[0].name: key for plan, key in zip(plans, plan_keys, strict=True)}
             for job in new_jobs:
-                pool.setdefault((job.stage_name or job.kind, key_of[job.stage_name or job.kind]), job)
+                pool.setdefault(key_of[job.stage_name or job.kind], job)
     if changed:
         sweep_repo.reopen_sweep(session, sweep_id=sweep.id)  # the report is rendered again when the cells finish
     session.commit()
@@ -236,23 +236,25 @@ def _cell_plans(settings: Settings, cell: Cell) -> list[Plan]:
 
 
 def _plans_from_jobs(found: sweep_repo.Lineage, pipeline_id: str, keys: dict[str, str]
-                     ) -> tuple[list[Plan], list[StageKey]]:
-    """A failed cell's stages again, shared ones included, from their jobs' stored (canonical) specs and edges; with
-    each stage's (name, key)."""
+                     ) -> tuple[list[Plan], list[str]]:
+    """A failed cell's stages again, shared ones included, from their jobs' stored (canonical) specs and edges, with
+    each stage's key (`keys`: by job id)."""
     stages = found.stages(pipeline_id)
-    jobs = [found.jobs[i] for i in found.upstream(job.id for job in stages.values())]
-    jobs = [job for job in jobs if stages.get(job.stage_name or job.kind) is job]
-    index = {job.id: i for i, job in enumerate(jobs)}
+    rank = {job_id: i for i, job_id in enumerate(found.upstream(job.id for job in stages.values()))}
+    names = sorted(stages, key=lambda name: rank[stages[name].id])  # parents first
+    index: dict[str, int] = {}  # job id -> its plan
     plans: list[Plan] = []
-    for job in jobs:
+    for name in names:
+        job = stages[name]
         kind = StageKind(job.kind)
-        valid = validate(kind, job.spec, ("spec",))
         inputs = found.inputs.get(job.id, {})
-        create = StageCreate(name=job.stage_name or job.kind, kind=kind, spec={},
-                             inputs={role: found.jobs[p].stage_name or "" for role, p in inputs.items()},
-                             queue=job.queue, gpus=job.gpus)  # type: ignore[arg-type]
-        plans.append((create, valid, {role: index.get(p, found.jobs[p]) for role, p in inputs.items()}))
-    return plans, [(job.stage_name or job.kind, keys[job.id]) for job in jobs]
+        create = StageCreate(name=name, kind=kind, spec={}, queue=job.queue, gpus=job.gpus,  # type: ignore[arg-type]
+                             inputs={role: plans[index[p]][0].name if p in index else found.jobs[p].stage_name or ""
+                                     for role, p in inputs.items()})
+        plans.append((create, validate(kind, job.spec, ("spec",)),
+                      {role: index[p] if p in index else found.jobs[p] for role, p in inputs.items()}))
+        index.setdefault(job.id, len(plans) - 1)
+    return plans, [keys[stages[name].id] for name in names]
 
 
 def _job_keys(found: sweep_repo.Lineage) -> dict[str, str]:
@@ -262,34 +264,36 @@ def _job_keys(found: sweep_repo.Lineage) -> dict[str, str]:
                        "inputs": found.inputs.get(i, {})} for i in order)
 
 
-def _reusable(found: sweep_repo.Lineage) -> dict[StageKey, Job]:
-    """(stage name, stage key) -> a job of these pipelines (or upstream of them) that succeeded or is still active
-    and not being cancelled."""
+def _reusable(found: sweep_repo.Lineage) -> dict[str, Job]:
+    """Stage key -> a job of these pipelines' cells that succeeded or is still active and not being cancelled."""
     keys = _job_keys(found)
-    pool: dict[StageKey, Job] = {}
+    pool: dict[str, Job] = {}
     for pipeline_id in found.own:
-        for name, job in found.stages(pipeline_id).items():
+        for job in found.stages(pipeline_id).values():
             if job.status not in RERUN and job.cancel_requested_at is None:
-                pool.setdefault((name, keys[job.id]), job)
+                pool.setdefault(keys[job.id], job)
     return pool
 
 
-def _share(plans: list[Plan], keys: list[StageKey], pool: dict[StageKey, Job]) -> list[Plan]:
-    """The plans less the stages that `pool` has a job for: their dependents read that job's output instead. A cell
-    whose every stage the pool has keeps them all: its pipeline needs a job of its own to have a status (only cells
-    that differ in nothing but their seed label, a sweep whose seeds set no path, are such cells; they run as
-    repeats)."""
+def _share(plans: list[Plan], keys: list[str], pool: dict[str, Job]) -> tuple[list[Plan], dict[str, Job | int]]:
+    """The plans less the stages computed elsewhere, and {stage name: the job (or the index of the kept plan) that
+    computes it}: a stage whose key `pool` has a job for, or that an earlier stage of the same cell computes (the
+    no-filter cell's `train` is its `reference`). Dependents read that job's output instead. A cell whose every stage
+    the pool has keeps them all: its pipeline needs a job of its own to have a status (only cells that differ in
+    nothing but their seed label, a sweep whose seeds set no path, are such cells; they run as repeats)."""
     if all(key in pool for key in keys):
-        return plans
+        return plans, {}
     out: list[Plan] = []
+    shared: dict[str, Job | int] = {}
     where: dict[int, int | Job] = {}
+    kept: dict[str, int] = {}  # key -> index in `out`
     for i, ((stage, valid, resolved), key) in enumerate(zip(plans, keys, strict=True)):
-        if key in pool:
-            where[i] = pool[key]
+        if key in pool or key in kept:
+            where[i] = shared[stage.name] = pool[key] if key in pool else kept[key]
         else:
             out.append((stage, valid, {role: where[p] if isinstance(p, int) else p for role, p in resolved.items()}))
-            where[i] = len(out) - 1
-    return out
+            where[i] = kept[key] = len(out) - 1
+    return out, shared
 
 
 def _created_by(session: Session, sweep_id: str, pipeline_ids: list[str]) -> set[str]:

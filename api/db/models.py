@@ -78,6 +78,9 @@ class Pipeline(Base):
     sweep may reuse the pipeline through `sweep_cells`)."""
     cell_id: Mapped[str | None] = mapped_column(String(64), index=True)
     """The sweep cell this pipeline runs (`sgtm_engine.sweep`): the dedupe key across sweeps."""
+    shared_stages: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    """{stage name: job id} of the cell's stages that run once for several cells, in another cell's pipeline
+    (`api.sweeps`); its other stages are this pipeline's own jobs."""
 
 
 class Job(Base):

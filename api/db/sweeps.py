@@ -97,28 +97,22 @@ def jobs_of(session: Session, *, pipeline_ids: Iterable[str]) -> dict[str, list[
 
 @dataclasses.dataclass(frozen=True)
 class Lineage:
-    """Pipelines' own jobs and every job upstream of them: a stage that a sweep's cells share runs once, in one
-    cell's pipeline, and the other cells' jobs read its output (api.sweeps)."""
+    """Pipelines' own jobs, the jobs their cells share with other cells' pipelines, and every job upstream of them
+    (a stage that several cells of a sweep share runs once, in one cell's pipeline: api.sweeps)."""
 
     own: dict[str, list[Job]]
     """{pipeline id: its jobs in creation order}."""
+    shared: dict[str, dict[str, str]]
+    """{pipeline id: {stage name: job id}} of its cell's stages that run in another pipeline."""
     jobs: dict[str, Job]
-    """Every job, own or upstream, by id."""
+    """Every job, own, shared or upstream, by id."""
     inputs: dict[str, dict[str, str]]
     """{job id: {input name: parent job id}}."""
 
     def stages(self, pipeline_id: str) -> dict[str, Job]:
-        """The pipeline's stages by name: its own jobs, then the jobs of other pipelines that they read from, and
-        theirs, each under its stage name (an own job's name comes first)."""
-        named = {job.stage_name or job.kind: job for job in self.own[pipeline_id]}
-        stack = [job.id for job in self.own[pipeline_id]]
-        while stack:
-            for parent_id in self.inputs.get(stack.pop(), {}).values():
-                parent = self.jobs[parent_id]
-                if parent.pipeline_id != pipeline_id and (parent.stage_name or parent.kind) not in named:
-                    named[parent.stage_name or parent.kind] = parent
-                    stack.append(parent_id)
-        return named
+        """The pipeline's cell's stages by the names the cell gives them: its own jobs, then the shared ones."""
+        own = {job.stage_name or job.kind: job for job in self.own[pipeline_id]}
+        return own | {name: self.jobs[job_id] for name, job_id in self.shared[pipeline_id].items()}
 
     def upstream(self, job_ids: Iterable[str]) -> list[str]:
         """These jobs and every job they read from, each once, parents before children."""
@@ -136,21 +130,34 @@ class Lineage:
 
 
 def lineage(session: Session, *, pipeline_ids: Iterable[str]) -> Lineage:
-    """The pipelines' jobs and every job upstream of them, with the edges between them (one query per level)."""
+    """The pipelines' jobs, shared stages and every job upstream of them, with the edges between them (one query per
+    level)."""
     own = jobs_of(session, pipeline_ids=pipeline_ids)
+    shared = {p: {} for p in own} | _shared_stages(session, list(own))
     jobs = {job.id: job for pipeline_jobs in own.values() for job in pipeline_jobs}
     inputs: dict[str, dict[str, str]] = {}
     frontier = list(jobs)
-    while frontier:
-        edges = {}
+    missing = list({job_id for named in shared.values() for job_id in named.values()} - jobs.keys())
+    while frontier or missing:
+        for i in range(0, len(missing), 500):
+            jobs.update({job.id: job for job in session.scalars(select(Job).where(Job.id.in_(missing[i:i + 500])))})
+        frontier += missing
+        edges: dict[str, dict[str, str]] = {}
         for i in range(0, len(frontier), 500):
             edges.update(inputs_of(session, job_ids=frontier[i:i + 500]))
         inputs.update(edges)
         missing = list({p for named in edges.values() for p in named.values()} - jobs.keys())
-        for i in range(0, len(missing), 500):
-            jobs.update({job.id: job for job in session.scalars(select(Job).where(Job.id.in_(missing[i:i + 500])))})
-        frontier = missing
-    return Lineage(own, jobs, inputs)
+        frontier = []
+    return Lineage(own, shared, jobs, inputs)
+
+
+def _shared_stages(session: Session, pipeline_ids: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for i in range(0, len(pipeline_ids), 500):
+        rows = session.execute(select(Pipeline.id, Pipeline.shared_stages)
+                               .where(Pipeline.id.in_(pipeline_ids[i:i + 500])))
+        out.update({pipeline_id: dict(named) for pipeline_id, named in rows if named})
+    return out
 
 
 def statuses(jobs_by_pipeline: dict[str, list[Job]]) -> dict[str, str]:

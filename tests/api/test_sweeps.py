@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.config import Settings
 from api.db import jobs as repo
+from api.db import sweeps as sweep_repo
 from api.db.models import Job, Pipeline
 from api.db.session import session_scope
 from api.db.sweeps import Lineage
@@ -378,7 +379,8 @@ def test_job_rows_give_the_stage_keys_the_cells_give() -> None:
                            stage_name=s["name"], pipeline_id="p") for s in cell.stages}
     edges = {jobs[s["name"]].id: {role: jobs[parent].id for role, parent in s["inputs"].items()}
              for s in cell.stages if s["inputs"]}
-    found = Lineage(own={"p": list(jobs.values())}, jobs={j.id: j for j in jobs.values()}, inputs=edges)
+    found = Lineage(own={"p": list(jobs.values())}, shared={"p": {}}, jobs={j.id: j for j in jobs.values()},
+                    inputs=edges)
     keys = stage_keys(cell.stages)
     assert _job_keys(found) == {jobs[name].id: key for name, key in keys.items()}
 
@@ -464,3 +466,51 @@ def test_a_resubmission_reads_the_stages_that_succeeded_in_the_ledger(
         assert cell["pipeline_id"] != cells[variant]["pipeline_id"]
         assert cell["jobs"]["train"] == cells[variant]["jobs"]["train"]
     assert second["sgtm"]["jobs"]["reference"] == second["gradient_routing"]["jobs"]["reference"]
+
+
+def test_a_cell_lists_and_reports_every_stage_it_shares_by_its_own_names(
+        client: TestClient, factory: sessionmaker[Session]) -> None:
+    """Shared by key, whatever the name: the no-filter cell's `train` is the other cells' `reference`; a shared stage
+    that none of the cell's own stages reads (its evaluation, under a grid of attack settings) is still the cell's."""
+    body = shared_body(seeds=[0], variants={
+        "no_filter": {"train.masking.strategy": "none", "reference": None, "attack": None},
+        "sgtm_5": {"train.masking.strategy": "sgtm", "attack.steps": 5},
+        "sgtm_6": {"train.masking.strategy": "sgtm", "attack.steps": 6}})
+    body["base"]["stages"].insert(2, {"name": "evaluate", "kind": "evaluate", "inputs": {"model": "train"}})
+    r = post(client, body)
+    assert r.status_code == 202, r.text
+    cells = r.json()["cells"]
+    no_filter, sgtm_5, sgtm_6 = cells
+    for cell in (sgtm_5, sgtm_6):
+        assert cell["jobs"]["reference"] == no_filter["jobs"]["train"]
+        assert set(cell["jobs"]) == {"reference", "train", "evaluate", "attack"}
+    assert sgtm_6["jobs"]["evaluate"] == sgtm_5["jobs"]["evaluate"]  # read by none of sgtm_6's own stages
+    assert sgtm_6["jobs"]["train"] == sgtm_5["jobs"]["train"] and sgtm_6["jobs"]["attack"] != sgtm_5["jobs"]["attack"]
+    assert n_jobs(factory) == 2 + 1 + 1 + 2  # no_filter's train and evaluate, the sgtm train and evaluate, 2 attacks
+    in_order = dict.fromkeys(c["jobs"][s] for s in ("train", "reference", "evaluate", "attack") for c in cells
+                             if s in c["jobs"])
+    for job_id in in_order:  # parents first
+        finish(factory, job_id, "succeeded", {"kind": "x", "metrics": {"eval/forget/loss": 7.0}})
+    with session_scope(factory) as session:
+        records = sweep_repo.report_records(session, sweep_id=r.json()["id"])
+    for record in records:
+        assert set(record["stages"]) == set(next(c for c in cells if c["cell_id"] == record["cell_id"])["jobs"])
+
+
+def test_two_stages_of_one_cell_that_compute_the_same_model_run_once(
+        client: TestClient, factory: sessionmaker[Session]) -> None:
+    """The attack matrix's no-filter cell attacks its `train` against its `reference`: the same spec, one job (as
+    one stage folder locally); the cell still lists both names."""
+    cell = post(client, shared_body(seeds=[0], variants={"no_filter": {"train.masking.strategy": "none"}})
+                ).json()["cells"][0]
+    assert cell["jobs"]["reference"] == cell["jobs"]["train"]
+    attack = client.get(f"/api/v1/jobs/{cell['jobs']['attack']}").json()
+    assert attack["inputs"] == {"model": cell["jobs"]["train"], "baseline": cell["jobs"]["train"]}
+    assert n_jobs(factory) == 2
+    pipeline = client.get(f"/api/v1/pipelines/{cell['pipeline_id']}").json()
+    assert len(pipeline["jobs"]) == 2
+    finish(factory, cell["jobs"]["train"], "failed")
+    sweeps = client.get("/api/v1/sweeps").json()["items"]
+    resumed = client.post(f"/api/v1/sweeps/{sweeps[0]['id']}/resume", headers=AUTH).json()["cells"][0]
+    assert resumed["jobs"]["reference"] == resumed["jobs"]["train"] != cell["jobs"]["train"]
+    assert n_jobs(factory) == 2 + 2
