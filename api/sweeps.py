@@ -67,7 +67,7 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
         latest = sweep_repo.latest_pipelines(session, cell_ids=plans)
         found = sweep_repo.lineage(session, pipeline_ids=[p.id for p in latest.values()])
         status = sweep_repo.statuses(found.own)
-        pool = _reusable(found)
+        pool = _reusable(found, _job_keys(found))
         for cell in definition.cells:
             previous = latest.get(cell.cell_id)
             if previous is not None and status[previous.id] not in RERUN:
@@ -118,8 +118,8 @@ def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[
     latest = sweep_repo.latest_pipelines(session, cell_ids=[c.cell_id for c in cells])
     found = sweep_repo.lineage(session, pipeline_ids=[c.pipeline_id for c in cells] + [p.id for p in latest.values()])
     status = sweep_repo.statuses(found.own)
-    pool = _reusable(found)
     keys = _job_keys(found)
+    pool = _reusable(found, keys)
     created: list[Job] = []
     changed = False
     for cell in cells:
@@ -264,9 +264,9 @@ def _job_keys(found: sweep_repo.Lineage) -> dict[str, str]:
                        "inputs": found.inputs.get(i, {})} for i in order)
 
 
-def _reusable(found: sweep_repo.Lineage) -> dict[str, Job]:
-    """Stage key -> a job of these pipelines' cells that succeeded or is still active and not being cancelled."""
-    keys = _job_keys(found)
+def _reusable(found: sweep_repo.Lineage, keys: dict[str, str]) -> dict[str, Job]:
+    """Stage key -> a job of these pipelines' cells that succeeded or is still active and not being cancelled
+    (`keys`: `_job_keys`)."""
     pool: dict[str, Job] = {}
     for pipeline_id in found.own:
         for job in found.stages(pipeline_id).values():
