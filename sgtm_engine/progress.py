@@ -198,7 +198,8 @@ def headline(metrics: Mapping[str, Any], title: str = "") -> Table | None:
     if not rows:
         return None
     columns = headline_columns(n for values in rows.values() for n in values)
-    table = Table("view", *columns.values(), title=title)
+    # `forget_cloze_acc` as `forget cloze acc`: a header with spaces wraps in a narrow terminal instead of being cut
+    table = Table("view", *(header.replace("_", " ") for header in columns.values()), title=title)
     for view, values in rows.items():
         table.add_row(VIEWS[view], *(_number(values.get(n)) for n in columns))
     return table

@@ -86,13 +86,23 @@ def test_headline_has_a_row_per_view_and_the_losses_before_capability():
     console.print(headline(metrics, title="run"))
     lines = console.export_text().splitlines()
     header = next(line for line in lines if "view" in line)
-    assert header.index("retain loss") < header.index("forget loss") < header.index("forget_es_share")
+    assert header.index("retain loss") < header.index("forget loss") < header.index("forget es share")
     assert "adjacent" not in header  # no view measured it
     unablated = next(line for line in lines if "unablated" in line)
     calibrated = next(line for line in lines if "calibrated" in line and "unablated" not in line)
     assert "3.000" in unablated and "0.700" in unablated and "9.000" in calibrated
     assert not any(line.startswith("│ ablated ") for line in lines)  # no metric of that view
     assert headline({"train/loss": 2.0}) is None
+
+
+def test_headline_headers_wrap_in_an_80_column_terminal_instead_of_being_cut():
+    names = ("retain/loss", "forget/loss", "capability/forget_cloze_acc", "capability/forget_es_share",
+             "capability/retain_cloze_acc")
+    metrics = {f"{view}/{name}": 0.5 for view in ("eval", "eval_ablated", "eval_calibrated") for name in names}
+    console = Console(record=True, width=80)
+    console.print(headline(metrics))
+    text = console.export_text()
+    assert "…" not in text and "cloze" in text and text.count("0.500") == 15
 
 
 def test_a_full_bar_keeps_its_clock_running_until_the_stage_ends():
