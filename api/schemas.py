@@ -234,9 +234,12 @@ class PipelineRead(BaseModel):
     id: str
     name: str
     experiment: str
-    status: JobStatus = Field(description="Derived from the jobs: running/queued while any is, then failed > "
-                                          "cancelled > succeeded.")
+    status: JobStatus = Field(description="Derived from the jobs (shared stages included): running/queued while "
+                                          "any is, then failed > cancelled > succeeded.")
     jobs: list[JobRead]
+    shared_stages: dict[str, str] = Field(default_factory=dict, description=(
+        "A sweep cell's stages that another pipeline's job computes (a stage several cells share runs once): stage "
+        "name → job id."))
     mlflow: MlflowRef | None = None
     created_at: dt.datetime
     links: dict[str, str]

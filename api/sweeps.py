@@ -66,7 +66,7 @@ def submit_sweep(session: Session, *, settings: Settings, body: SweepCreate,
                                         idempotency_key=idempotency_key, request_hash=request_hash)
         latest = sweep_repo.latest_pipelines(session, cell_ids=plans)
         found = sweep_repo.lineage(session, pipeline_ids=[p.id for p in latest.values()])
-        status = sweep_repo.statuses(found.own)
+        status = found.statuses()
         pool = _reusable(found, _job_keys(found))
         for cell in definition.cells:
             previous = latest.get(cell.cell_id)
@@ -117,7 +117,7 @@ def resume_sweep(session: Session, *, settings: Settings, sweep: Sweep) -> list[
     cells = sweep_repo.cells(session, sweep_id=sweep.id)
     latest = sweep_repo.latest_pipelines(session, cell_ids=[c.cell_id for c in cells])
     found = sweep_repo.lineage(session, pipeline_ids=[c.pipeline_id for c in cells] + [p.id for p in latest.values()])
-    status = sweep_repo.statuses(found.own)
+    status = found.statuses()
     keys = _job_keys(found)
     pool = _reusable(found, keys)
     created: list[Job] = []
@@ -173,7 +173,7 @@ def cancel_sweep(session: Session, *, sweep: Sweep) -> int:
 def sweep_read(session: Session, settings: Settings, sweep: Sweep) -> SweepRead:
     cells = sweep_repo.cells(session, sweep_id=sweep.id)
     found = sweep_repo.lineage(session, pipeline_ids=[c.pipeline_id for c in cells])
-    status = sweep_repo.statuses(found.own)
+    status = found.statuses()
     reads = []
     pipelines_created_here = _created_by(session, sweep.id, [c.pipeline_id for c in cells])
     for c in cells:
@@ -202,7 +202,7 @@ def sweep_read(session: Session, settings: Settings, sweep: Sweep) -> SweepRead:
 
 def sweep_summary(session: Session, sweep: Sweep) -> SweepSummary:
     cells = sweep_repo.cells(session, sweep_id=sweep.id)
-    status = sweep_repo.statuses(sweep_repo.jobs_of(session, pipeline_ids=[c.pipeline_id for c in cells]))
+    status = sweep_repo.lineage(session, pipeline_ids=[c.pipeline_id for c in cells]).statuses()
     values = [status[c.pipeline_id] for c in cells]
     return SweepSummary(id=sweep.id, name=sweep.name, experiment=sweep.experiment,
                         status=repo.pipeline_status(values), counts=_counts(values),  # type: ignore[arg-type]
@@ -278,11 +278,9 @@ def _reusable(found: sweep_repo.Lineage, keys: dict[str, str]) -> dict[str, Job]
 def _share(plans: list[Plan], keys: list[str], pool: dict[str, Job]) -> tuple[list[Plan], dict[str, Job | int]]:
     """The plans less the stages computed elsewhere, and {stage name: the job (or the index of the kept plan) that
     computes it}: a stage whose key `pool` has a job for, or that an earlier stage of the same cell computes (the
-    no-filter cell's `train` is its `reference`). Dependents read that job's output instead. A cell whose every stage
-    the pool has keeps them all: its pipeline needs a job of its own to have a status (only cells that differ in
-    nothing but their seed label, a sweep whose seeds set no path, are such cells; they run as repeats)."""
-    if all(key in pool for key in keys):
-        return plans, {}
+    no-filter cell's `train` is its `reference`). Dependents read that job's output instead. A cell that the pool
+    covers whole gets a pipeline of shared stages only (a failed shared evaluation run again for the second cell
+    that reads it)."""
     out: list[Plan] = []
     shared: dict[str, Job | int] = {}
     where: dict[int, int | Job] = {}

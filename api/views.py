@@ -30,9 +30,12 @@ def job_read(session: Session, settings: Settings, job: Job) -> JobRead:
 
 def pipeline_read(session: Session, settings: Settings, pipeline: Pipeline) -> PipelineRead:
     jobs = repo.pipeline_jobs(session, pipeline_id=pipeline.id)
+    shared = pipeline.shared_stages or {}
+    shared_jobs = [job for job_id in dict.fromkeys(shared.values()) if (job := repo.get(session, job_id=job_id))]
     return PipelineRead(
         id=pipeline.id, name=pipeline.name, experiment=pipeline.experiment,
-        status=repo.pipeline_status(j.status for j in jobs), jobs=job_reads(session, settings, jobs),
+        status=repo.pipeline_status(j.status for j in [*jobs, *shared_jobs]), jobs=job_reads(session, settings, jobs),
+        shared_stages=shared,
         mlflow=_mlflow(settings, pipeline.mlflow_experiment_id, pipeline.mlflow_run_id),
         created_at=pipeline.created_at,
         links={"self": f"{API}/pipelines/{pipeline.id}", "cancel": f"{API}/pipelines/{pipeline.id}/cancel"})

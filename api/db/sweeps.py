@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from api.db.base import new_id, utcnow
@@ -114,6 +114,12 @@ class Lineage:
         own = {job.stage_name or job.kind: job for job in self.own[pipeline_id]}
         return own | {name: self.jobs[job_id] for name, job_id in self.shared[pipeline_id].items()}
 
+    def statuses(self) -> dict[str, str]:
+        """{pipeline id: its cell's status}: of its own jobs and its shared stages (`pipeline_status`). A shared
+        stage counts even where none of the cell's own jobs reads it (an evaluation shared between attack settings):
+        the cell has not succeeded until it has."""
+        return {p: pipeline_status(job.status for job in self.stages(p).values()) for p in self.own}
+
     def upstream(self, job_ids: Iterable[str]) -> list[str]:
         """These jobs and every job they read from, each once, parents before children."""
         order: dict[str, None] = {}
@@ -160,11 +166,6 @@ def _shared_stages(session: Session, pipeline_ids: list[str]) -> dict[str, dict[
     return out
 
 
-def statuses(jobs_by_pipeline: dict[str, list[Job]]) -> dict[str, str]:
-    """{pipeline id: its status} (`jobs.pipeline_status`)."""
-    return {p: pipeline_status(j.status for j in jobs) for p, jobs in jobs_by_pipeline.items()}
-
-
 def sweep_ids_of(session: Session, *, pipeline_ids: Iterable[str]) -> list[str]:
     """The sweeps whose cells point at any of these pipelines."""
     ids = list(pipeline_ids)
@@ -179,11 +180,9 @@ def active_sweep_ids(session: Session) -> list[str]:
 
 
 def is_finished(session: Session, *, sweep_id: str) -> bool:
-    """Every job of every cell's pipeline is final."""
-    active = session.scalar(select(func.count()).select_from(Job)
-                            .join(SweepCell, SweepCell.pipeline_id == Job.pipeline_id)
-                            .where(SweepCell.sweep_id == sweep_id, Job.status.in_([QUEUED, RUNNING])))
-    return not active
+    """Every stage of every cell is final, shared ones included."""
+    found = lineage(session, pipeline_ids=[c.pipeline_id for c in cells(session, sweep_id=sweep_id)])
+    return all(status not in (QUEUED, RUNNING) for status in found.statuses().values())
 
 
 def report_records(session: Session, *, sweep_id: str) -> list[dict[str, Any]]:
@@ -192,7 +191,7 @@ def report_records(session: Session, *, sweep_id: str) -> list[dict[str, Any]]:
     succeeded)}}, shared stages included (`Lineage.stages`)."""
     rows = cells(session, sweep_id=sweep_id)
     found = lineage(session, pipeline_ids=[c.pipeline_id for c in rows])
-    status = statuses(found.own)
+    status = found.statuses()
     return [{"cell_id": c.cell_id, "variant": c.variant, "params": dict(c.params), "seed": c.seed,
              "status": status[c.pipeline_id], "pipeline_id": c.pipeline_id,
              "stages": {name: job.result for name, job in found.stages(c.pipeline_id).items()}} for c in rows]

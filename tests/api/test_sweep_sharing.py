@@ -129,22 +129,31 @@ def test_cancelling_a_sweep_keeps_the_shared_stages_another_sweep_needs(
     assert client.get(f"/api/v1/jobs/{reference}").json()["status"] == "cancelled"
 
 
-def test_a_resume_never_reads_a_shared_stage_that_is_being_cancelled(
+def test_a_rerun_never_reads_a_stage_that_is_being_cancelled(
         client: TestClient, factory: sessionmaker[Session]) -> None:
-    sweep = post(client, shared_body(seeds=[0])).json()
-    cells = {c["variant"]: c for c in sweep["cells"]}
-    reference = cells["sgtm"]["jobs"]["reference"]
+    """Two submissions made a reference each (nothing to share yet). The second's is running with a cancel
+    requested, the first's failed: a third submission reruns the first cell with a new reference of its own, not
+    the one about to stop; a cell whose shared stage is still running is active, and is left alone."""
+    sgtm = {"sgtm": {"train.masking.strategy": "sgtm"}}
+    routing = {"gradient_routing": {"train.masking.strategy": "gradient_routing"}}
+    first = post(client, shared_body(seeds=[0], variants=sgtm)).json()["cells"][0]
+    second = post(client, shared_body(seeds=[0], variants=routing, name="second")).json()
+    stopping = second["cells"][0]["jobs"]["reference"]
+    assert stopping != first["jobs"]["reference"]
     with session_scope(factory) as session:
-        assert repo.claim(session, job_id=reference, owner="test")  # running: asked to stop, not stopped yet
-    client.post(f"/api/v1/sweeps/{sweep['id']}/cancel", headers=AUTH)
-    assert client.get(f"/api/v1/jobs/{reference}").json()["cancel_requested_at"] is not None
+        assert repo.claim(session, job_id=stopping, owner="test")  # running: asked to stop, not stopped yet
+    client.post(f"/api/v1/sweeps/{second['id']}/cancel", headers=AUTH)
+    assert client.get(f"/api/v1/jobs/{stopping}").json()["cancel_requested_at"] is not None
+    finish(factory, first["jobs"]["train"], "succeeded")
+    finish(factory, first["jobs"]["reference"], "failed")
 
-    resumed = {c["variant"]: c for c in client.post(f"/api/v1/sweeps/{sweep['id']}/resume",
-                                                    headers=AUTH).json()["cells"]}
-    assert resumed["sgtm"]["pipeline_id"] == cells["sgtm"]["pipeline_id"]  # still running: left alone
-    rerun = resumed["gradient_routing"]
-    assert rerun["pipeline_id"] != cells["gradient_routing"]["pipeline_id"]
-    assert rerun["jobs"]["reference"] != reference  # its own, not the one about to be cancelled
+    third = {c["variant"]: c for c in post(client, shared_body(seeds=[0], variants={**sgtm, **routing},
+                                                               name="third")).json()["cells"]}
+    assert third["gradient_routing"]["pipeline_id"] == second["cells"][0]["pipeline_id"]  # active: attached
+    rerun = third["sgtm"]
+    assert rerun["pipeline_id"] != first["pipeline_id"]
+    assert rerun["jobs"]["reference"] not in (stopping, first["jobs"]["reference"])
+    assert rerun["jobs"]["train"] == first["jobs"]["train"]  # succeeded: read
     assert client.get(f"/api/v1/jobs/{rerun['jobs']['reference']}").json()["status"] == "queued"
 
 
@@ -213,3 +222,32 @@ def test_two_stages_of_one_cell_that_compute_the_same_model_run_once(
     resumed = client.post(f"/api/v1/sweeps/{sweeps[0]['id']}/resume", headers=AUTH).json()["cells"][0]
     assert resumed["jobs"]["reference"] == resumed["jobs"]["train"] != cell["jobs"]["train"]
     assert n_jobs(factory) == 2 + 2
+
+
+def test_a_cell_has_not_succeeded_until_a_shared_stage_its_own_jobs_never_read_has(
+        client: TestClient, factory: sessionmaker[Session]) -> None:
+    """Two attack settings share the method's evaluation, which only the first cell's pipeline holds: the second cell
+    is finished, failed and run again with it."""
+    body = shared_body(seeds=[0], variants={"a": {"attack.steps": 5}, "b": {"attack.steps": 6}})
+    body["base"]["stages"].insert(2, {"name": "evaluate", "kind": "evaluate", "inputs": {"model": "train"}})
+    sweep = post(client, body).json()
+    a, b = sweep["cells"]
+    evaluate = a["jobs"]["evaluate"]
+    assert b["jobs"]["evaluate"] == evaluate
+    for job_id in dict.fromkeys([a["jobs"]["reference"], a["jobs"]["train"], a["jobs"]["attack"],
+                                 b["jobs"]["attack"]]):
+        finish(factory, job_id, "succeeded")
+    with session_scope(factory) as session:  # b's own jobs are done; its evaluation is not
+        assert not sweep_repo.is_finished(session, sweep_id=sweep["id"])
+    assert client.get(f"/api/v1/sweeps/{sweep['id']}").json()["counts"] == {"queued": 2}
+    finish(factory, evaluate, "failed")
+    assert client.get(f"/api/v1/sweeps/{sweep['id']}").json()["counts"] == {"failed": 2}
+    before = n_jobs(factory)
+    resumed = client.post(f"/api/v1/sweeps/{sweep['id']}/resume", headers=AUTH).json()["cells"]
+    assert n_jobs(factory) == before + 1  # one evaluation again, for both cells; nothing else
+    assert resumed[0]["jobs"]["evaluate"] == resumed[1]["jobs"]["evaluate"] != evaluate
+    assert resumed[1]["jobs"]["attack"] == b["jobs"]["attack"]
+    only_shared = client.get(f"/api/v1/pipelines/{resumed[1]['pipeline_id']}").json()  # every stage is shared
+    assert only_shared["jobs"] == [] and only_shared["status"] == "queued"
+    assert only_shared["shared_stages"] == {n: resumed[1]["jobs"][n] for n in ("reference", "train", "evaluate",
+                                                                               "attack")}
