@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from api.config import Settings
 from api.db import jobs as repo
 from api.db.models import Job, JobEvent, Pipeline
+from api.db.sweeps import lineage
 from api.schemas import CheckpointRef, EventRead, JobError, JobRead, MlflowRef, PipelineRead, Progress
 
 API = "/api/v1"
@@ -29,13 +30,10 @@ def job_read(session: Session, settings: Settings, job: Job) -> JobRead:
 
 
 def pipeline_read(session: Session, settings: Settings, pipeline: Pipeline) -> PipelineRead:
-    jobs = repo.pipeline_jobs(session, pipeline_id=pipeline.id)
-    shared = pipeline.shared_stages or {}
-    shared_jobs = [job for job_id in dict.fromkeys(shared.values()) if (job := repo.get(session, job_id=job_id))]
+    found = lineage(session, pipeline_ids=[pipeline.id])  # its jobs and a sweep cell's shared stages
     return PipelineRead(
-        id=pipeline.id, name=pipeline.name, experiment=pipeline.experiment,
-        status=repo.pipeline_status(j.status for j in [*jobs, *shared_jobs]), jobs=job_reads(session, settings, jobs),
-        shared_stages=shared,
+        id=pipeline.id, name=pipeline.name, experiment=pipeline.experiment, status=found.statuses()[pipeline.id],
+        jobs=job_reads(session, settings, found.own[pipeline.id]), shared_stages=found.shared[pipeline.id],
         mlflow=_mlflow(settings, pipeline.mlflow_experiment_id, pipeline.mlflow_run_id),
         created_at=pipeline.created_at,
         links={"self": f"{API}/pipelines/{pipeline.id}", "cancel": f"{API}/pipelines/{pipeline.id}/cancel"})

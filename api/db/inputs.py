@@ -33,13 +33,16 @@ def with_parents(session: Session, *, job_ids: Iterable[str]) -> set[str]:
 
 
 def input_edges(session: Session, *, job_ids: Iterable[str]) -> list[tuple[str, str, str, str]]:
-    """(job id, input name, parent id, parent status) for every input of the given jobs, in one query."""
+    """(job id, input name, parent id, parent status) for every input of the given jobs, a query per 500 jobs (SQLite
+    caps a statement's parameters)."""
     ids = list(job_ids)
-    if not ids:
-        return []
-    rows = session.execute(select(JobInput.job_id, JobInput.name, JobInput.parent_id, Parent.status)
-                           .join(Parent, Parent.id == JobInput.parent_id).where(JobInput.job_id.in_(ids)))
-    return [(job_id, name, parent_id, status) for job_id, name, parent_id, status in rows]
+    out: list[tuple[str, str, str, str]] = []
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        rows = session.execute(select(JobInput.job_id, JobInput.name, JobInput.parent_id, Parent.status)
+                               .join(Parent, Parent.id == JobInput.parent_id).where(JobInput.job_id.in_(chunk)))
+        out += [(job_id, name, parent_id, status) for job_id, name, parent_id, status in rows]
+    return out
 
 
 def inputs_of(session: Session, *, job_ids: Iterable[str]) -> dict[str, dict[str, str]]:

@@ -102,7 +102,8 @@ def get(session: Session, *, job_id: str) -> Job | None:
 
 def get_many(session: Session, *, job_ids: Iterable[str]) -> list[Job]:
     ids = list(job_ids)
-    return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
+    return [job for i in range(0, len(ids), 500)  # bounded IN lists: SQLite caps a statement's parameters
+            for job in session.scalars(select(Job).where(Job.id.in_(ids[i:i + 500])))]
 
 
 def get_by_idempotency_key(session: Session, *, table: type[Keyed], key: str) -> Keyed | None:

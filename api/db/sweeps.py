@@ -12,11 +12,12 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from api.db.base import new_id, utcnow
 from api.db.inputs import inputs_of
+from api.db.jobs import get_many
 from api.db.models import Job, Pipeline, Sweep, SweepCell
 from api.db.pipelines import pipeline_status
 from api.db.status import QUEUED, RUNNING
@@ -136,24 +137,22 @@ class Lineage:
 
 
 def lineage(session: Session, *, pipeline_ids: Iterable[str]) -> Lineage:
-    """The pipelines' jobs, shared stages and every job upstream of them, with the edges between them (one query per
+    """The pipelines' jobs, shared stages and every job upstream of them, with the edges between them (a query per
     level)."""
     own = jobs_of(session, pipeline_ids=pipeline_ids)
     shared = {p: {} for p in own} | _shared_stages(session, list(own))
     jobs = {job.id: job for pipeline_jobs in own.values() for job in pipeline_jobs}
+    missing = {job_id for named in shared.values() for job_id in named.values()} - jobs.keys()
+    jobs |= {job.id: job for job in get_many(session, job_ids=missing)}
     inputs: dict[str, dict[str, str]] = {}
     frontier = list(jobs)
-    missing = list({job_id for named in shared.values() for job_id in named.values()} - jobs.keys())
-    while frontier or missing:
-        for i in range(0, len(missing), 500):
-            jobs.update({job.id: job for job in session.scalars(select(Job).where(Job.id.in_(missing[i:i + 500])))})
-        frontier += missing
-        edges: dict[str, dict[str, str]] = {}
-        for i in range(0, len(frontier), 500):
-            edges.update(inputs_of(session, job_ids=frontier[i:i + 500]))
-        inputs.update(edges)
-        missing = list({p for named in edges.values() for p in named.values()} - jobs.keys())
-        frontier = []
+    while frontier:
+        edges = inputs_of(session, job_ids=frontier)
+        inputs |= edges
+        parents = {job.id: job for job in get_many(session, job_ids={p for named in edges.values()
+                                                                      for p in named.values()} - jobs.keys())}
+        jobs |= parents
+        frontier = list(parents)
     return Lineage(own, shared, jobs, inputs)
 
 
@@ -180,9 +179,16 @@ def active_sweep_ids(session: Session) -> list[str]:
 
 
 def is_finished(session: Session, *, sweep_id: str) -> bool:
-    """Every stage of every cell is final, shared ones included."""
-    found = lineage(session, pipeline_ids=[c.pipeline_id for c in cells(session, sweep_id=sweep_id)])
-    return all(status not in (QUEUED, RUNNING) for status in found.statuses().values())
+    """Every stage of every cell is final, shared ones included (`Lineage.statuses`' rule, in two counts: the
+    reaper asks this of every open sweep on every pass)."""
+    active = session.scalar(select(func.count()).select_from(Job)
+                            .join(SweepCell, SweepCell.pipeline_id == Job.pipeline_id)
+                            .where(SweepCell.sweep_id == sweep_id, Job.status.in_([QUEUED, RUNNING])))
+    if active:
+        return False
+    pipeline_ids = list(session.scalars(select(SweepCell.pipeline_id).where(SweepCell.sweep_id == sweep_id)))
+    shared = {job_id for named in _shared_stages(session, pipeline_ids).values() for job_id in named.values()}
+    return not any(job.status in (QUEUED, RUNNING) for job in get_many(session, job_ids=shared))
 
 
 def report_records(session: Session, *, sweep_id: str) -> list[dict[str, Any]]:

@@ -251,3 +251,21 @@ def test_a_cell_has_not_succeeded_until_a_shared_stage_its_own_jobs_never_read_h
     assert only_shared["jobs"] == [] and only_shared["status"] == "queued"
     assert only_shared["shared_stages"] == {n: resumed[1]["jobs"][n] for n in ("reference", "train", "evaluate",
                                                                                "attack")}
+
+
+def test_a_sweep_is_not_finished_while_a_stage_it_shares_from_another_sweep_runs(
+        client: TestClient, factory: sessionmaker[Session]) -> None:
+    """The second sweep holds only the cell that reads the evaluation from the first sweep's other cell: its report
+    waits for that evaluation, which no pipeline of its own holds."""
+    body = shared_body(seeds=[0], variants={"a": {"attack.steps": 5}, "b": {"attack.steps": 6}})
+    body["base"]["stages"].insert(2, {"name": "evaluate", "kind": "evaluate", "inputs": {"model": "train"}})
+    a, b = post(client, body).json()["cells"]
+    only_b = post(client, {**body, "name": "only-b", "variants": {"b": {"attack.steps": 6}}}).json()
+    assert only_b["cells"][0]["pipeline_id"] == b["pipeline_id"]  # attached
+    for job_id in (a["jobs"]["reference"], a["jobs"]["train"], b["jobs"]["attack"]):
+        finish(factory, job_id, "succeeded")
+    with session_scope(factory) as session:
+        assert not sweep_repo.is_finished(session, sweep_id=only_b["id"])  # a's evaluation is queued
+    finish(factory, a["jobs"]["evaluate"], "succeeded")
+    with session_scope(factory) as session:
+        assert sweep_repo.is_finished(session, sweep_id=only_b["id"])
